@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create or reuse the project's virtual environment (.venv) and install indis with its test extras.
+# Sourced by .ci/demo and .ci/test. On a machine without an NVIDIA GPU it pins the CPU build of torch
+# (torch==2.13.0 resolves to a local CPU wheel on the project's machines) so nothing downloads several GB;
+# with a GPU, a normal torch is used. Set INDIS_TORCH to override the torch requirement.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if [ -z "${INDIS_TORCH:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then INDIS_TORCH="torch"; else INDIS_TORCH="torch==2.13.0"; fi
+fi
+stamp=".venv/.indis-installed"
+want="$(cat pyproject.toml .ci/env.sh | sha256sum | cut -d' ' -f1) $INDIS_TORCH"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet "$INDIS_TORCH"
+  .venv/bin/python -m pip install --quiet -e ".[test]"
+  echo "$want" > "$stamp"
+fi

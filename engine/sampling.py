@@ -1,0 +1,171 @@
+"""Sampling over per-sample ("ragged") grids: input checks, the torch reference loop, public samplers.
+
+``sample`` validates everything once, builds the solver's coefficient table (``solvers.build_table``) and
+runs :func:`run_table`, the readable torch reference of the generic update that the fused kernel mirrors.
+The loop performs no host synchronisation: coefficients are device tensors prepared before the first model
+call, and Python only branches on the table's static structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .families import Denoiser, Flow, as_denoiser
+from .schedules import as_grid
+from .solvers import DEFAULT_ORDER, SOLVERS, SolverTable, build_table
+
+
+def check_grid(grid: Tensor, x: Tensor, family_range: tuple[float, float], allow_inf_start: bool) -> None:
+    """Raise ``ValueError`` naming ``sigmas`` for any grid the solvers cannot use faithfully."""
+    if grid.device != x.device:
+        raise ValueError(f"sigmas is on {grid.device} but x is on {x.device}")
+    if not grid.is_floating_point():
+        raise ValueError(f"sigmas must be floating point, got {grid.dtype}")
+    if torch.isnan(grid).any():
+        raise ValueError("sigmas contains NaN")
+    pos = grid[:, :-1]
+    if torch.isinf(grid[:, 1:]).any() or (torch.isinf(grid[:, 0]).any() and not allow_inf_start):
+        raise ValueError("sigmas contains inf (only a flow model's first point, t = 1, may be inf)")
+    if (pos <= 0).any() or (grid[:, -1] < 0).any():
+        raise ValueError("sigmas must be positive; only the last point may be 0")
+    diffs = torch.diff(grid, dim=-1)
+    if (diffs == 0).any():
+        raise ValueError("sigmas has duplicated grid points (each sample's grid must be strictly descending)")
+    if (diffs > 0).any():
+        raise ValueError("sigmas must be strictly descending in every row (non-monotone grid)")
+    zero_end = grid[:, -1] == 0
+    if zero_end.any() and not zero_end.all():
+        raise ValueError("sigmas: either every row ends at 0 or none does")
+    lo, hi = family_range
+    finite = pos[torch.isfinite(pos)]
+    if finite.numel() and (finite.min() < lo * (1 - 1e-9) or finite.max() > hi * (1 + 1e-9)):
+        raise ValueError(f"sigmas has values in [{float(finite.min()):.6g}, {float(finite.max()):.6g}] "
+                         f"outside the family's range [{lo:.6g}, {hi:.6g}]")
+
+
+def _per_step(name: str, value: Tensor | Sequence[float] | None, batch: int, steps: int,
+              device: torch.device) -> Tensor | None:
+    if value is None:
+        return None
+    v = torch.as_tensor(value, dtype=torch.float64, device=device)
+    if v.ndim == 1:
+        v = v.unsqueeze(0)
+    if v.ndim != 2 or v.shape[-1] != steps or v.shape[0] not in (1, batch):
+        raise ValueError(f"{name} must have shape [N] or [B, N] = [{batch}, {steps}], got {tuple(v.shape)}")
+    if not torch.isfinite(v).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return v.expand(batch, -1)
+
+
+def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float],
+            solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
+            **solver_opts) -> tuple[Denoiser, SolverTable]:
+    """Validate inputs and build the solver table (everything ``sample`` does before the loop)."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError("x must be a floating-point tensor [B, ...]")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or inf")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is unknown; choose one of {SOLVERS}")
+    den = as_denoiser(model)
+    if isinstance(sigmas, Tensor) and sigmas.device != x.device:
+        raise ValueError(f"sigmas is on {sigmas.device} but x is on {x.device}")
+    grid = as_grid(sigmas, batch_size=x.shape[0], device=x.device)
+    check_grid(grid, x, den.family.sigma_range, allow_inf_start=isinstance(den.family, Flow))
+    steps = grid.shape[-1] - 1
+    shift_t = _per_step("shift", shift, x.shape[0], steps, x.device)
+    scale_t = _per_step("scale", scale, x.shape[0], steps, x.device)
+    if scale_t is not None and (scale_t <= 0).any():
+        raise ValueError("scale must be positive")
+    unknown = set(solver_opts) - {"frame", "order", "variant", "corrector", "disable_corrector",
+                                  "lower_order_final"}
+    if unknown:
+        raise ValueError(f"unknown solver options {sorted(unknown)} for solver={solver!r}")
+    table = build_table(solver, grid, den.family, prediction=den.prediction, shift=shift_t, scale=scale_t,
+                        **solver_opts)
+    return den, table
+
+
+def _lin(coefs: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
+    out = inputs[0] * coefs[0]
+    for c, v in zip(coefs[1:], inputs[1:], strict=True):
+        out = out.addcmul_(v, c)
+    return out
+
+
+def run_table(den: Denoiser, x: Tensor, table: SolverTable, cond: dict | None = None,
+              callback: Callable[[dict], None] | None = None) -> Tensor:
+    """Torch reference of the generic ragged step: one model call and one linear update per stage."""
+    cond = cond or {}
+    view = (x.shape[0],) + (1,) * (x.ndim - 1)
+    dt = x.dtype
+    # Everything indexed per stage is sliced and cast before the loop: no work on tables inside it.
+    coef = table.coef.to(dt).unbind(1)
+    conv = table.conv.to(dt).unbind(1)
+    in_scale = table.in_scale.to(dt).unbind(1)
+    times = den.time(table.sigma_eval).to(dt).unbind(1)
+    scaled_input = not bool((table.in_scale == 1).all())
+    y, stash, hist = x, x, []
+    for k in range(table.nfe):
+        (y_idx, s_idx) = table.support[k]
+        raw = den.raw(y * in_scale[k].view(view) if scaled_input else y, times[k], **cond)
+        h = raw * conv[k][:, 1].view(view)
+        if table.conv_uses_state[k]:
+            h = h.addcmul_(y, conv[k][:, 0].view(view))
+        inputs = (y, stash, h, *hist)
+        y_next = _lin([coef[k][:, 0, i].view(view) for i in y_idx], [inputs[i] for i in y_idx])
+        if s_idx:
+            stash = _lin([coef[k][:, 1, i].view(view) for i in s_idx], [inputs[i] for i in s_idx])
+        hist = [h, *hist][: table.history]
+        if callback is not None:
+            callback({"stage": k, "step": table.step_of_stage[k], "x": y_next, "raw": raw})
+        y = y_next
+    return y
+
+
+def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float],
+           solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
+           cond: dict | None = None, callback: Callable[[dict], None] | None = None, **solver_opts) -> Tensor:
+    """Sample with per-sample grids.
+
+    ``model(x, sigma[B], **cond) -> x0`` (k-diffusion convention), or a :class:`Denoiser` wrapping a VP /
+    flow network, in which case ``x`` and the result are in that family's coordinate (a flow model's
+    ``x_t``, so a start at t = 1 -- sigma = inf -- is allowed). ``sigmas`` is ``[N+1]`` or ``[B, N+1]``,
+    descending, optionally ending at 0. ``shift`` / ``scale`` are INDIS's per-step evaluation shift (the
+    network sees ``sigma_n * exp(shift_n)``) and output scale (x0 multiplied by ``scale_n``), ``[N]`` or
+    ``[B, N]``. ``solver_opts``: ``order``, ``frame``, ``variant`` (UniPC bh1/bh2), ``corrector``,
+    ``disable_corrector``, ``lower_order_final`` -- see ``solvers.build_table``.
+    """
+    den, table = prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts)
+    return run_table(den, x, table, cond, callback)
+
+
+# ------------------------------------------------------------------------- k-diffusion-shaped samplers
+def _kd(solver: str, **fixed) -> Callable[..., Tensor]:
+    def sampler(model: Callable[..., Tensor], x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
+                callback: Callable[[dict], None] | None = None, disable: bool | None = None,
+                **opts) -> Tensor:
+        return sample(model, x, sigmas, solver, cond=extra_args, callback=callback, **fixed, **opts)
+
+    sampler.__name__ = f"sample_{solver}"
+    sampler.__doc__ = (f"k-diffusion-shaped ``{solver}`` sampler: ``(model, x, sigmas, extra_args=None, "
+                       f"callback=None, disable=None, **opts)``; sigmas ``[N+1]`` or ``[B, N+1]``. "
+                       f"See ``indis.sample`` and ``solvers`` for the algorithm.")
+    return sampler
+
+
+sample_euler = _kd("euler")
+sample_heun = _kd("heun")
+sample_dpmpp_2m = _kd("dpmpp_2m")
+sample_dpmpp_3m = _kd("dpmpp_3m")
+sample_ipndm = _kd("ipndm")
+sample_ipndm_v = _kd("ipndm_v")
+sample_unipc = _kd("unipc")
+
+__all__ = ["DEFAULT_ORDER", "check_grid", "prepare", "run_table", "sample", "sample_euler", "sample_heun",
+           "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_ipndm", "sample_ipndm_v", "sample_unipc"]

@@ -1,0 +1,1 @@
+"""indis.export: ONNX / TensorRT export of the predictor and denoisers (not written yet)."""
