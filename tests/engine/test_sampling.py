@@ -10,8 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import indis
+from indis.engine.convergence import (
+    GLOBAL_ORDER,
+    LOCAL_ORDER,
+    fitted_order,
+    global_errors,
+    local_order,
+    small_mixture,
+)
 from indis.engine.families import Denoiser, Flow, VPLinear
-from indis.engine.testbeds import GaussianMixture, reference_solve
+from indis.engine.testbeds import GaussianMixture
 
 SOLVER_CASES = [
     ("euler", {}), ("heun", {}), ("ipndm", {}), ("ipndm", {"order": 2}), ("ipndm_v", {}),
@@ -19,12 +27,6 @@ SOLVER_CASES = [
     ("unipc", {"variant": "bh2", "order": 3}), ("unipc", {"variant": "bh2", "corrector": False}),
 ]
 IDS = [f"{s}-{'-'.join(f'{k}{v}' for k, v in o.items())}" for s, o in SOLVER_CASES]
-
-
-def _gmm(dim: int = 6, k: int = 3, seed: int = 0) -> GaussianMixture:
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(k, dim, generator=g, dtype=torch.float64)
-    return GaussianMixture(means, torch.tensor([0.05, 0.1, 0.2][:k], dtype=torch.float64))
 
 
 def _ragged_grids(bsz: int, steps: int, seed: int, smin: float = 0.002, smax: float = 80.0) -> torch.Tensor:
@@ -37,7 +39,7 @@ def _ragged_grids(bsz: int, steps: int, seed: int, smin: float = 0.002, smax: fl
 @pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
 def test_ragged_batch_equals_separate_runs(solver: str, opts: dict) -> None:
     """One batched call with per-sample grids, shifts and scales == each sample run alone (float64)."""
-    model = _gmm()
+    model = small_mixture()
     bsz, steps = 5, 6
     g = torch.Generator().manual_seed(1)
     x = torch.randn(bsz, 6, generator=g, dtype=torch.float64) * 80.0
@@ -51,93 +53,22 @@ def test_ragged_batch_equals_separate_runs(solver: str, opts: dict) -> None:
     assert not torch.allclose(batched[0], batched[1])  # the grids really differ per sample
 
 
-# Global order of the full loop on an exact GMM. Multistep methods start with lower-order steps
-# (Euler first), whose O(h^2) local error caps the *global* order at 2 unless the start is corrected:
-# UniPC's corrector lifts its first step to 2nd order, so UniPC-3 reaches 3. Fixed-coefficient iPNDM
-# ignores step ratios and stays 2nd order on non-uniform grids. Formula orders are tested locally below.
-GLOBAL_ORDER = {"euler": 1, "heun": 2, "ipndm": 2, "ipndm_v": 2, "dpmpp_2m": 2, "dpmpp_3m": 2, "unipc": 3}
-
-
-def _global_errors(solver: str, opts: dict, ns: tuple[int, ...]) -> list[float]:
-    model = _gmm()
-    smax, smin = 20.0, 0.05
-    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * smax
-    ref = reference_solve(model, x, smax, smin)
-    errs = []
-    for n in ns:
-        out = indis.sample(model, x, indis.get_sigmas("logsnr", n, smin, smax), solver, **opts)
-        errs.append(float((out - ref).abs().max()))
-    return errs
-
-
-def fitted_order(ns: tuple[int, ...], errs: list[float]) -> float:
-    """Least-squares slope of -log(err) against log(N)."""
-    lx = torch.log(torch.tensor(ns, dtype=torch.float64))
-    ly = torch.log(torch.tensor(errs, dtype=torch.float64))
-    lx, ly = lx - lx.mean(), ly - ly.mean()
-    return float(-(lx * ly).sum() / (lx * lx).sum())
-
-
 @pytest.mark.parametrize("solver", list(GLOBAL_ORDER))
 def test_global_convergence_order(solver: str) -> None:
-    opts = {"order": 3} if solver == "unipc" else {}
-    if solver in ("dpmpp_2m", "dpmpp_3m", "unipc"):
-        opts["lower_order_final"] = False
     ns = (16, 32, 64, 128)
-    order = fitted_order(ns, _global_errors(solver, opts, ns))
+    order = fitted_order(ns, global_errors(solver, ns))
     assert order > GLOBAL_ORDER[solver] - 0.15, f"{solver}: fitted order {order:.2f}"
-
-
-def _single_gaussian(c: float):
-    """Exact denoiser and PF-ODE trajectory of N(0, c I): x(sigma) = sqrt((c+sigma^2)/(c+S^2)) x_S."""
-    def den(x, sigma):
-        return x * (c / (c + sigma.view(-1, *[1] * (x.ndim - 1)) ** 2))
-
-    def traj(x_s, s_from, s_to):
-        return x_s * torch.sqrt((c + s_to**2) / (c + s_from**2)).view(-1, *[1] * (x_s.ndim - 1))
-
-    return den, traj
-
-
-# (solver, order, table row) -> order of accuracy of that formula. Row 0 is the next state; for UniPC,
-# row 1 is the corrected state (UniC-p is one order above the UniP-p predictor). DPM-Solver++(3M) as
-# published (DPM-Solver repo, diffusers, k-diffusion's 3M SDE at eta = 0) weights D2 ~ h^2/2 D'' by
-# phi_3 = (e^-h - 1 + h)/h^2 - 1/2, half the Taylor-exact weight, so it is formally 2nd order; indis keeps
-# the published formula for parity, and this test pins the measured order.
-LOCAL_ORDER = {("ipndm_v", 2, 0): 2, ("ipndm_v", 3, 0): 3, ("ipndm_v", 4, 0): 4, ("dpmpp_2m", 2, 0): 2,
-               ("dpmpp_3m", 3, 0): 2, ("unipc", 1, 0): 1, ("unipc", 2, 0): 2, ("unipc", 3, 0): 3,
-               ("unipc", 1, 1): 2, ("unipc", 2, 1): 3, ("unipc", 3, 1): 4}
 
 
 @pytest.mark.parametrize(("solver", "order", "row"), list(LOCAL_ORDER))
 def test_local_order_of_the_coefficient_table(solver: str, order: int, row: int) -> None:
-    """Feed one table stage the exact trajectory's state and history: one-step error is O(h^(p+1)).
-
-    This checks each multistep formula's order conditions in isolation from the warm-up steps.
-    """
-    den, traj = _single_gaussian(1.0)
-    x_one = torch.tensor([[1.7]], dtype=torch.float64)  # state at sigma = 1
-    n, errs, hs = 4, [], [0.02, 0.01, 0.005, 0.0025]  # stage n; earlier points lie on the exact trajectory
-    for h in hs:
-        sig = torch.exp(-(0.3 + h * torch.arange(n + 2, dtype=torch.float64))).unsqueeze(0)
-        opts = {"order": order} if solver in ("ipndm_v", "unipc") else {}
-        table = indis.build_table(solver, sig, indis.VE(), lower_order_final=False, **opts)
-        states = [traj(x_one, torch.ones(1), sig[:, j]) for j in range(n + 2)]
-        outs = [den(states[j], sig[:, j]) for j in range(n + 1)]
-        conv = [table.conv[:, j, 0] * states[j].flatten() + table.conv[:, j, 1] * outs[j].flatten()
-                for j in range(n + 1)]
-        # Inputs as the generic update sees them; the stash is the (corrected) previous state.
-        inputs = [states[n].flatten(), states[n - 1].flatten(), conv[n]] + [conv[n - j] for j in range(1, 4)]
-        out = sum(table.coef[:, n, row, i] * inputs[i] for i in range(table.coef.shape[-1]))
-        target = states[n + 1] if row == 0 else states[n]
-        errs.append(float((out - target.flatten()).abs().max()))
-    slope = math.log2(errs[-2] / errs[-1])  # finest pair: closest to the asymptotic regime
-    expected = LOCAL_ORDER[(solver, order, row)] + 1
-    assert abs(slope - expected) < 0.3, f"local error slope {slope:.2f} ({errs})"
+    """One table stage fed the exact state and history has the formula's order (see engine/convergence)."""
+    measured = local_order(solver, order, row)
+    assert abs(measured - LOCAL_ORDER[(solver, order, row)]) < 0.3, f"measured order {measured:.2f}"
 
 
 def test_ipndm_v_equals_ipndm_on_uniform_frame_grid() -> None:
-    model = _gmm()
+    model = small_mixture()
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 10
     sig = torch.linspace(10.0, 0.1, 9, dtype=torch.float64)  # uniform in sigma = the VE frame's time
     torch.testing.assert_close(indis.sample(model, x, sig, "ipndm_v"), indis.sample(model, x, sig, "ipndm"),
@@ -185,7 +116,7 @@ def _flow_velocity(gmm: GaussianMixture):
 def test_flow_model_starts_at_t_equal_one() -> None:
     """A velocity model at t = 1 (sigma = inf) samples finitely and matches a start just below 1."""
     fam = Flow()
-    den = Denoiser(_flow_velocity(_gmm()), fam, "velocity", "t")
+    den = Denoiser(_flow_velocity(small_mixture()), fam, "velocity", "t")
     eps = torch.randn(3, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     t = torch.linspace(1.0, 0.02, 9, dtype=torch.float64)
     t_near = t.clone()
@@ -200,7 +131,7 @@ def test_flow_model_starts_at_t_equal_one() -> None:
 
 def test_vp_wrapper_matches_plain_denoiser() -> None:
     """An eps-model wrapped as VP gives the VE trajectory scaled by alpha (exponential integrators)."""
-    gmm = _gmm()
+    gmm = small_mixture()
     fam = VPLinear()
 
     def eps_net(x_vp, t):
@@ -285,7 +216,7 @@ def test_property_random_grids_are_finite_and_ragged_consistent(steps, bsz, dim,
     """Any valid ragged grid gives finite samples, and row 0 of the batch equals sample 0 run alone."""
     if final_zero and steps < 2:
         steps = 2
-    model = _gmm(dim=dim, seed=seed % 7)
+    model = small_mixture(dim=dim, seed=seed % 7)
     g = torch.Generator().manual_seed(seed)
     grids = _ragged_grids(bsz, steps - 1 if final_zero else steps, seed)
     if final_zero:
