@@ -160,9 +160,9 @@ class VPDiscrete(_VPScale):
         """``alphas_cumprod`` from a diffusers config (linear, scaled_linear, squaredcos_cap_v2 betas)."""
         n = num_train_timesteps
         if beta_schedule == "linear":
-            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
         elif beta_schedule == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
         elif beta_schedule == "squaredcos_cap_v2":
             def abar(u: float) -> float:
                 return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -171,7 +171,7 @@ class VPDiscrete(_VPScale):
         else:
             raise ValueError(f"beta_schedule={beta_schedule!r} is not one of linear, scaled_linear, "
                              "squaredcos_cap_v2")
-        # diffusers accumulates in float32; do the same so sigmas match its tables bit for bit.
+        # diffusers builds betas and accumulates in float32; do the same so its tables match bit for bit.
         return cls(torch.cumprod(1.0 - betas.float(), dim=0).double())
 
     def _interp(self, x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:

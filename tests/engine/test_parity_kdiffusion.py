@@ -27,10 +27,11 @@ Semantic differences handled explicitly (see the tests):
 
 from __future__ import annotations
 
-import indis
 import pytest
 import torch
 from reference import kdiffusion as kd
+
+import indis
 
 DIM = 8
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
