@@ -103,25 +103,27 @@ def run_table(den: Denoiser, x: Tensor, table: SolverTable, cond: dict | None = 
               callback: Callable[[dict], None] | None = None) -> Tensor:
     """Torch reference of the generic ragged step: one model call and one linear update per stage."""
     cond = cond or {}
-    view = (x.shape[0],) + (1,) * (x.ndim - 1)
-    dt = x.dtype
-    # Everything indexed per stage is sliced and cast before the loop: no work on tables inside it.
-    coef = table.coef.to(dt).unbind(1)
-    conv = table.conv.to(dt).unbind(1)
-    in_scale = table.in_scale.to(dt).unbind(1)
-    times = den.time(table.sigma_eval).to(dt).unbind(1)
-    scaled_input = not bool((table.in_scale == 1).all())
+    bsz, stages, width = x.shape[0], table.nfe, table.coef.shape[-1]
+    view = (bsz,) + (1,) * (x.ndim - 1)
+
+    def per_stage(t: Tensor) -> tuple[Tensor, ...]:
+        """[B, S, ...] -> one broadcastable [B, 1, ..] view per (stage, ...) entry, cast once."""
+        return t.to(x.dtype).movedim(0, -1).reshape(-1, *view).unbind(0)
+
+    # All per-stage coefficients become views before the loop: no slicing or casting inside it.
+    coef, conv = per_stage(table.coef), per_stage(table.conv)     # index (k*2 + row)*width + i; k*2 + j
+    in_scale, times = per_stage(table.in_scale), den.time(table.sigma_eval).to(x.dtype).unbind(1)
     y, stash, hist = x, x, []
-    for k in range(table.nfe):
+    for k in range(stages):
         (y_idx, s_idx) = table.support[k]
-        raw = den.raw(y * in_scale[k].view(view) if scaled_input else y, times[k], **cond)
-        h = raw * conv[k][:, 1].view(view)
+        raw = den.raw(y * in_scale[k] if table.scaled_input else y, times[k], **cond)
+        h = raw * conv[2 * k + 1] if table.conv_scales_raw[k] else raw
         if table.conv_uses_state[k]:
-            h = h.addcmul_(y, conv[k][:, 0].view(view))
+            h = h.addcmul(y, conv[2 * k])
         inputs = (y, stash, h, *hist)
-        y_next = _lin([coef[k][:, 0, i].view(view) for i in y_idx], [inputs[i] for i in y_idx])
+        y_next = _lin([coef[2 * k * width + i] for i in y_idx], [inputs[i] for i in y_idx])
         if s_idx:
-            stash = _lin([coef[k][:, 1, i].view(view) for i in s_idx], [inputs[i] for i in s_idx])
+            stash = _lin([coef[(2 * k + 1) * width + i] for i in s_idx], [inputs[i] for i in s_idx])
         hist = [h, *hist][: table.history]
         if callback is not None:
             callback({"stage": k, "step": table.step_of_stage[k], "x": y_next, "raw": raw})

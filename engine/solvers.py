@@ -55,7 +55,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .families import Flow, NoiseFamily, Prediction, raw_to_x0
+from .families import VE, Flow, NoiseFamily, Prediction, raw_to_x0
 
 Frame = Literal["ve", "flow"]
 SOLVERS = ("euler", "heun", "ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m", "unipc")
@@ -91,6 +91,8 @@ class SolverTable:
     coef: Tensor        # [B, S, 2, 3 + K] rows (next state, next stash) over (state, stash, h, H_1..H_K)
     support: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # nonzero inputs per stage and row
     conv_uses_state: tuple[bool, ...]  # per stage: is conv[..., 0] structurally nonzero
+    conv_scales_raw: tuple[bool, ...]  # per stage: is conv[..., 1] structurally different from 1
+    scaled_input: bool                 # is in_scale structurally different from 1 (a shift on VP/flow)
     step_of_stage: tuple[int, ...]     # grid step each stage belongs to
     history: int                       # K
     uses_stash: bool
@@ -409,6 +411,8 @@ def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Predic
                 coef[:, k, r, i] = v
         support.append((tuple(sorted(st.y_row)), tuple(sorted(st.stash_row or {}))))
     uses_state = tuple(st.p is not None or prediction != "x0" for st in stages)
+    scales_raw = tuple(st.p is not None or prediction != "x0" or scale is not None for st in stages)
+    scaled_input = shift is not None and not isinstance(family, VE)
     bad = ~torch.isfinite(conv).all(-1).all(-1) | ~torch.isfinite(coef).flatten(1).all(-1)
     if bool(bad.any()):
         bad_rows = bad.nonzero().flatten().tolist()
@@ -416,4 +420,4 @@ def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Predic
                          f"(prediction={prediction!r} at sigma_eval={sigma_eval[bad][:, :2].tolist()}...): "
                          "check sigmas and shift for this family and prediction type")
     return SolverTable(solver, grid, sigma_eval, in_scale, conv, coef, tuple(support), uses_state,
-                       tuple(st.step for st in stages), history, uses_stash)
+                       scales_raw, scaled_input, tuple(st.step for st in stages), history, uses_stash)

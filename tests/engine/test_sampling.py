@@ -142,10 +142,12 @@ def test_vp_wrapper_matches_plain_denoiser() -> None:
     den = Denoiser(eps_net, fam, "eps", "t")
     sig = indis.get_sigmas("logsnr", 6, 0.01, 50.0)
     x_ve = torch.randn(2, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 50.0
+    shift = 0.2 * torch.randn(2, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     for solver in ("euler", "dpmpp_2m", "dpmpp_3m", "unipc"):
-        ve = indis.sample(gmm, x_ve, sig, solver)
-        vp = indis.sample(den, x_ve * fam.alpha(sig[:1]), sig, solver)
-        torch.testing.assert_close(vp, ve * fam.alpha(sig[-1:]), rtol=1e-10, atol=1e-10, msg=solver)
+        for s in (None, shift):  # a shift rescales the VP input by alpha(sigma_eval) / alpha(sigma_n)
+            ve = indis.sample(gmm, x_ve, sig, solver, shift=s)
+            vp = indis.sample(den, x_ve * fam.alpha(sig[:1]), sig, solver, shift=s)
+            torch.testing.assert_close(vp, ve * fam.alpha(sig[-1:]), rtol=1e-10, atol=1e-10, msg=solver)
 
 
 # ------------------------------------------------------------------------------------------- bad input
