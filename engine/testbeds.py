@@ -155,68 +155,84 @@ class GaussianMixture(torch.nn.Module):
             raise ValueError("some class_labels have no components in this mixture")
         return torch.where(mask, logw, torch.full_like(logw, -math.inf))
 
-    def _prepare(self, x: Tensor, sigma: float | Tensor, class_labels: int | Tensor | None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-        if tuple(x.shape[1:]) != self.shape:
-            raise ValueError(f"x must be [B, {self.shape}], got {tuple(x.shape)}")
-        b = x.shape[0]
-        xf = x.to(device=self.means.device, dtype=torch.float64).reshape(b, self.dim)
-        s = torch.as_tensor(sigma, dtype=torch.float64, device=self.means.device)
-        s = s.expand(b) if s.numel() == 1 else s.reshape(b)
-        return xf, s * s, self._log_weights(b, class_labels)
+    def _per_sample(self, v: float | Tensor, b: int) -> Tensor:
+        v = torch.as_tensor(v, dtype=torch.float64, device=self.means.device)
+        return v.expand(b) if v.numel() == 1 else v.reshape(b)
 
-    def _isotropic_terms(self, xf: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
-        """log N(x; mu_k, (v_k + s^2) I) [B, K] and the total variance [B, K]."""
+    def _prepare(self, y: Tensor, alpha: float | Tensor, s: float | Tensor,
+                 class_labels: int | Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if tuple(y.shape[1:]) != self.shape:
+            raise ValueError(f"x must be [B, {self.shape}], got {tuple(y.shape)}")
+        b = y.shape[0]
+        yf = y.to(device=self.means.device, dtype=torch.float64).reshape(b, self.dim)
+        return yf, self._per_sample(alpha, b), self._per_sample(s, b) ** 2, self._log_weights(b, class_labels)
+
+    def _isotropic_terms(self, yf: Tensor, a: Tensor, s2: Tensor) -> tuple[Tensor, Tensor]:
+        """log N(y; a mu_k, (a^2 v_k + s^2) I) [B, K] and the total variance [B, K]."""
         assert self.variances is not None
-        # Direct (non-matmul) pairwise distances: no ||x||^2 - 2 x.mu + ||mu||^2 cancellation at small sigma.
-        d2 = torch.cdist(xf, self.means, compute_mode="donot_use_mm_for_euclid_dist").square()
-        var = self.variances[None, :] + s2[:, None]
+        # Direct (non-matmul) distances |y/a - mu_k| a: no ||y||^2 - 2 y.mu + ||mu||^2 cancellation at small
+        # noise; at a = 0 (a flow model's t = 1) the distance is |y|.
+        pos = a > 0
+        a_safe = torch.where(pos, a, torch.ones_like(a))
+        d2 = torch.cdist(yf / a_safe[:, None], self.means, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+        d2 = torch.where(pos[:, None], d2 * (a * a)[:, None], yf.square().sum(-1, keepdim=True))
+        var = (a * a)[:, None] * self.variances[None, :] + s2[:, None]
         return -0.5 * (d2 / var + self.dim * (torch.log(var) + _LOG_2PI)), var
 
-    def _full_terms(self, xf: Tensor, s2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """log N(x; mu_k, C_k + s^2 I) [B, K], y = Q_k^T (x - mu_k) [B, K, D] and lam_k + s^2 [B, K, D]."""
+    def _full_terms(self, yf: Tensor, a: Tensor, s2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """log N(y; a mu_k, a^2 C_k + s^2 I) [B, K], z = Q_k^T (y - a mu_k) [B, K, D], a^2 lam_k + s^2."""
         assert self.eigvals is not None and self.eigvecs is not None
-        y = torch.einsum("kdi,bkd->bki", self.eigvecs, xf[:, None, :] - self.means[None])
-        var = self.eigvals[None] + s2[:, None, None]
-        logn = -0.5 * ((y * y / var).sum(-1) + torch.log(var).sum(-1) + self.dim * _LOG_2PI)
-        return logn, y, var
+        z = torch.einsum("kdi,bkd->bki", self.eigvecs, yf[:, None, :] - a[:, None, None] * self.means[None])
+        var = (a * a)[:, None, None] * self.eigvals[None] + s2[:, None, None]
+        logn = -0.5 * ((z * z / var).sum(-1) + torch.log(var).sum(-1) + self.dim * _LOG_2PI)
+        return logn, z, var
 
-    def _posterior_mean_flat(self, xf: Tensor, s2: Tensor, logw: Tensor) -> Tensor:
+    def _posterior_mean_flat(self, yf: Tensor, a: Tensor, s2: Tensor, logw: Tensor) -> Tensor:
         if self.is_isotropic:
             assert self.variances is not None
-            logn, var = self._isotropic_terms(xf, s2)
+            logn, var = self._isotropic_terms(yf, a, s2)
             r = torch.softmax(logw + logn, dim=1)
-            # E[x0 | x, k] = (v_k x + s^2 mu_k) / (v_k + s^2)
-            x_weight = (r * (self.variances[None] / var)).sum(1, keepdim=True)
-            return x_weight * xf + (r * (s2[:, None] / var)) @ self.means
+            # E[x0 | y, k] = mu_k + a v_k / (a^2 v_k + s^2) (y - a mu_k)
+            gain = a[:, None] * self.variances[None] / var                        # [B, K]
+            y_weight = (r * gain).sum(1, keepdim=True)
+            return y_weight * yf + (r * (s2[:, None] / var)) @ self.means  # s^2 / var = 1 - a * gain
         assert self.eigvals is not None and self.eigvecs is not None
-        logn, y, var = self._full_terms(xf, s2)
+        logn, z, var = self._full_terms(yf, a, s2)
         r = torch.softmax(logw + logn, dim=1)
-        # E[x0 | x, k] = mu_k + Q_k diag(lam / (lam + s^2)) Q_k^T (x - mu_k)
-        shrunk = r[..., None] * (self.eigvals[None] / var) * y
+        # E[x0 | y, k] = mu_k + Q_k diag(a lam / (a^2 lam + s^2)) Q_k^T (y - a mu_k)
+        shrunk = r[..., None] * (a[:, None, None] * self.eigvals[None] / var) * z
         return r @ self.means + torch.einsum("kid,bkd->bi", self.eigvecs, shrunk)
 
     # ------------------------------------------------------------------ public API
     def forward(self, x: Tensor, sigma: float | Tensor, class_labels: int | Tensor | None = None) -> Tensor:
         """Exact posterior mean E[x0 | x] for ``x = x0 + sigma * eps`` (float64 inside, returns x.dtype)."""
-        xf, s2, logw = self._prepare(x, sigma, class_labels)
-        b = xf.shape[0]
+        return self.denoise_scaled(x, 1.0, sigma, class_labels)
+
+    def denoise_scaled(self, y: Tensor, alpha: float | Tensor, s: float | Tensor,
+                       class_labels: int | Tensor | None = None) -> Tensor:
+        """Exact E[x0 | y] for ``y = alpha * x0 + s * eps`` in any family's coordinate (per-sample alpha, s).
+
+        ``alpha = 0`` is allowed (a flow model at t = 1, a VP model at sigma = inf): the result is then the
+        prior mean. ``forward`` is the VE case ``alpha = 1, s = sigma``.
+        """
+        yf, a, s2, logw = self._prepare(y, alpha, s, class_labels)
+        b = yf.shape[0]
         chunk = b if self.is_isotropic else max(1, _FULL_CHUNK_ELEMS // (self.num_components * self.dim))
         if b <= chunk:
-            out = self._posterior_mean_flat(xf, s2, logw)
+            out = self._posterior_mean_flat(yf, a, s2, logw)
         else:  # memory bound only: rows are independent, so chunking does not change results
             parts = []
             for i in range(0, b, chunk):
                 lw = logw if logw.shape[0] == 1 else logw[i:i + chunk]
-                parts.append(self._posterior_mean_flat(xf[i:i + chunk], s2[i:i + chunk], lw))
+                parts.append(self._posterior_mean_flat(yf[i:i + chunk], a[i:i + chunk], s2[i:i + chunk], lw))
             out = torch.cat(parts)
-        return out.reshape(x.shape).to(device=x.device, dtype=x.dtype)
+        return out.reshape(y.shape).to(device=y.device, dtype=y.dtype)
 
     def log_prob(self, x: Tensor, sigma: float | Tensor = 0.0,
                  class_labels: int | Tensor | None = None) -> Tensor:
         """log p_sigma(x) of the mixture convolved with N(0, sigma^2 I): [B], float64, differentiable."""
-        xf, s2, logw = self._prepare(x, sigma, class_labels)
-        logn = self._isotropic_terms(xf, s2)[0] if self.is_isotropic else self._full_terms(xf, s2)[0]
+        xf, a, s2, logw = self._prepare(x, 1.0, sigma, class_labels)
+        logn = self._isotropic_terms(xf, a, s2)[0] if self.is_isotropic else self._full_terms(xf, a, s2)[0]
         return torch.logsumexp(logw + logn, dim=1)
 
     def sample(self, n: int, generator: torch.Generator | None = None,

@@ -3,10 +3,11 @@
 Each test runs the standard diffusers loop (``set_timesteps``; per timestep ``scale_model_input`` -> network
 -> ``step``) and the corresponding ``indis.sample`` call on the *same* grid (taken from the scheduler itself,
 one grid for all samples), from the same ``x_T``, with the same deterministic network. The network is
-analytic: the exact posterior mean of a 3-component isotropic Gaussian mixture on R^32 (:class:`_Mixture`;
-checked against ``indis.engine.testbeds.GaussianMixture``), written as the eps / v / x0 / flow-velocity
-output each scheduler expects, computed in float64 and returned in the caller's dtype. It maps its time
-input back to a noise level itself, so both sides evaluate the same function of (state, noise level).
+analytic: the exact posterior mean of a 3-component isotropic Gaussian mixture on R^32
+(``testbeds.GaussianMixture.denoise_scaled``, exact in any family's coordinate), written as the eps / v /
+x0 / flow-velocity output each scheduler expects, computed in float64 and returned in the caller's dtype.
+It maps its time input back to a noise level itself, so both sides evaluate the same function of (state,
+noise level).
 
 Tolerance: ``max|x_diffusers - x_indis| / max|x_indis| <= 1e-5`` (``TOL``), with diffusers in float32 and
 indis in float64 (the reference). diffusers keeps its sigma / timestep tables in float32 and its ``step``
@@ -52,6 +53,7 @@ from torch import Tensor
 
 import indis
 from indis import Denoiser, Flow, VPDiscrete
+from indis.engine.testbeds import GaussianMixture
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers 0.42 + numpy 2: np.array(float32 tensor) warns about the `copy` keyword inside set_timesteps.
@@ -64,33 +66,15 @@ BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "b
 F64 = torch.float64
 
 
-class _Mixture:
-    """Isotropic Gaussian mixture on R^32 with the exact denoiser for ``y = a * x0 + s * eps``.
-
-    ``a`` may be 0 (a flow model at t = 1), where the posterior mean is the prior mean; everything is
-    float64 and closed form: ``E[x0 | y, k] = mu_k + a v_k / (a^2 v_k + s^2) (y - a mu_k)``.
-    """
-
-    def __init__(self, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.dim = math.prod(SHAPE[1:])
-        self.means = torch.randn(3, self.dim, generator=g, dtype=F64)
-        self.var = torch.tensor([0.05, 0.1, 0.2], dtype=F64)
-        self.logw = torch.log_softmax(torch.tensor([0.0, 0.5, -0.3], dtype=F64), 0)
-
-    def posterior_mean(self, y: Tensor, a: Tensor, s: Tensor) -> Tensor:
-        b = y.shape[0]
-        yf = y.to(F64).reshape(b, 1, self.dim)
-        a, s = a.to(F64).reshape(b, 1), s.to(F64).reshape(b, 1)
-        tot = a * a * self.var + s * s                                     # [B, K]
-        resid = yf - a[..., None] * self.means                             # [B, K, D]
-        logn = -0.5 * (resid.square().sum(-1) / tot + self.dim * torch.log(tot))
-        r = torch.softmax(self.logw + logn, dim=1)
-        cond = self.means + (a * self.var / tot)[..., None] * resid
-        return (r[..., None] * cond).sum(1).reshape(y.shape)
+def _mixture(seed: int = 0) -> GaussianMixture:
+    """Isotropic 3-component mixture on R^32 with closed-form denoisers in every family's coordinate."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(3, math.prod(SHAPE[1:]), generator=g, dtype=F64)
+    return GaussianMixture(means, torch.tensor([0.05, 0.1, 0.2], dtype=F64),
+                           log_weights=torch.tensor([0.0, 0.5, -0.3], dtype=F64), shape=SHAPE[1:])
 
 
-MIX = _Mixture()
+MIX = _mixture()
 
 
 def _batch(v: Tensor | float | int, b: int) -> Tensor:
@@ -105,7 +89,7 @@ def vp_net(sigma_of_t, prediction: str = "eps"):
         alpha = torch.rsqrt(1 + sigma * sigma)
         s = sigma * alpha
         xd = x.to(F64)
-        x0 = MIX.posterior_mean(xd, alpha, s)
+        x0 = MIX.denoise_scaled(xd, alpha, s)
         eps = (xd - alpha * x0) / s
         out = {"eps": eps, "v": alpha * eps - s * x0, "x0": x0}[prediction]
         return out.to(x.dtype)
@@ -117,14 +101,13 @@ def flow_net(x: Tensor, time: Tensor) -> Tensor:
     """Flow-matching velocity ``eps - x0`` for ``x_t = (1 - t) x0 + t eps``, time input ``1000 t``."""
     t = (_batch(time, x.shape[0]) / 1000).view(-1, *[1] * (x.ndim - 1))
     xd = x.to(F64)
-    x0 = MIX.posterior_mean(xd, 1 - t, t)
+    x0 = MIX.denoise_scaled(xd, 1 - t, t)
     return ((xd - x0) / t).to(x.dtype)
 
 
 def ve_denoiser(x: Tensor, sigma: Tensor) -> Tensor:
     """k-diffusion denoiser ``x0(x_ve, sigma)`` of the same mixture."""
-    sig = _batch(sigma, x.shape[0])
-    return MIX.posterior_mean(x, torch.ones_like(sig), sig).to(x.dtype)
+    return MIX(x, _batch(sigma, x.shape[0]))
 
 
 def diffusers_sigma_of_t(sched):
@@ -172,15 +155,6 @@ def vp_family(**overrides) -> VPDiscrete:
 
 
 # ----------------------------------------------------------------------------------------- sanity checks
-def test_mixture_matches_testbed_denoiser() -> None:
-    """The in-file closed form equals ``indis.engine.testbeds.GaussianMixture`` in VE coordinates."""
-    testbeds = pytest.importorskip("indis.engine.testbeds")
-    gm = testbeds.GaussianMixture(MIX.means, MIX.var, log_weights=MIX.logw, shape=SHAPE[1:])
-    x = x_T().to(F64) * 3
-    sigma = torch.tensor([0.05, 1.0, 20.0], dtype=F64)
-    torch.testing.assert_close(ve_denoiser(x, sigma), gm(x, sigma), rtol=1e-12, atol=1e-12)
-
-
 @pytest.mark.parametrize(("schedule", "kw"), [
     ("linear", {}),
     ("scaled_linear", {"beta_start": 0.00085, "beta_end": 0.012}),

@@ -97,18 +97,9 @@ def test_shift_changes_only_the_network_time_and_scale_multiplies_x0() -> None:
 
 
 def _flow_velocity(gmm: GaussianMixture):
-    """Exact velocity eps - x0 of an isotropic GMM in flow coordinates, finite at t = 1."""
+    """Exact velocity eps - x0 of a GMM in flow coordinates, finite at t = 1."""
     def velocity(x_t, t):
-        tt = t.view(-1, 1, 1)
-        mu, var = gmm.means.unsqueeze(0), gmm.variances.view(1, -1, 1)   # [1, K, D], [1, K, 1]
-        a = 1 - tt
-        tot = a * a * var + tt * tt                                       # per-component x_t variance
-        diff = x_t.unsqueeze(1) - a * mu
-        dim = x_t.shape[-1]
-        logp = gmm.log_weights - 0.5 * ((diff**2) / tot).sum(-1) - 0.5 * dim * torch.log(tot[..., 0])
-        post = mu + a * var / tot * diff
-        x0 = (torch.softmax(logp, dim=1).unsqueeze(-1) * post).sum(1)
-        return (x_t - x0) / t.view(-1, 1)
+        return (x_t - gmm.denoise_scaled(x_t, 1 - t, t)) / t.view(-1, 1)
 
     return velocity
 

@@ -292,3 +292,18 @@ def test_reference_solve_validation(tree: GaussianMixture) -> None:
         reference_solve(tree, x, math.inf)
     with pytest.raises(ValueError):
         reference_solve(tree, x, 1.0, -0.1)
+
+
+def test_denoise_scaled_equals_ve_denoiser_and_handles_alpha_zero() -> None:
+    """E[x0 | y], y = alpha x0 + s eps, is the VE denoiser at (y/alpha, s/alpha); alpha = 0: prior mean."""
+    g = torch.Generator().manual_seed(11)
+    for gm in (GaussianMixture(torch.randn(3, 4, generator=g, dtype=torch.float64),
+                               torch.tensor([0.05, 0.2, 0.5], dtype=torch.float64)),
+               tree_mixture(class_label=0)):
+        y = torch.randn(5, gm.dim, generator=g, dtype=torch.float64)
+        alpha = torch.tensor([1.0, 0.9, 0.5, 0.1, 0.0], dtype=torch.float64)
+        s = torch.tensor([0.01, 0.3, 0.5, 0.9, 1.0], dtype=torch.float64)
+        out = gm.denoise_scaled(y, alpha, s)
+        ve = gm(y[:4] / alpha[:4, None], s[:4] / alpha[:4])
+        torch.testing.assert_close(out[:4], ve, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[4], gm.mean(), rtol=1e-12, atol=1e-12)
