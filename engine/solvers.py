@@ -164,12 +164,12 @@ def _frame_step(pt: _Points, n: int, start: int, derivs: Row) -> Row:
     return _combine((rho1 / rho0, {start: torch.ones_like(rho0)}), (rho1 * dtau, derivs))
 
 
-def _stages_heun(pt: _Points, steps: int, **_: object) -> list[_Stage]:
+def _stages_heun(pt: _Points, steps: int, *, final_zero: bool, **_: object) -> list[_Stage]:
     stages = []
     for n in range(steps):
         p, q = _frame_conv(pt, n)
         one = torch.ones_like(p)
-        if bool(torch.all(pt.sigma[:, n + 1] == 0)):  # EDM: Euler for the step to sigma = 0
+        if final_zero and n == steps - 1:  # EDM: Euler for the step to sigma = 0
             stages.append(_Stage(n, n, p, q, _frame_step(pt, n, Y, {H: one})))
             continue
         stages.append(_Stage(n, n, p, q, _frame_step(pt, n, Y, {H: one}), stash_row={Y: one}))
