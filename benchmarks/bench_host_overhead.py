@@ -8,8 +8,8 @@ when the network is trivial (``x * 0.5``), at shape ``[B, 3, 32, 32]`` float32 o
 * ``diffusers UniPC(bh2) step()`` -- ``UniPCMultistepScheduler(solver_order=2, solver_type="bh2")``, same;
 * ``bare torch DPM++(2M)`` -- k-diffusion's multistep DPM++(2M) with every coefficient precomputed as a
   Python float (the floor: one model call plus 2-3 tensor ops per step);
-* ``indis run_table`` -- the sampling loop only (table prebuilt by ``indis.prepare``), for dpmpp_2m, unipc
-  (bh2, order 2) and ipndm, with a shared ``[N+1]`` grid and a ragged ``[B, N+1]`` grid;
+* ``indis run_table`` -- the sampling loop only (table and per-stage views prebuilt by ``indis.prepare``),
+  for dpmpp_2m, unipc (bh2, order 2) and ipndm, with a shared ``[N+1]`` grid and a ragged ``[B, N+1]`` grid;
 * ``indis.sample`` -- end to end (validation + table build + loop), dpmpp_2m, shared and ragged grid.
 
 µs/step = median over repeats of (whole-loop wall time / steps); warm-up runs are discarded. Nothing is
@@ -192,14 +192,13 @@ def build_benches(batch: int, steps: int) -> list[Bench]:
     benches.append(Bench("bare torch DPM++(2M) loop, 0-dim tensor for the multiply",
                          timed(lambda: bare_dpmpp_2m(kd_model, x, sigma_in, coefs_t)), steps, "loop"))
 
-    # (d): indis loop only, table prebuilt.
+    # (d): indis loop only, plan (table + per-stage views) prebuilt.
     for grid_name, grid in (("shared", shared), ("ragged", ragged)):
         for solver in ("dpmpp_2m", "unipc", "ipndm"):
             opts = {"variant": "bh2", "order": 2} if solver == "unipc" else {}
-            den, table = indis.prepare(kd_model, x, grid, solver, **opts)
+            plan = indis.prepare(kd_model, x, grid, solver, **opts)
             benches.append(Bench(f"indis run_table {solver} ({grid_name} grid)",
-                                 timed(lambda den=den, table=table: indis.run_table(den, x, table)),
-                                 table.nfe, "loop"))
+                                 timed(lambda plan=plan: indis.run_table(plan, x)), plan.table.nfe, "loop"))
     # (e): indis.sample end to end, and prepare on its own.
     for solver in ("dpmpp_2m", "unipc"):
         for grid_name, grid in (("shared", shared), ("ragged", ragged)):

@@ -9,6 +9,7 @@ call, and Python only branches on the table's static structure.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -57,10 +58,56 @@ def _per_step(name: str, value: Tensor | Sequence[float] | None, batch: int, ste
     return v.expand(batch, -1)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """What the loop reads at one stage, as tensors broadcastable against the state ``[B, 1, ...]``."""
+
+    time: Tensor                              # [B] network time input
+    in_scale: Tensor | None                   # network input = in_scale * state (None: 1)
+    raw_scale: Tensor | None                  # h = raw_scale * raw + state_scale * state (None: 1 / 0)
+    state_scale: Tensor | None
+    y_terms: tuple[tuple[int, Tensor], ...]   # next state = sum coef * inputs[i]
+    stash_terms: tuple[tuple[int, Tensor], ...]  # empty: the stash is left as it is
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated solver table turned into per-stage views for one state shape and dtype.
+
+    Built once per batch by :func:`prepare`; :func:`run_table` then only calls the network and combines
+    tensors -- no slicing, casting or host synchronisation inside the loop.
+    """
+
+    denoiser: Denoiser
+    table: SolverTable
+    stages: tuple[Stage, ...]
+
+
+def make_plan(den: Denoiser, table: SolverTable, x: Tensor) -> Plan:
+    """Per-stage views of ``table`` for states shaped like ``x`` (cast to ``x.dtype`` once)."""
+    view = (x.shape[0],) + (1,) * (x.ndim - 1)
+
+    def cols(t: Tensor) -> tuple[Tensor, ...]:  # [B, S] -> S views [B, 1, ...]
+        return t.to(x.dtype).t().reshape(-1, *view).unbind(0)
+
+    coef = table.coef.to(x.dtype).permute(1, 2, 3, 0).reshape(*table.coef.shape[1:], *view)  # [S, 2, W, B..]
+    in_scale, raw_scale = cols(table.in_scale), cols(table.conv[..., 1])
+    state_scale = cols(table.conv[..., 0])
+    times = den.time(table.sigma_eval).to(x.dtype).unbind(1)
+    stages = []
+    for k, (y_idx, s_idx) in enumerate(table.support):
+        stages.append(Stage(times[k], in_scale[k] if table.scaled_input else None,
+                            raw_scale[k] if table.conv_scales_raw[k] else None,
+                            state_scale[k] if table.conv_uses_state[k] else None,
+                            tuple((i, coef[k, 0, i]) for i in y_idx),
+                            tuple((i, coef[k, 1, i]) for i in s_idx)))
+    return Plan(den, table, tuple(stages))
+
+
 def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float],
             solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
-            **solver_opts) -> tuple[Denoiser, SolverTable]:
-    """Validate inputs and build the solver table (everything ``sample`` does before the loop)."""
+            **solver_opts) -> Plan:
+    """Validate inputs, build the solver table and its per-stage views (everything before the loop)."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor [B, ...]")
     if x.ndim < 1 or x.shape[0] == 0:
@@ -85,44 +132,35 @@ def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor |
         raise ValueError(f"unknown solver options {sorted(unknown)} for solver={solver!r}")
     table = build_table(solver, grid, den.family, prediction=den.prediction, shift=shift_t, scale=scale_t,
                         **solver_opts)
-    return den, table
+    return make_plan(den, table, x)
 
 
-def _lin(coefs: Sequence[Tensor], inputs: Sequence[Tensor]) -> Tensor:
-    out = inputs[0] * coefs[0]
-    for c, v in zip(coefs[1:], inputs[1:], strict=True):
-        out = out.addcmul_(v, c)
+def _lin(terms: tuple[tuple[int, Tensor], ...], inputs: Sequence[Tensor]) -> Tensor:
+    (i0, c0), *rest = terms
+    out = inputs[i0] * c0
+    for i, c in rest:
+        out = out.addcmul_(inputs[i], c)
     return out
 
 
-def run_table(den: Denoiser, x: Tensor, table: SolverTable, cond: dict | None = None,
+def run_table(plan: Plan, x: Tensor, cond: dict | None = None,
               callback: Callable[[dict], None] | None = None) -> Tensor:
     """Torch reference of the generic ragged step: one model call and one linear update per stage."""
     cond = cond or {}
-    bsz, stages, width = x.shape[0], table.nfe, table.coef.shape[-1]
-    view = (bsz,) + (1,) * (x.ndim - 1)
-
-    def per_stage(t: Tensor) -> tuple[Tensor, ...]:
-        """[B, S, ...] -> one broadcastable [B, 1, ..] view per (stage, ...) entry, cast once."""
-        return t.to(x.dtype).movedim(0, -1).reshape(-1, *view).unbind(0)
-
-    # All per-stage coefficients become views before the loop: no slicing or casting inside it.
-    coef, conv = per_stage(table.coef), per_stage(table.conv)     # index (k*2 + row)*width + i; k*2 + j
-    in_scale, times = per_stage(table.in_scale), den.time(table.sigma_eval).to(x.dtype).unbind(1)
+    den, history = plan.denoiser, plan.table.history
     y, stash, hist = x, x, []
-    for k in range(stages):
-        (y_idx, s_idx) = table.support[k]
-        raw = den.raw(y * in_scale[k] if table.scaled_input else y, times[k], **cond)
-        h = raw * conv[2 * k + 1] if table.conv_scales_raw[k] else raw
-        if table.conv_uses_state[k]:
-            h = h.addcmul(y, conv[2 * k])
+    for k, st in enumerate(plan.stages):
+        raw = den.raw(y if st.in_scale is None else y * st.in_scale, st.time, **cond)
+        h = raw if st.raw_scale is None else raw * st.raw_scale
+        if st.state_scale is not None:
+            h = h.addcmul(y, st.state_scale)
         inputs = (y, stash, h, *hist)
-        y_next = _lin([coef[2 * k * width + i] for i in y_idx], [inputs[i] for i in y_idx])
-        if s_idx:
-            stash = _lin([coef[(2 * k + 1) * width + i] for i in s_idx], [inputs[i] for i in s_idx])
-        hist = [h, *hist][: table.history]
+        y_next = _lin(st.y_terms, inputs)
+        if st.stash_terms:
+            stash = _lin(st.stash_terms, inputs)
+        hist = [h, *hist][:history]
         if callback is not None:
-            callback({"stage": k, "step": table.step_of_stage[k], "x": y_next, "raw": raw})
+            callback({"stage": k, "step": plan.table.step_of_stage[k], "x": y_next, "raw": raw})
         y = y_next
     return y
 
@@ -140,8 +178,8 @@ def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | 
     ``[B, N]``. ``solver_opts``: ``order``, ``frame``, ``variant`` (UniPC bh1/bh2), ``corrector``,
     ``disable_corrector``, ``lower_order_final`` -- see ``solvers.build_table``.
     """
-    den, table = prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts)
-    return run_table(den, x, table, cond, callback)
+    return run_table(prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts), x, cond,
+                     callback)
 
 
 # ------------------------------------------------------------------------- k-diffusion-shaped samplers
@@ -166,5 +204,6 @@ sample_ipndm = _kd("ipndm")
 sample_ipndm_v = _kd("ipndm_v")
 sample_unipc = _kd("unipc")
 
-__all__ = ["DEFAULT_ORDER", "check_grid", "prepare", "run_table", "sample", "sample_euler", "sample_heun",
-           "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_ipndm", "sample_ipndm_v", "sample_unipc"]
+__all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_grid", "make_plan", "prepare", "run_table", "sample",
+           "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_ipndm",
+           "sample_ipndm_v", "sample_unipc"]
