@@ -194,6 +194,8 @@ def test_bad_x_raises() -> None:
         indis.sample(model, torch.zeros(2, 3, dtype=torch.long), sig, "euler")
     with pytest.raises(ValueError, match="batch has 2 samples"):
         indis.sample(model, x, sig.repeat(3, 1), "euler")
+    with pytest.raises(ValueError, match="sigmas is on meta but x is on cpu"):
+        indis.sample(model, x, sig.to("meta"), "euler")
 
 
 def test_heun_ve_frame_at_infinity_raises() -> None:
