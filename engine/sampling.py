@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .families import Denoiser, Flow, as_denoiser
-from .schedules import as_grid
+from .schedules import Schedule, as_grid
 from .solvers import DEFAULT_ORDER, SOLVERS, SolverTable, build_table
 
 
@@ -104,10 +104,18 @@ def make_plan(den: Denoiser, table: SolverTable, x: Tensor) -> Plan:
     return Plan(den, table, tuple(stages))
 
 
-def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float],
+def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule,
             solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
             **solver_opts) -> Plan:
-    """Validate inputs, build the solver table and its per-stage views (everything before the loop)."""
+    """Validate inputs, build the solver table and its per-stage views (everything before the loop).
+
+    ``sigmas`` may be a :class:`~indis.engine.schedules.Schedule` (an INDIS predictor's output), which
+    carries its own ``shift`` and ``scale``.
+    """
+    if isinstance(sigmas, Schedule):
+        if shift is not None or scale is not None:
+            raise ValueError("sigmas is a Schedule with its own shift/scale; do not pass shift= or scale=")
+        sigmas, shift, scale = sigmas.grid, sigmas.shift, sigmas.scale
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError("x must be a floating-point tensor [B, ...]")
     if x.ndim < 1 or x.shape[0] == 0:
@@ -165,7 +173,7 @@ def run_table(plan: Plan, x: Tensor, cond: dict | None = None,
     return y
 
 
-def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float],
+def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule,
            solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
            cond: dict | None = None, callback: Callable[[dict], None] | None = None, **solver_opts) -> Tensor:
     """Sample with per-sample grids.
@@ -173,10 +181,11 @@ def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | 
     ``model(x, sigma[B], **cond) -> x0`` (k-diffusion convention), or a :class:`Denoiser` wrapping a VP /
     flow network, in which case ``x`` and the result are in that family's coordinate (a flow model's
     ``x_t``, so a start at t = 1 -- sigma = inf -- is allowed). ``sigmas`` is ``[N+1]`` or ``[B, N+1]``,
-    descending, optionally ending at 0. ``shift`` / ``scale`` are INDIS's per-step evaluation shift (the
-    network sees ``sigma_n * exp(shift_n)``) and output scale (x0 multiplied by ``scale_n``), ``[N]`` or
-    ``[B, N]``. ``solver_opts``: ``order``, ``frame``, ``variant`` (UniPC bh1/bh2), ``corrector``,
-    ``disable_corrector``, ``lower_order_final`` -- see ``solvers.build_table``.
+    descending, optionally ending at 0, or a ``Schedule`` from an INDIS predictor. ``shift`` / ``scale``
+    are INDIS's per-step evaluation shift (the network sees ``sigma_n * exp(shift_n)``) and output scale
+    (x0 multiplied by ``scale_n``), ``[N]`` or ``[B, N]``. ``solver_opts``: ``order``, ``frame``,
+    ``variant`` (UniPC bh1/bh2), ``corrector``, ``disable_corrector``, ``lower_order_final`` -- see
+    ``solvers.build_table``.
     """
     return run_table(prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts), x, cond,
                      callback)

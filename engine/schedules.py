@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -19,6 +20,7 @@ from .families import NoiseFamily, get_family
 
 HEURISTICS = ("edm", "logsnr", "uniform_t", "time_quadratic", "ays")
 Space = Literal["lambda", "t", "sigma"]
+MIN_GAP = 1e-4  # share of the mapped axis that grid_from_logits spreads evenly over the steps
 
 #: Align Your Steps (Sabour et al. 2024) 10-step tables, as published with the paper and shipped in
 #: diffusers' ``AysSchedules``; other step counts interpolate log-linearly (the paper's rule).
@@ -142,12 +144,16 @@ def grid_from_logits(logits: Tensor, sigma_min: float | Tensor, sigma_max: float
     """LD3/INDIS monotone grid: logits ``[..., N+1]`` -> softmax -> cumsum -> min-max -> map into ``space``.
 
     The result ``[..., N+1]`` descends strictly from ``sigma_max`` to ``sigma_min`` (endpoints exact for
-    any logits), and is differentiable in the logits. ``space`` picks the axis the normalised positions
-    are laid out on: ``lambda`` (log sigma), ``t`` (the family's time) or ``sigma``.
+    any logits; every step spans at least ``MIN_GAP / N`` of the mapped axis, so saturated logits cannot
+    merge points), and is differentiable in the logits. The first logit is redundant (LD3's N+1 form).
+    ``space`` picks the axis the normalised positions are laid out on: ``lambda`` (log sigma), ``t`` (the
+    family's time) or ``sigma``.
     """
     fam = get_family(family)
-    c = torch.cumsum(torch.softmax(logits, dim=-1), dim=-1)
-    c = (c - c[..., :1]) / (c[..., -1:] - c[..., :1])
+    p = torch.softmax(logits[..., 1:], dim=-1)  # logits[..., 0] only ever cancels in the min-max step
+    p = (1 - MIN_GAP) * p + MIN_GAP / p.shape[-1]  # every gap >= MIN_GAP / N: strict for any logits
+    c = torch.cat([torch.zeros_like(p[..., :1]), torch.cumsum(p, dim=-1)], dim=-1)
+    c = c / c[..., -1:]
     smin = torch.as_tensor(sigma_min, dtype=logits.dtype, device=logits.device)
     smax = torch.as_tensor(sigma_max, dtype=logits.dtype, device=logits.device)
     smin, smax = (v.unsqueeze(-1) if v.ndim else v for v in (smin, smax))  # broadcast over grid points
@@ -163,6 +169,23 @@ def logits_from_grid(sigmas: Tensor, space: Space = "lambda", family: NoiseFamil
     u = _to_space(sigmas, space, fam)
     c = (u - u[..., :1]) / (u[..., -1:] - u[..., :1])
     inc = torch.diff(c, dim=-1)
-    if not bool(torch.all(inc > 0)):
-        raise ValueError("sigmas must be strictly descending to be represented by logits")
-    return torch.cat([torch.zeros_like(c[..., :1]), torch.log(inc)], dim=-1)
+    if not bool(torch.all(inc > MIN_GAP / inc.shape[-1])):
+        raise ValueError("sigmas must be strictly descending, with every step at least MIN_GAP / N of the "
+                         "mapped axis, to be represented by logits")
+    p = (inc - MIN_GAP / inc.shape[-1]) / (1 - MIN_GAP)
+    return torch.cat([torch.zeros_like(c[..., :1]), torch.log(p)], dim=-1)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A per-sample INDIS schedule: ``grid`` ``[B, N+1]`` (or shared ``[N+1]``) descending sigmas, the
+    evaluation ``shift`` ``[B, N]`` (log-sigma units: the network sees ``sigma_n * exp(shift_n)``) and the
+    output ``scale`` ``[B, N]`` (multiplies the denoised x0). ``indis.sample`` accepts it as ``sigmas``."""
+
+    grid: Tensor
+    shift: Tensor | None = None
+    scale: Tensor | None = None
+
+    def detach(self) -> Schedule:
+        """The same schedule without autograd history (for sampling after tuning)."""
+        return Schedule(*(None if v is None else v.detach() for v in (self.grid, self.shift, self.scale)))

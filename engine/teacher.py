@@ -1,0 +1,182 @@
+"""Seeds, initial states and cached teacher end points for tuning schedules (INDIS / LD3 tuning data).
+
+x_T is never stored: each sample is a seed, and :func:`noise_from_seeds` regenerates its standard-normal noise
+bit-exactly in any process (one CPU ``torch.Generator`` per seed, so sample i's noise does not depend on the
+batch it is drawn in). Teacher end points -- the same backbone solved with a many-step solver (iPNDM, 30 steps
+by default) or an exact reference -- are written once into safetensors shards, one per seed range, under a
+directory named by a hash of everything that determines them; shards are aligned seed blocks, written
+atomically, so an interrupted build resumes at the first missing shard and any seed range reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .families import get_family
+
+LABEL_STREAM = 0x5EED1AB3  # offset of the label generator seed from the noise seed
+
+
+def noise_from_seeds(seeds: Sequence[int] | Tensor, shape: Sequence[int], *,
+                     dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+    """Standard-normal noise ``[B, *shape]``, row i drawn from its own generator seeded with ``seeds[i]``."""
+    seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
+    if any(s < 0 for s in seeds):
+        raise ValueError("seeds must be non-negative integers")
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    out = torch.stack(rows) if rows else torch.empty(0, *shape)
+    return out.to(dtype=dtype, device=device)
+
+
+def labels_from_seeds(seeds: Sequence[int] | Tensor, num_classes: int,
+                      device: torch.device | str | None = None) -> Tensor:
+    """Class labels ``[B]`` drawn uniformly per seed (a generator stream separate from the noise)."""
+    seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
+    labels = [int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(s + LABEL_STREAM)))
+              for s in seeds]
+    return torch.tensor(labels, dtype=torch.long, device=device)
+
+
+def initial_state(noise: Tensor, sigma_max: float, family: str = "ve") -> Tensor:
+    """The sampler's start ``x_T`` in the family's coordinate: ``family.s(sigma_max) * noise``."""
+    s = get_family(family).s(torch.tensor(sigma_max, dtype=torch.float64))
+    return noise * float(s)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """How teacher end points are made. ``solver="exact"`` uses ``testbeds.reference_solve`` (GMM only)."""
+
+    solver: str = "ipndm"
+    steps: int = 30
+    schedule: str = "edm"
+    rho: float = 7.0
+
+
+@dataclass(frozen=True)
+class TuningData:
+    """Seeds, their regenerated initial states, optional class labels, and teacher end points (one split)."""
+
+    seeds: Tensor      # [M] int64
+    x_T: Tensor        # [M, *shape]
+    labels: Tensor | None
+    x0: Tensor         # [M, *shape] teacher end points
+
+    def __len__(self) -> int:
+        return self.seeds.shape[0]
+
+    def subset(self, index: Tensor) -> TuningData:
+        return TuningData(self.seeds[index], self.x_T[index],
+                          None if self.labels is None else self.labels[index], self.x0[index])
+
+
+class TeacherCache:
+    """Teacher end points on disk, sharded by seed range and keyed by what determines them.
+
+    ``key`` names the backbone and everything that changes the end points (family, sigma range, shape,
+    teacher spec, classes, dtype); shards live in ``root / <hash of key>`` as ``seeds_<a>_<b>.safetensors``.
+    """
+
+    def __init__(self, root: str | Path, *, backbone: str, shape: Sequence[int], sigma_min: float,
+                 sigma_max: float, family: str = "ve", final_zero: bool = False,
+                 teacher: TeacherSpec = TeacherSpec(), num_classes: int = 0, shard_size: int = 256,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.shape, self.family, self.teacher = tuple(int(s) for s in shape), family, teacher
+        self.sigma_min, self.sigma_max, self.final_zero = sigma_min, sigma_max, final_zero
+        self.num_classes, self.shard_size, self.dtype = num_classes, shard_size, dtype
+        self.key = {"backbone": backbone, "shape": list(self.shape), "sigma_min": sigma_min,
+                    "sigma_max": sigma_max, "family": family, "final_zero": final_zero,
+                    "teacher": asdict(teacher), "num_classes": num_classes, "dtype": str(dtype),
+                    "shard_size": shard_size}
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = Path(root) / digest
+
+    # ------------------------------------------------------------------------------------------- teacher
+    def teacher_grid(self) -> Tensor:
+        from .schedules import get_sigmas
+
+        t = self.teacher
+        return get_sigmas(t.schedule, t.steps, self.sigma_min, self.sigma_max, rho=t.rho, family=self.family,
+                          final_zero=self.final_zero)
+
+    def solve(self, model: Callable[..., Tensor], x_T: Tensor, labels: Tensor | None) -> Tensor:
+        """Teacher end points for initial states ``x_T``."""
+        cond = {} if labels is None else {"class_labels": labels}
+        with torch.no_grad():
+            if self.teacher.solver == "exact":
+                from .testbeds import reference_solve
+
+                end = 0.0 if self.final_zero else self.sigma_min
+                return reference_solve(model, x_T, self.sigma_max, end, cond=cond).to(x_T.dtype)
+            from .sampling import sample
+
+            return sample(model, x_T, self.teacher_grid(), self.teacher.solver, cond=cond)
+
+    # ------------------------------------------------------------------------------------------- storage
+    def _shards(self, seeds: range) -> list[tuple[int, int]]:
+        """The aligned blocks ``[k*S, (k+1)*S)`` that cover ``seeds`` (so any range reuses the same files)."""
+        if seeds.step != 1 or seeds.start < 0 or len(seeds) == 0:
+            raise ValueError(f"seeds must be a non-empty range(start, stop) with start >= 0, got {seeds}")
+        size = self.shard_size
+        first = seeds.start // size * size
+        return [(a, a + size) for a in range(first, seeds.stop, size)]
+
+    def _path(self, a: int, b: int) -> Path:
+        return self.dir / f"seeds_{a:09d}_{b:09d}.safetensors"
+
+    def build(self, model: Callable[..., Tensor], seeds: range, *, rank: int = 0, world_size: int = 1,
+              progress: bool = True) -> None:
+        """Write every missing shard of ``seeds`` (shard i goes to rank i mod world_size); resumable."""
+        from safetensors.torch import save_file
+        from tqdm.auto import tqdm
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key_file = self.dir / "key.json"
+        if not key_file.exists():
+            key_file.write_text(json.dumps(self.key, indent=1, sort_keys=True))
+        todo = [s for i, s in enumerate(self._shards(seeds))
+                if i % world_size == rank and not self._path(*s).exists()]
+        device = next((p.device for p in getattr(model, "parameters", list)()), torch.device("cpu"))
+        for a, b in tqdm(todo, desc="teacher shards", disable=not progress or not todo):
+            ids = torch.arange(a, b)
+            x_T = initial_state(noise_from_seeds(ids, self.shape, dtype=self.dtype, device=device),
+                                self.sigma_max, self.family)
+            labels = labels_from_seeds(ids, self.num_classes, device) if self.num_classes else None
+            x0 = self.solve(model, x_T, labels).to(self.dtype).cpu().contiguous()
+            path = self._path(a, b)
+            tmp = path.with_suffix(".tmp")
+            save_file({"seeds": ids, "x0": x0}, str(tmp), metadata={"key": json.dumps(self.key)})
+            tmp.replace(path)  # atomic: a shard is either complete or absent
+
+    def load(self, seeds: range, device: torch.device | str | None = None) -> TuningData:
+        """Seeds ``seeds`` with regenerated x_T, labels and their cached teacher end points."""
+        from safetensors.torch import load_file
+
+        x0 = []
+        blocks = self._shards(seeds)
+        for a, b in blocks:
+            path = self._path(a, b)
+            if not path.exists():
+                raise FileNotFoundError(f"teacher shard {path} is missing; call TeacherCache.build first")
+            shard = load_file(str(path))
+            if not torch.equal(shard["seeds"], torch.arange(a, b)):
+                raise ValueError(f"teacher shard {path} holds other seeds than its name says")
+            x0.append(shard["x0"])
+        offset = seeds.start - blocks[0][0]
+        x0_all = torch.cat(x0)[offset:offset + len(seeds)]
+        ids = torch.arange(seeds.start, seeds.stop)
+        x_T = initial_state(noise_from_seeds(ids, self.shape, dtype=self.dtype, device=device),
+                            self.sigma_max, self.family)
+        labels = labels_from_seeds(ids, self.num_classes, device) if self.num_classes else None
+        return TuningData(ids, x_T, labels, x0_all.to(device))
+
+
+__all__ = ["TeacherCache", "TeacherSpec", "TuningData", "initial_state", "labels_from_seeds",
+           "noise_from_seeds"]
