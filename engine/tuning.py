@@ -267,7 +267,7 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
 
     With ``staged`` (default) the blind schedule (grid, Δτ, γ without instance input) is tuned first and phi
     starts from it, so phi can only improve on the best blind schedule its tuning finds. The returned
-    predictor carries ``fit_results`` (blind stage, phi stage).
+    predictor carries ``fit_results`` (blind stage, phi stage) and ``blind`` (the tuned blind head, or None).
     """
     sc = ScheduleConfig(nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max, family=family, space=space,
                         init=init, final_zero=final_zero, shift_bound=shift_bound, scale_bound=scale_bound)
@@ -278,7 +278,7 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
     train, val = data if data is not None else setup.data()
     cfg = fit_config or FitConfig()
     results = []
-    base = None
+    base = blind_head = None
     if staged and not blind:
         blind_head = Predictor(PredictorConfig(**{**pc.__dict__, "blind": True}))
         results.append(fit(blind_head, model, train, val, solver, blind_config or _blind_config(cfg),
@@ -287,6 +287,7 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
     head = Predictor(pc, base=base)
     results.append(fit(head, model, train, val, solver, cfg, **solver_opts))
     head.fit_results = results
+    object.__setattr__(head, "blind", blind_head)  # a plain attribute, not a submodule in the checkpoint
     return head.eval()
 
 

@@ -173,3 +173,16 @@ def test_fit_early_stopping_restores_best() -> None:
               FitConfig(steps=50, lr=0.5, val_every=1, patience=3, progress=False))
     assert res.stopped_early and res.best_step == 0 and res.best_val == pytest.approx(0, abs=1e-20)
     torch.testing.assert_close(head(x_T).grid[0], sc.init_grid(), rtol=1e-12, atol=0)
+
+
+def test_cli_fit_then_eval(tmp_path, capsys) -> None:
+    from indis.engine.cli import main
+
+    out = tmp_path / "phi.safetensors"
+    main(["fit", "--nfe", "2", "--solver", "euler", "--num-train", "16", "--num-val", "8", "--steps", "3",
+          "--batch-size", "8", "--hidden", "8", "--cache", str(tmp_path), "--out", str(out)])
+    phi = Predictor.load(out, nfe=2, solver="euler", backbone="digits-unet")
+    assert len(phi.metadata["fit"]) == 2
+    main(["eval", str(out), "--samples", "8", "--cache", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "INDIS phi" in text and "heuristic edm" in text and "8 held-out seeds" in text
