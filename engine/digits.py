@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .teacher import noise_from_seeds
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 N_TEST = 297  # the last 297 of sklearn's 1797 digits are the held-out test split
 SIGMA_DATA = 0.5
@@ -646,13 +648,6 @@ def save_model(name: str, model: nn.Module, record: dict[str, Any], out: str | P
 
 
 # ============================================================================================ check
-def noise_for_seeds(seeds: Sequence[int] | Tensor, shape: tuple[int, ...] = (1, 8, 8),
-                    dtype: torch.dtype = torch.float32) -> Tensor:
-    """Per-sample N(0, I) noise, one generator per seed (batch invariant), shape ``[len(seeds), *shape]``."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype)
-                        for s in seeds])
-
-
 @torch.no_grad()
 def sample_backbone(model: EDMDenoiser, n: int, steps: int = 30, solver: str = "heun", seed: int = 0,
                     class_labels: Tensor | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -667,7 +662,7 @@ def sample_backbone(model: EDMDenoiser, n: int, steps: int = 30, solver: str = "
     outs = []
     for i in range(0, n, batch_size):
         seeds = range(seed * 1_000_003 + i, seed * 1_000_003 + min(n, i + batch_size))
-        x = noise_for_seeds(seeds, (cin, res, res)) * sigma_max
+        x = noise_from_seeds(seeds, (cin, res, res)) * sigma_max
         cond = None if class_labels is None else {"class_labels": class_labels[i:i + batch_size]}
         outs.append(sample(model, x, sigmas, solver, cond=cond))
     return torch.cat(outs)
@@ -687,7 +682,7 @@ def check(n: int = 1797, steps: int = 30, solvers: Sequence[str] = ("heun", "ipn
     clf = load_classifier(wd)
     res: dict[str, float] = {"classifier_test_accuracy": classifier_accuracy(clf)}
     res["fd_test_vs_train"] = frechet_distance(_data_features("test", wd), _data_features("train", wd))
-    res["fd_noise_vs_all"] = fd_to_data(noise_for_seeds(range(n)), "all", wd)
+    res["fd_noise_vs_all"] = fd_to_data(noise_from_seeds(range(n), (1, 8, 8)), "all", wd)
     print(f"classifier test accuracy {res['classifier_test_accuracy']:.4f}")
     print(f"FD test split (297) vs train split (1500): {res['fd_test_vs_train']:.3f}  (floor)")
     print(f"FD N(0, I) noise ({n}) vs all data: {res['fd_noise_vs_all']:.3f}  (ceiling)")

@@ -119,6 +119,12 @@ class TeacherCache:
 
             return sample(model, x_T, self.teacher_grid(), self.teacher.solver, cond=cond)
 
+    def inputs(self, ids: Tensor, device: torch.device | str | None = None) -> tuple[Tensor, Tensor | None]:
+        """Regenerated initial states ``x_T`` and class labels (None without classes) of seeds ``ids``."""
+        x_T = initial_state(noise_from_seeds(ids, self.shape, dtype=self.dtype, device=device),
+                            self.sigma_max, self.family)
+        return x_T, labels_from_seeds(ids, self.num_classes, device) if self.num_classes else None
+
     # ------------------------------------------------------------------------------------------- storage
     def _shards(self, seeds: range) -> list[tuple[int, int]]:
         """The aligned blocks ``[k*S, (k+1)*S)`` that cover ``seeds`` (so any range reuses the same files)."""
@@ -146,9 +152,7 @@ class TeacherCache:
         device = next((p.device for p in getattr(model, "parameters", list)()), torch.device("cpu"))
         for a, b in tqdm(todo, desc="teacher shards", disable=not progress or not todo):
             ids = torch.arange(a, b)
-            x_T = initial_state(noise_from_seeds(ids, self.shape, dtype=self.dtype, device=device),
-                                self.sigma_max, self.family)
-            labels = labels_from_seeds(ids, self.num_classes, device) if self.num_classes else None
+            x_T, labels = self.inputs(ids, device)
             x0 = self.solve(model, x_T, labels).to(self.dtype).cpu().contiguous()
             path = self._path(a, b)
             tmp = path.with_suffix(".tmp")
@@ -172,10 +176,7 @@ class TeacherCache:
         offset = seeds.start - blocks[0][0]
         x0_all = torch.cat(x0)[offset:offset + len(seeds)]
         ids = torch.arange(seeds.start, seeds.stop)
-        x_T = initial_state(noise_from_seeds(ids, self.shape, dtype=self.dtype, device=device),
-                            self.sigma_max, self.family)
-        labels = labels_from_seeds(ids, self.num_classes, device) if self.num_classes else None
-        return TuningData(ids, x_T, labels, x0_all.to(device))
+        return TuningData(ids, *self.inputs(ids, device), x0_all.to(device))
 
 
 __all__ = ["TeacherCache", "TeacherSpec", "TuningData", "initial_state", "labels_from_seeds",

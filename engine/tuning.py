@@ -70,14 +70,15 @@ class FitResult:
 
 def sample_loss(student: Tensor, teacher: Tensor, kind: Loss) -> Tensor:
     """Per-sample distance ``[B]`` in data space: mean squared / mean absolute error, or pseudo-Huber
-    ``sqrt(mse + c^2) - c`` with ``c = 0.00054 * sqrt(d)`` per dimension (Song & Dhariwal 2023)."""
+    ``sqrt(mse + c^2) - c`` with ``c = 0.00054`` (Song & Dhariwal 2023's ``0.00054 * sqrt(d)`` on the summed
+    squared error, expressed per dimension)."""
     err = (student - teacher).flatten(1)
     if kind == "l2":
         return err.square().mean(1)
     if kind == "l1":
         return err.abs().mean(1)
     if kind == "huber":
-        c = 0.00054  # iCT's c = 0.00054 * sqrt(d) on the summed squared error, per dimension here
+        c = 0.00054
         return torch.sqrt(err.square().mean(1) + c * c) - c
     raise ValueError(f"loss={kind!r} is unknown; choose l2, l1 or huber")
 
