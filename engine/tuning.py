@@ -266,9 +266,11 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
                   **solver_opts) -> Predictor:
     """Tune an INDIS predictor phi(x_T, c) for ``model`` at ``nfe`` steps of ``solver``.
 
-    With ``staged`` (default) the blind schedule (grid, Δτ, γ without instance input) is tuned first and phi
-    starts from it, so phi can only improve on the best blind schedule its tuning finds. The returned
-    predictor carries ``fit_results`` (blind stage, phi stage) and ``blind`` (the tuned blind head, or None).
+    With ``staged`` (default) the blind schedule (grid, Δτ, γ without instance input; per class when the
+    predictor is conditional) is tuned first and phi starts from it exactly, so phi can only improve on the
+    best blind schedule its tuning finds. phi's initial weights are drawn from ``fit_config.seed``. The
+    returned predictor carries ``fit_results`` (blind stage, phi stage) and ``blind`` (the tuned blind head,
+    or None).
     """
     sc = ScheduleConfig(nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max, family=family, space=space,
                         init=init, final_zero=final_zero, shift_bound=shift_bound, scale_bound=scale_bound)
@@ -279,17 +281,30 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
     train, val = data if data is not None else setup.data()
     cfg = fit_config or FitConfig()
     results = []
-    base = blind_head = None
+    blind_head = None
     if staged and not blind:
         blind_head = Predictor(PredictorConfig(**{**pc.__dict__, "blind": True}))
         results.append(fit(blind_head, model, train, val, solver, blind_config or _blind_config(cfg),
                            **solver_opts))
-        base = blind_head.base
-    head = Predictor(pc, base=base)
+    head = phi_from_blind(pc, blind_head, cfg.seed)
     results.append(fit(head, model, train, val, solver, cfg, **solver_opts))
     head.fit_results = results
     object.__setattr__(head, "blind", blind_head)  # a plain attribute, not a submodule in the checkpoint
     return head.eval()
+
+
+def phi_from_blind(config: PredictorConfig, blind: Predictor | None, seed: int = 0) -> Predictor:
+    """A fresh phi (weights drawn from ``seed``) that returns exactly ``blind``'s schedule: its base and, for
+    a conditional blind head, its condition path; the x_T input starts at zero. ``blind=None``: the
+    heuristic of ``config``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = Predictor(config, base=None if blind is None else blind.base)
+    if blind is not None and blind.out is not None and head.x_in is not None:
+        head.load_state_dict(blind.state_dict(), strict=False)
+        nn.init.zeros_(head.x_in.weight)
+        nn.init.zeros_(head.x_in.bias)
+    return head
 
 
 def _blind_config(cfg: FitConfig) -> FitConfig:
@@ -335,4 +350,4 @@ def fit_oracle(model: Callable[..., Tensor], data: TuningData, config: Predictor
 
 
 __all__ = ["FitConfig", "FitResult", "TuningSetup", "evaluate", "fit", "fit_global", "fit_oracle",
-           "fit_predictor", "sample_loss", "unroll"]
+           "fit_predictor", "phi_from_blind", "sample_loss", "unroll"]
