@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create or reuse the project's virtual environment (.venv) and install indis with its test extras.
+# Create or reuse the project's virtual environment (.venv) and install indis with its test and plot extras.
 # Sourced by .ci/demo and .ci/test. On a machine without an NVIDIA GPU it pins the CPU build of torch
 # (torch==2.13.0 resolves to a local CPU wheel on the project's machines) so nothing downloads several GB;
 # with a GPU, a normal torch is used. Set INDIS_TORCH to override the torch requirement.
@@ -17,6 +17,6 @@ want="$(cat pyproject.toml .ci/env.sh | sha256sum | cut -d' ' -f1) $INDIS_TORCH"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet "$INDIS_TORCH"
-  .venv/bin/python -m pip install --quiet -e ".[test]"
+  .venv/bin/python -m pip install --quiet -e ".[test,plot]"
   echo "$want" > "$stamp"
 fi

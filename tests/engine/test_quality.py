@@ -1,0 +1,169 @@
+"""The quality harness: one cell end to end on a cheap exact mixture, the exhaustive oracle, heads, report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from indis.engine.predictor import Predictor
+from indis.engine.quality import (
+    MEAN_ROW,
+    Testbed,
+    add_mean_control,
+    exhaustive_grids,
+    gain,
+    load_heads,
+    markdown,
+    mean_schedule,
+    plots,
+    run_cell,
+)
+from indis.engine.sampling import sample
+from indis.engine.schedules import get_sigmas
+from indis.engine.teacher import TeacherSpec
+from indis.engine.testbeds import GaussianMixture
+from indis.engine.tuning import FitConfig, fit_predictor, sample_loss
+
+
+def toy_mixture() -> GaussianMixture:
+    means = torch.tensor([[-1.0, 0.3], [0.8, 0.9], [0.2, -1.1]], dtype=torch.float64)
+    return GaussianMixture(means, 0.02)
+
+
+TOY = Testbed("toy", toy_mixture, (2,), 10.0, solver="euler", nfes=(3,), teacher=TeacherSpec("ipndm", 40),
+              dtype=torch.float64, images=False, shard_size=32, num_train=64, num_val=32, pool=None,
+              phi=FitConfig(steps=6, batch_size=32, lr=1e-2, val_every=3, progress=False),
+              ld3=FitConfig(steps=4, batch_size=16, lr=0.005, optimizer="rmsprop", soft_teacher=True,
+                            clip=None, progress=False))
+
+
+@pytest.fixture(scope="module")
+def toy_cell(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object]:
+    root = tmp_path_factory.mktemp("quality")
+    record = run_cell(TOY, 3, samples=24, cache_dir=str(root / "cache"), heads_dir=root / "heads",
+                      progress=False)
+    return record, root
+
+
+def test_cell_measures_every_method_on_the_same_held_out_seeds(toy_cell) -> None:
+    record, root = toy_cell
+    rows = record["rows"]
+    expected = {"heuristic edm", "heuristic logsnr", "heuristic uniform_t", "heuristic time_quadratic",
+                "LD3-global", "phi blind (ablation)", "INDIS phi", "INDIS phi, no shift/scale",
+                "best pure grid (exhaustive)", "oracle pure grid (exhaustive)", "oracle phi-capacity (Adam)"}
+    assert set(rows) == expected
+    assert all(math.isfinite(r["mse"]) and r["mse"] > 0 for r in rows.values())
+    # the heuristic row is the EDM grid's teacher MSE, recomputed here independently
+    from indis.engine.teacher import TeacherCache
+
+    cache = TeacherCache(root / "cache", backbone="toy", shape=(2,), sigma_min=0.002, sigma_max=10.0,
+                         teacher=TeacherSpec("ipndm", 40), shard_size=32, dtype=torch.float64)
+    held = cache.load(range(*record["held_out_seeds"]))
+    x = sample(toy_mixture(), held.x_T, get_sigmas("edm", 3, 0.002, 10.0), "euler")
+    edm = float(sample_loss(x, held.x0, "l2").mean())
+    assert rows["heuristic edm"]["mse"] == pytest.approx(edm, rel=1e-9)
+    best = record["best_global"]
+    assert rows[best]["kind"] == "global"
+    assert rows[best]["mse"] == min(r["mse"] for r in rows.values() if r["kind"] == "global")
+    assert gain(record) == pytest.approx(rows["INDIS phi"]["mse"] / rows[best]["mse"] - 1)
+    # the per-instance oracle with phi's capacity starts from phi's blind schedule, so it cannot be worse
+    assert rows["oracle phi-capacity (Adam)"]["mse"] <= rows["phi blind (ablation)"]["mse"] * (1 + 1e-9)
+    assert rows["oracle pure grid (exhaustive)"]["mse"] <= rows["best pure grid (exhaustive)"]["mse"]
+    assert len(record["grids"]["phi"]) == 24 and len(record["grids"]["phi"][0]) == 4
+    json.dumps(record)  # the cell is JSON-able as written to disk
+
+
+def test_heads_roundtrip_and_refuse_a_mismatch(toy_cell) -> None:
+    record, root = toy_cell
+    heads = load_heads(root / "heads", TOY, 3)
+    assert heads is not None and set(heads) == {"phi", "blind", "phi_noss", "ld3"}
+    x = torch.randn(5, 2, dtype=torch.float64) * 10
+    s = heads["phi"](x, None)
+    assert s.grid.shape == (5, 4) and s.shift.shape == (5, 3)
+    assert heads["ld3"](x, None).grid.shape == (4,)
+    assert load_heads(root / "heads", TOY, 5) is None  # nothing saved for NFE 5
+    wrong = root / "wrong"
+    wrong.mkdir()
+    for f in (root / "heads").iterdir():  # NFE-3 heads filed under NFE 5
+        (wrong / f.name.replace("nfe3", "nfe5")).write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match="tuned for NFE=3"):
+        load_heads(wrong, TOY, 5)
+
+
+def test_mean_schedule_control(toy_cell) -> None:
+    record, root = toy_cell
+    out = add_mean_control(record, TOY, root / "heads", str(root / "cache"))
+    row = out["rows"][MEAN_ROW]
+    assert row["kind"] == "global" and math.isfinite(row["mse"])
+    assert out["rows"][out["best_global"]]["mse"] == min(r["mse"] for r in out["rows"].values()
+                                                         if r["kind"] == "global")
+    # the control is phi's average raw output decoded: for a blind phi it is exactly its schedule
+    phi = load_heads(root / "heads", TOY, 3)["blind"]
+    x = torch.randn(7, 2, dtype=torch.float64) * 10
+    fn = mean_schedule(phi, x, None)
+    torch.testing.assert_close(fn(x, None).grid, phi(x[:1]).grid[0], rtol=1e-12, atol=0)
+
+
+def test_exhaustive_grids_global_is_the_best_shared_grid() -> None:
+    from indis.engine.teacher import TuningData
+
+    model = toy_mixture()
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 10
+    x0 = sample(model, x_T, get_sigmas("edm", 60, 0.002, 10.0), "ipndm")
+    data = TuningData(torch.arange(16), x_T, None, x0)
+    ex = exhaustive_grids(model, data, TOY, points=8)
+    assert ex["oracle"] <= ex["global"]
+    grid = torch.tensor(ex["global_grid"], dtype=torch.float64)
+    again = float(sample_loss(sample(model, x_T, grid, "euler"), x0, "l2").mean())
+    assert again == pytest.approx(ex["global"], rel=1e-12)
+    # brute force on a 4-point table: the oracle is each sample's own best grid, averaged
+    ex4 = exhaustive_grids(model, data, TOY, points=4)
+    sig = torch.logspace(1, math.log10(0.002), 6, dtype=torch.float64)[1:-1]
+    grids = [torch.stack([sig.new_tensor(10.0), sig[i], sig[j], sig.new_tensor(0.002)])
+             for i in range(4) for j in range(i + 1, 4)]
+    losses = torch.stack([sample_loss(sample(model, x_T, g, "euler"), x0, "l2") for g in grids])
+    assert ex4["oracle"] == pytest.approx(float(losses.min(0).values.mean()), rel=1e-12)
+    assert ex4["global"] == pytest.approx(float(losses.mean(1).min()), rel=1e-12)
+
+
+def test_report_and_plots(toy_cell, tmp_path) -> None:
+    record, _ = toy_cell
+    text = markdown([record])
+    assert "| toy | 3 | 24 |" in text and "INDIS phi" in text and "Per-instance oracles" in text
+    pytest.importorskip("matplotlib")
+    written = plots([record, replace_nfe(record, 5)], tmp_path)
+    assert {p.name for p in written} == {"quality_vs_nfe.png", "grid_fan_toy.png"}
+    assert all(p.stat().st_size > 1000 for p in written)
+
+
+def replace_nfe(record: dict, nfe: int) -> dict:
+    return {**record, "nfe": nfe}
+
+
+def test_staged_conditional_phi_starts_from_the_tuned_blind_head() -> None:
+    """A conditional blind head learns per-class schedules; phi starts from all of it, not just its base."""
+
+    def model(x, sigma, class_labels=None):
+        s2 = sigma.view(-1, 1) ** 2
+        mu = torch.where(class_labels.view(-1, 1) == 1, 1.0, -1.0).to(x.dtype)
+        return (x + mu * s2) / (1 + s2)
+
+    from indis.engine.teacher import TuningData
+
+    n = 32
+    labels = torch.arange(n) % 2
+    x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(0)) * 10
+    x0 = sample(model, x_T, get_sigmas("edm", 40, 0.002, 10.0), "ipndm", cond={"class_labels": labels})
+    data = TuningData(torch.arange(n), x_T, labels, x0)
+    phi = fit_predictor(model, nfe=3, solver="euler", shape=(2,), sigma_min=0.002, sigma_max=10.0,
+                        num_classes=2, data=(data, data), fit_config=FitConfig(steps=0, progress=False),
+                        blind_config=FitConfig(steps=20, lr=0.01, batch_size=n, val_every=5, progress=False))
+    assert isinstance(phi.blind, Predictor) and phi.blind.out is not None
+    assert phi.fit_results[0].best_val < phi.fit_results[0].init_val  # the blind stage did move
+    a, b = phi(x_T, labels), phi.blind(x_T, labels)
+    torch.testing.assert_close(a.grid, b.grid, rtol=0, atol=0)
+    torch.testing.assert_close(a.shift, b.shift, rtol=0, atol=0)
+    assert not torch.equal(b.grid[0], b.grid[1])  # the blind head's schedule does depend on the class
