@@ -1,80 +1,89 @@
-"""Demo: sample exact Gaussian-mixture testbeds with every solver and heuristic schedule, print quality.
+"""The README's main command: INDIS on the shipped digits UNet at NFE 3/5/7 against the best global schedules.
 
-``python -m indis.engine.demo`` samples the paper's 2-D tree mixture and the sklearn-digits mixture (the
-ideal denoiser of that data set) at a small NFE, and reports each (schedule, solver) pair's RMSE against
-the exact probability-flow ODE end point (a tight-tolerance ``scipy`` solve from the same x_T; grids end
-in 0 so every solver spends exactly the same number of evaluations). It also
-samples one *ragged* batch -- every sample on its own random grid -- and checks it against running each
-sample alone. All numbers are computed when it runs; nothing is cached.
+    python -m indis.engine.demo [--samples 512] [--nfe 3 5 7] [--out indis-demo]
+
+Loads the shipped schedule heads (``engine/weights/indis``: phi, its blind ablation, phi without shift/scale
+and LD3-global, tuned by ``python -m indis.engine.quality --testbeds digits-unet --ship``); where a head set
+is missing it tunes one on the spot with ``--fit-steps`` optimiser steps per stage. Every method then samples
+the same held-out seeds; the demo prints teacher MSE / PSNR and the Fréchet distances (digits-classifier
+features) to the 30-step iPNDM teacher and to the data, and writes the plots and the table to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+from pathlib import Path
 
 import torch
 
-from .sampling import sample
-from .schedules import get_sigmas, grid_from_logits
-from .solvers import SOLVERS
-from .testbeds import GaussianMixture, digits_mixture, reference_solve, tree_mixture
-
-SCHEDULES = ("edm", "logsnr", "uniform_t", "time_quadratic")
-
-
-def grid_for(kind: str, solver: str, nfe: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
-    """A grid ending in 0 (k-diffusion convention) that spends exactly ``nfe`` model evaluations.
-
-    Heun (EDM) evaluates twice per step and once on the final Euler step to 0, so it gets fewer steps.
-    """
-    positive = (nfe + 1) // 2 if solver == "heun" else nfe
-    return get_sigmas(kind, positive, sigma_min, sigma_max, final_zero=True)
+from .quality import (
+    MEAN_ROW,
+    SHIPPED,
+    TESTBEDS,
+    Bench,
+    _fixed,
+    blind_ablation,
+    load_heads,
+    markdown,
+    mean_schedule,
+    plots,
+)
+from .tuning import FitConfig, fit_global, fit_predictor
 
 
-def quality_table(name: str, model: GaussianMixture, n: int, nfe: int, sigma_min: float, sigma_max: float,
-                  seed: int) -> list[str]:
-    gen = torch.Generator().manual_seed(seed)
-    x_t = torch.randn(n, *model.shape, generator=gen, dtype=torch.float64) * sigma_max
-    t0 = time.perf_counter()
-    ref = reference_solve(model, x_t, sigma_max, 0.0, rtol=1e-9, atol=1e-9)
-    lines = [f"\n### {name}: RMSE to the exact ODE end point x(0) ({n} samples, NFE = {nfe}, "
-             f"grids sigma_max={sigma_max}, sigma_min={sigma_min}, then 0; "
-             f"reference solve {time.perf_counter() - t0:.1f} s)\n",
-             "| schedule | " + " | ".join(SOLVERS) + " |", "|---" * (len(SOLVERS) + 1) + "|"]
-    for kind in SCHEDULES:
-        cells = []
-        for solver in SOLVERS:
-            out = sample(model, x_t, grid_for(kind, solver, nfe, sigma_min, sigma_max), solver)
-            cells.append(f"{float((out - ref).pow(2).mean().sqrt()):.4f}")
-        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    return lines
+def _tune(bench: Bench, steps: int) -> dict:
+    """Quick heads for a missing NFE (same recipe as the quality command, fewer steps)."""
+    tb, nfe = bench.tb, bench.nfe
+    bench.log(f"no shipped heads: tuning phi, its blind ablation and LD3 ({steps} steps per stage)")
+    data = bench.setup.data()
+    common = dict(nfe=nfe, solver=tb.solver, shape=tb.shape, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max,
+                  backbone=tb.name, data=data)
+    cfg = FitConfig(steps=steps, batch_size=64, lr=1e-3)
+    phi = fit_predictor(bench.model, **common, pool=tb.pool, fit_config=cfg)
+    noss = fit_predictor(bench.model, **common, pool=tb.pool, fit_config=cfg, shift_bound=0.0,
+                         scale_bound=0.0)
+    ld3 = fit_global(bench.model, **common, fit_config=FitConfig(**{**tb.ld3.__dict__, "steps": steps,
+                                                                      "progress": True}))
+    blind, _ = blind_ablation(phi, bench.model, data, tb)
+    return {"phi": phi, "blind": blind, "phi_noss": noss, "ld3": _fixed(ld3)}
 
 
-def ragged_check(model: GaussianMixture, nfe: int, seed: int) -> str:
-    gen = torch.Generator().manual_seed(seed)
-    bsz = 8
-    x_t = torch.randn(bsz, *model.shape, generator=gen, dtype=torch.float64) * 80.0
-    grids = grid_from_logits(torch.randn(bsz, nfe + 1, generator=gen, dtype=torch.float64), 0.002, 80.0)
-    batched = sample(model, x_t, grids, "ipndm")
-    alone = torch.cat([sample(model, x_t[i : i + 1], grids[i], "ipndm") for i in range(bsz)])
-    return (f"\nRagged batch: {bsz} samples, each on its own random {nfe}-step grid, one ipndm call; "
-            f"max |batched - run alone| = {float((batched - alone).abs().max()):.1e}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nfe", type=int, default=5)
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    print(f"# indis demo: exact Gaussian-mixture testbeds, NFE {args.nfe}")
-    tree = tree_mixture(class_label=0)
-    for name, model in (("2-D tree mixture (class A)", tree), ("digits mixture (1797 components, 8x8)",
-                                                               digits_mixture())):
-        print("\n".join(quality_table(name, model, args.samples, args.nfe, 0.002, 80.0, args.seed)))
-    print(ragged_check(tree, args.nfe, args.seed))
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m indis.engine.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=512, help="held-out seeds per NFE")
+    p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 7])
+    p.add_argument("--heads", default=str(SHIPPED), help="directory of tuned heads")
+    p.add_argument("--fit-steps", type=int, default=100, help="steps per stage when a head set is missing")
+    p.add_argument("--out", default="indis-demo")
+    p.add_argument("--cache", default=".indis-cache/teacher")
+    a = p.parse_args(argv)
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    tb, out = TESTBEDS["digits-unet"](), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"INDIS demo: {tb.name}, {tb.solver}, NFE {a.nfe}, {a.samples} held-out seeds; teacher "
+          f"{tb.teacher.solver} {tb.teacher.steps} steps")
+    records = []
+    for nfe in a.nfe:
+        bench = Bench(tb, nfe, samples=a.samples, cache_dir=a.cache)
+        heads = load_heads(Path(a.heads), tb, nfe)
+        source = f"shipped ({a.heads})"
+        if heads is None:
+            heads, source = _tune(bench, a.fit_steps), f"tuned now, {a.fit_steps} steps per stage"
+        bench.heuristics()
+        bench.measure("LD3-global", heads["ld3"], "global")
+        bench.measure("phi blind (ablation)", heads["blind"], "global")
+        bench.measure("INDIS phi", heads["phi"], "indis")
+        bench.measure("INDIS phi, no shift/scale", heads["phi_noss"], "ablation")
+        x_T, labels = bench.setup.cache().inputs(torch.arange(tb.num_train))  # the tuning seeds' noise
+        bench.measure(MEAN_ROW, mean_schedule(heads["phi"], x_T, labels), "global")
+        records.append(bench.record(heads=source))
+    text = markdown(records)
+    (out / "quality.md").write_text(text)
+    print(text)
+    for f in plots(records, out):
+        print(f"wrote {f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

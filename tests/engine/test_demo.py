@@ -1,0 +1,32 @@
+"""The README's main command: the digits INDIS demo, with shipped heads and with heads tuned on the spot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from indis.engine import demo
+from indis.engine.quality import SHIPPED, TESTBEDS, load_heads
+
+
+def _run(tmp_path: Path, *extra: str) -> str:
+    out = tmp_path / "out"
+    cache = str(tmp_path / "cache")
+    demo.main(["--samples", "16", "--nfe", "3", "--out", str(out), "--cache", cache, *extra])
+    text = (out / "quality.md").read_text()
+    assert "| digits-unet | 3 | 16 |" in text
+    for method in ("heuristic edm", "LD3-global", "phi blind (ablation)", "INDIS phi"):
+        assert f"| {method} |" in text
+    return text
+
+
+def test_demo_with_shipped_heads(tmp_path: Path) -> None:
+    if load_heads(SHIPPED, TESTBEDS["digits-unet"](), 3) is None:
+        pytest.fail(f"no shipped NFE-3 heads under {SHIPPED}: run python -m indis.engine.quality --ship")
+    _run(tmp_path)
+
+
+def test_demo_tunes_missing_heads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _run(tmp_path, "--heads", str(tmp_path / "none"), "--fit-steps", "2")
+    assert "no shipped heads" in capsys.readouterr().out
