@@ -6,10 +6,11 @@ Testbeds (``TESTBEDS``): the 2-D tree mixture of the paper's synthetic study (cl
 ODE end points; ``tree`` with sigma_max 80, ``tree-s5`` with 5), the shipped digits UNet (unconditional) and
 DiT (class-conditional; phi reads the label) against their 30-step iPNDM teachers, and the image-shaped exact
 mixture on the digits against the exact ODE solution (scipy DOP853). Methods per NFE: the four heuristics,
-LD3-global, phi's blind ablation (one grid + Δτ + γ, no instance input), phi, and phi without shift/scale
-(the paper's second ablation); on the tree also the per-instance oracles (an exhaustive pure-grid search over
-both interior points, and Adam-fitted schedules with phi's Δτ/γ capacity). "Best global" is the best of the
-heuristics, LD3 and the blind ablation.
+LD3-global, phi's blind ablation (one grid + Δτ + γ, no instance input, tuned for as many steps as phi's two
+stages), phi, phi without shift/scale (the paper's second ablation) and phi's mean schedule (phi's raw output
+averaged over the tuning noise: one global schedule, the control for instance-awareness); on the tree also
+the per-instance oracles (an exhaustive pure-grid search over both interior points, and Adam-fitted
+schedules with phi's Δτ/γ capacity). "Best global" is the best of every global schedule.
 
 Every (testbed, NFE) cell is written to ``DIR/cells/<testbed>_nfe<N>.json`` as soon as it is done and skipped
 when present (``--force`` recomputes), so an interrupted run resumes. The tuned heads land in ``DIR/heads``;
