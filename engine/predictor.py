@@ -91,7 +91,13 @@ class ScheduleConfig:
 
     def init_raw(self) -> Tensor:
         """Raw vector that decodes to the init grid with Δτ = 0 and γ = 1, ``[width]`` float64."""
-        grid = self.init_grid()
+        return self.raw_from_grid(self.init_grid())
+
+    def raw_from_grid(self, grid: Tensor) -> Tensor:
+        """Raw vector that decodes to ``grid`` ``[N+1]`` (e.g. a GITS or LD3 grid) with Δτ = 0, γ = 1."""
+        grid = torch.as_tensor(grid, dtype=torch.float64)
+        if grid.shape != (self.nfe + 1,):
+            raise ValueError(f"grid must have shape [{self.nfe + 1}], got {tuple(grid.shape)}")
         if self.final_zero:
             grid = grid[:-1]
         logits = logits_from_grid(grid, self.space, self.family)

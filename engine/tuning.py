@@ -339,6 +339,48 @@ def fit_global(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tu
     return out
 
 
+@torch.no_grad()
+def fit_gits(model: Callable[..., Tensor], x_T: Tensor, *, nfe: int, sigma_min: float, sigma_max: float,
+             fine_steps: int = 60, labels: Tensor | None = None) -> Tensor:
+    """GITS (Chen et al., ICML 2024) by dynamic programming: the ``[N+1]`` subset of a fine EDM grid whose
+    summed one-step (Euler) errors against a fine teacher trajectory of ``x_T`` are smallest.
+
+    The trajectory is iPNDM on ``fine_steps`` EDM steps; the cost of a coarse step i -> j is the mean squared
+    distance between the Euler step from the trajectory's state at sigma_i and its state at sigma_j. For
+    k-diffusion-convention (VE) models, whose state is x0 + sigma * eps.
+    """
+    if not 1 <= nfe <= fine_steps:
+        raise ValueError(f"need 1 <= nfe <= fine_steps, got nfe={nfe}, fine_steps={fine_steps}")
+    from .schedules import get_sigmas
+
+    fine = get_sigmas("edm", fine_steps, sigma_min, sigma_max, device=x_T.device)
+    states, denoised = [x_T], []
+
+    def record(d: dict) -> None:
+        states.append(d["x"])
+        denoised.append(d["raw"])
+
+    sample(model, x_T, fine, "ipndm", cond=None if labels is None else {"class_labels": labels},
+           callback=record)
+    k = fine_steps + 1
+    cost = torch.full((k, k), math.inf, dtype=torch.float64)
+    for i in range(fine_steps):
+        x, d = states[i].double(), denoised[i].double()
+        slope = (x - d) / fine[i]
+        for j in range(i + 1, k):
+            cost[i, j] = (x + (fine[j] - fine[i]) * slope - states[j].double()).square().mean()
+    best = torch.full((nfe + 1, k), math.inf, dtype=torch.float64)  # best[n, j]: n steps from 0 to j
+    back = torch.zeros((nfe + 1, k), dtype=torch.long)
+    best[0, 0] = 0.0
+    for n in range(1, nfe + 1):
+        total = best[n - 1].unsqueeze(1) + cost  # [i, j]
+        best[n], back[n] = total.min(0)
+    path = [k - 1]
+    for n in range(nfe, 0, -1):
+        path.append(int(back[n, path[-1]]))
+    return fine[torch.tensor(path[::-1])]
+
+
 def fit_oracle(model: Callable[..., Tensor], data: TuningData, config: PredictorConfig,
                cfg: FitConfig | None = None, base: Tensor | None = None,
                **solver_opts) -> PerInstanceSchedule:
@@ -349,5 +391,5 @@ def fit_oracle(model: Callable[..., Tensor], data: TuningData, config: Predictor
     return head
 
 
-__all__ = ["FitConfig", "FitResult", "TuningSetup", "evaluate", "fit", "fit_global", "fit_oracle",
+__all__ = ["FitConfig", "FitResult", "TuningSetup", "evaluate", "fit", "fit_gits", "fit_global", "fit_oracle",
            "fit_predictor", "phi_from_blind", "sample_loss", "unroll"]

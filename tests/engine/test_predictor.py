@@ -186,3 +186,13 @@ def test_cli_fit_then_eval(tmp_path, capsys) -> None:
     main(["eval", str(out), "--samples", "8", "--cache", str(tmp_path)])
     text = capsys.readouterr().out
     assert "INDIS phi" in text and "heuristic edm" in text and "8 held-out seeds" in text
+
+
+def test_raw_from_grid_decodes_to_that_grid() -> None:
+    sc = ScheduleConfig(nfe=3, sigma_min=0.002, sigma_max=80.0)
+    grid = torch.tensor([80.0, 1.584, 0.5666, 0.002], dtype=torch.float64)
+    s = sc.decode(sc.raw_from_grid(grid).unsqueeze(0))
+    torch.testing.assert_close(s.grid[0], grid, rtol=1e-12, atol=0)
+    assert (s.shift == 0).all() and (s.scale == 1).all()
+    with pytest.raises(ValueError, match="shape"):
+        sc.raw_from_grid(grid[:3])

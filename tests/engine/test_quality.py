@@ -10,9 +10,10 @@ import torch
 
 from indis.engine.predictor import Predictor
 from indis.engine.quality import (
+    GITS_ROW,
     MEAN_ROW,
     Testbed,
-    add_mean_control,
+    add_controls,
     exhaustive_grids,
     gain,
     load_heads,
@@ -95,9 +96,9 @@ def test_heads_roundtrip_and_refuse_a_mismatch(toy_cell) -> None:
 
 def test_mean_schedule_control(toy_cell) -> None:
     record, root = toy_cell
-    out = add_mean_control(record, TOY, root / "heads", str(root / "cache"))
-    row = out["rows"][MEAN_ROW]
-    assert row["kind"] == "global" and math.isfinite(row["mse"])
+    out = add_controls(record, TOY, root / "heads", str(root / "cache"))
+    for name in (MEAN_ROW, GITS_ROW):
+        assert out["rows"][name]["kind"] == "global" and math.isfinite(out["rows"][name]["mse"])
     assert out["rows"][out["best_global"]]["mse"] == min(r["mse"] for r in out["rows"].values()
                                                          if r["kind"] == "global")
     # the control is phi's average raw output decoded: for a blind phi it is exactly its schedule
@@ -167,3 +168,28 @@ def test_staged_conditional_phi_starts_from_the_tuned_blind_head() -> None:
     torch.testing.assert_close(a.grid, b.grid, rtol=0, atol=0)
     torch.testing.assert_close(a.shift, b.shift, rtol=0, atol=0)
     assert not torch.equal(b.grid[0], b.grid[1])  # the blind head's schedule does depend on the class
+
+
+def test_gits_dynamic_programming_is_the_best_path() -> None:
+    import itertools
+
+    from indis.engine.tuning import fit_gits
+
+    model = toy_mixture()
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 10
+    fine = get_sigmas("edm", 6, 0.002, 10.0)
+    assert torch.equal(fit_gits(model, x_T, nfe=6, sigma_min=0.002, sigma_max=10.0, fine_steps=6), fine)
+    states = [x_T]
+    sample(model, x_T, fine, "ipndm", callback=lambda d: states.append(d["x"]))
+
+    def euler_cost(i: int, j: int) -> float:
+        d = model(states[i], fine[i].expand(8))
+        step = states[i] + (fine[j] - fine[i]) * (states[i] - d) / fine[i]
+        return float((step - states[j]).square().mean())
+
+    paths = [(0, a, b, 6) for a, b in itertools.combinations(range(1, 6), 2)]
+    best = min(paths, key=lambda p: sum(euler_cost(i, j) for i, j in zip(p, p[1:], strict=False)))
+    grid = fit_gits(model, x_T, nfe=3, sigma_min=0.002, sigma_max=10.0, fine_steps=6)
+    torch.testing.assert_close(grid, fine[list(best)], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="nfe"):
+        fit_gits(model, x_T, nfe=7, sigma_min=0.002, sigma_max=10.0, fine_steps=6)
