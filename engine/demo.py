@@ -4,7 +4,8 @@
 
 Loads the shipped schedule heads (``engine/weights/indis``: phi, its blind ablation, phi without shift/scale
 and LD3-global, tuned by ``python -m indis.engine.quality --testbeds digits-unet --ship``); where a head set
-is missing it tunes one on the spot with ``--fit-steps`` optimiser steps per stage. Every method then samples
+is missing it tunes one on the spot with ``--fit-steps`` optimiser steps per stage. It also computes phi's
+mean schedule and the GITS grid (dynamic programming, a few seconds). Every method then samples
 the same held-out seeds; the demo prints teacher MSE / PSNR and the Fréchet distances (digits-classifier
 features) to the 30-step iPNDM teacher and to the data, and writes the plots and the table to ``--out``.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .quality import (
+    GITS_ROW,
     MEAN_ROW,
     SHIPPED,
     TESTBEDS,
@@ -28,7 +30,8 @@ from .quality import (
     mean_schedule,
     plots,
 )
-from .tuning import FitConfig, fit_global, fit_predictor
+from .schedules import Schedule
+from .tuning import FitConfig, fit_gits, fit_global, fit_predictor
 
 
 def _tune(bench: Bench, steps: int) -> dict:
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.measure("INDIS phi, no shift/scale", heads["phi_noss"], "ablation")
         x_T, labels = bench.setup.cache().inputs(torch.arange(tb.num_train))  # the tuning seeds' noise
         bench.measure(MEAN_ROW, mean_schedule(heads["phi"], x_T, labels), "global")
+        gits = fit_gits(bench.model, x_T[:256], nfe=nfe, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max)
+        bench.measure(GITS_ROW, _fixed(Schedule(gits)), "global")
         records.append(bench.record(heads=source))
     text = markdown(records)
     (out / "quality.md").write_text(text)

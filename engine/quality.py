@@ -7,10 +7,11 @@ ODE end points; ``tree`` with sigma_max 80, ``tree-s5`` with 5), the shipped dig
 DiT (class-conditional; phi reads the label) against their 30-step iPNDM teachers, and the image-shaped exact
 mixture on the digits against the exact ODE solution (scipy DOP853). Methods per NFE: the four heuristics,
 LD3-global, phi's blind ablation (one grid + Δτ + γ, no instance input, tuned for as many steps as phi's two
-stages), phi, phi without shift/scale (the paper's second ablation) and phi's mean schedule (phi's raw output
-averaged over the tuning noise: one global schedule, the control for instance-awareness); on the tree also
-the per-instance oracles (an exhaustive pure-grid search over both interior points, and Adam-fitted
-schedules with phi's Δτ/γ capacity). "Best global" is the best of every global schedule.
+stages), phi, phi without shift/scale (the paper's second ablation); then, added by :func:`add_controls`,
+GITS (dynamic programming over a fine grid) and phi's mean schedule (phi's raw output averaged over the tuning
+noise: one global schedule, the control for instance-awareness); on the tree also the per-instance oracles
+(an exhaustive pure-grid search over both interior points, and Adam-fitted schedules with phi's Δτ/γ
+capacity). "Best global" is the best of every global schedule.
 
 Every (testbed, NFE) cell is written to ``DIR/cells/<testbed>_nfe<N>.json`` as soon as it is done and skipped
 when present (``--force`` recomputes), so an interrupted run resumes. The tuned heads land in ``DIR/heads``;
@@ -37,7 +38,7 @@ from .predictor import HEURISTICS, Predictor, PredictorConfig, ScheduleConfig
 from .sampling import sample
 from .schedules import Schedule
 from .teacher import TeacherSpec, TuningData
-from .tuning import FitConfig, TuningSetup, fit, fit_global, fit_oracle, fit_predictor, sample_loss
+from .tuning import FitConfig, TuningSetup, fit, fit_gits, fit_global, fit_oracle, fit_predictor, sample_loss
 
 HELD_OUT = 1 << 20                    # first held-out seed (tuning seeds start at 0)
 SHIPPED = Path(__file__).resolve().parent / "weights" / "indis"
@@ -227,6 +228,7 @@ def blind_ablation(phi: Predictor, model: nn.Module, data: tuple[TuningData, Tun
 
 
 MEAN_ROW = "phi's mean schedule (global)"
+GITS_ROW = "GITS (dynamic programming)"
 
 
 @torch.no_grad()
@@ -242,21 +244,31 @@ def mean_schedule(phi: Predictor, x_T: Tensor, labels: Tensor | None) -> Schedul
     return lambda x, c: decode(raws[c])
 
 
-def add_mean_control(record: dict, tb: Testbed, heads_dir: Path, cache_dir: str) -> dict:
-    """Measure :data:`MEAN_ROW` for a cell from its saved phi (mean over the tuning seeds' x_T) and update
-    the cell's best global method."""
-    heads = load_heads(heads_dir, tb, record["nfe"])
-    if heads is None:
-        raise FileNotFoundError(f"no saved heads for {tb.name} NFE {record['nfe']} under {heads_dir}")
+def add_controls(record: dict, tb: Testbed, heads_dir: Path, cache_dir: str) -> dict:
+    """Measure the global schedules derived after tuning, where a cell lacks them: :data:`MEAN_ROW` (from the
+    cell's saved phi, averaged over the tuning seeds' x_T) and :data:`GITS_ROW` (dynamic programming on the
+    first 256 tuning seeds); then update the cell's best global method."""
     bench = Bench(tb, record["nfe"], samples=record["samples"], cache_dir=cache_dir, progress=False)
+    rows, fns = dict(record["rows"]), {}
     x_T, labels = bench.setup.cache().inputs(torch.arange(record.get("train", tb.num_train)))
-    fn = mean_schedule(heads["phi"], x_T, labels)
-    bench.measure(MEAN_ROW, fn, "global")
-    rows = {**record["rows"], MEAN_ROW: bench.rows[MEAN_ROW]}
+    if MEAN_ROW not in rows:
+        heads = load_heads(heads_dir, tb, record["nfe"])
+        if heads is None:
+            raise FileNotFoundError(f"no saved heads for {tb.name} NFE {record['nfe']} under {heads_dir}")
+        fns[MEAN_ROW] = mean_schedule(heads["phi"], x_T, labels)
+    if GITS_ROW not in rows:
+        t = time.perf_counter()
+        grid = fit_gits(bench.model, x_T[:256], nfe=record["nfe"], sigma_min=tb.sigma_min,
+                        sigma_max=tb.sigma_max, labels=None if labels is None else labels[:256])
+        fns[GITS_ROW] = _fixed(Schedule(grid))
+        bench.log(f"GITS grid in {time.perf_counter() - t:.0f} s")
+    for name, fn in fns.items():
+        bench.measure(name, fn, "global")
+        rows[name] = bench.rows[name]
     best = min((k for k, r in rows.items() if r["kind"] == "global"), key=lambda k: rows[k]["mse"])
     grids = dict(record["grids"])
-    if best == MEAN_ROW:
-        grids["best_global"] = _grids(fn, bench.held)
+    if best in fns:
+        grids["best_global"] = _grids(fns[best], bench.held)
     return {**record, "rows": rows, "best_global": best, "grids": grids}
 
 
@@ -370,7 +382,7 @@ def teacher_fd_to_data(tb: Testbed, record: dict, cache_dir: str) -> float:
 def markdown(records: list[dict], teacher_fd: dict[str, float] | None = None) -> str:
     """One table per testbed (methods x NFE) plus a summary of INDIS against the best global method;
     ``teacher_fd``: the teacher's own FD to data per testbed (a reference line under its table)."""
-    lines = ["## Summary: INDIS phi vs the best global schedule (heuristics, LD3-global, phi's blind "
+    lines = ["## Summary: INDIS phi vs the best global schedule (heuristics, LD3-global, GITS, phi's blind "
              "ablation, phi's own mean schedule; on the tree also the exhaustive best grid)", "",
              "| testbed | NFE | held-out seeds | best global (teacher MSE) | teacher MSE | FD to teacher | "
              "FD to data | teacher MSE vs blind ablation only |", "|---|---|---|---|---|---|---|---|"]
@@ -512,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                 _write_json(path, run_cell(tb, nfe, samples=a.samples, cache_dir=a.cache,
                                            heads_dir=out / "heads"))
             rec = json.loads(path.read_text())
-            if MEAN_ROW not in rec["rows"]:
-                rec = add_mean_control(rec, tb, out / "heads", a.cache)
+            if MEAN_ROW not in rec["rows"] or GITS_ROW not in rec["rows"]:
+                rec = add_controls(rec, tb, out / "heads", a.cache)
                 _write_json(path, rec)
             records.append(rec)
     teacher_fd = {r["testbed"]: teacher_fd_to_data(TESTBEDS[r["testbed"]](), r, a.cache) for r in records
