@@ -17,12 +17,11 @@ from dataclasses import replace
 
 import torch
 
-from indis.engine.digits import load_backbone
 from indis.engine.predictor import Predictor, PredictorConfig
-from indis.engine.quality import HELD_OUT, TESTBEDS, generate, mean_schedule
+from indis.engine.quality import TESTBEDS, Bench, generate, mean_schedule
 from indis.engine.sampling import sample
 from indis.engine.teacher import TuningData
-from indis.engine.tuning import FitConfig, TuningSetup, evaluate, fit, fit_gits, phi_from_blind, sample_loss
+from indis.engine.tuning import FitConfig, evaluate, fit, fit_gits, phi_from_blind, sample_loss
 
 
 def _tune(name: str, head: Predictor, cfg: FitConfig, model: torch.nn.Module, train: TuningData,
@@ -42,14 +41,11 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     tb = TESTBEDS[f"digits-{a.backbone}"]()
-    model = load_backbone(a.backbone)
     for nfe in a.nfe:
         sc = tb.schedule(nfe)
-        setup = TuningSetup(model, sc, tb.solver, tb.shape, tb.name, tb.num_classes, cache_dir=a.cache)
-        train, val = setup.data(progress=False)
-        held_seeds = range(HELD_OUT, HELD_OUT + a.samples)
-        setup.cache().build(model, held_seeds, progress=False)
-        held = setup.cache().load(held_seeds)
+        bench = Bench(tb, nfe, samples=a.samples, cache_dir=a.cache, progress=False)
+        model, held = bench.model, bench.held
+        train, val = bench.setup.data(progress=False)
         gits = fit_gits(model, train.x_T[:256], nfe=nfe, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max,
                         labels=None if train.labels is None else train.labels[:256])
         cond = None if held.labels is None else {"class_labels": held.labels}

@@ -23,13 +23,11 @@ from dataclasses import replace
 
 import torch
 
-from indis.engine.digits import load_backbone
 from indis.engine.predictor import PredictorConfig
-from indis.engine.quality import HELD_OUT, TESTBEDS
+from indis.engine.quality import TESTBEDS, Bench
 from indis.engine.teacher import TuningData
 from indis.engine.tuning import (
     FitConfig,
-    TuningSetup,
     evaluate,
     fit,
     fit_oracle,
@@ -50,13 +48,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     tb = TESTBEDS[f"digits-{a.backbone}"]()
-    model = load_backbone(a.backbone)
-    setup = TuningSetup(model, tb.schedule(a.nfe), tb.solver, tb.shape, tb.name, tb.num_classes,
-                        cache_dir=a.cache)
+    bench = Bench(tb, a.nfe, samples=a.samples, cache_dir=a.cache, progress=False)
+    model, setup, held = bench.model, bench.setup, bench.held
     train, val = setup.data(progress=False)
-    held_seeds = range(HELD_OUT, HELD_OUT + a.samples)
-    setup.cache().build(model, held_seeds, progress=False)
-    held = setup.cache().load(held_seeds)
     train_eval = train.subset(torch.arange(min(a.samples, len(train))))
     extra_seeds = range(len(train) + len(val), len(train) + len(val) + 3 * len(train))  # after validation
     setup.cache().build(model, extra_seeds, progress=False)

@@ -18,10 +18,9 @@ from dataclasses import replace
 
 import torch
 
-from indis.engine.digits import load_backbone
 from indis.engine.predictor import PredictorConfig
-from indis.engine.quality import HELD_OUT, TESTBEDS
-from indis.engine.tuning import FitConfig, TuningSetup, evaluate, fit_oracle, fit_predictor, phi_from_blind
+from indis.engine.quality import TESTBEDS, Bench
+from indis.engine.tuning import FitConfig, evaluate, fit_oracle, fit_predictor, phi_from_blind
 
 
 def main() -> None:
@@ -36,13 +35,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     tb = TESTBEDS[f"digits-{a.backbone}"]()
-    model = load_backbone(a.backbone)
-    setup = TuningSetup(model, tb.schedule(a.nfe), tb.solver, tb.shape, tb.name, tb.num_classes,
-                        cache_dir=a.cache)
-    train, val = setup.data(progress=False)
-    held_seeds = range(HELD_OUT, HELD_OUT + a.samples)
-    setup.cache().build(model, held_seeds, progress=False)
-    held = setup.cache().load(held_seeds)
+    bench = Bench(tb, a.nfe, samples=a.samples, cache_dir=a.cache, progress=False)
+    model, held = bench.model, bench.held
+    train, val = bench.setup.data(progress=False)
     cfg = replace(tb.phi, steps=300)
     common = dict(nfe=a.nfe, solver=tb.solver, shape=tb.shape, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max,
                   num_classes=tb.num_classes, backbone=tb.name, data=(train, val))
