@@ -4,7 +4,8 @@
 
 Testbeds (``TESTBEDS``): the 2-D tree mixture of the paper's synthetic study (class A, Euler, NFE 3, exact
 ODE end points; ``tree`` with sigma_max 80, ``tree-s5`` with 5), the shipped digits UNet (unconditional) and
-DiT (class-conditional; phi reads the label) against their 30-step iPNDM teachers, and the image-shaped exact
+DiT (class-conditional; phi reads the label) against their 30-step iPNDM teachers (``digits-unet-gits``: the
+UNet with LD3, the blind head and phi started from the GITS grid instead of EDM), and the image-shaped exact
 mixture on the digits against the exact ODE solution (scipy DOP853). Methods per NFE: the four heuristics,
 LD3-global, phi's blind ablation (one grid + Δτ + γ, no instance input, tuned for as many steps as phi's two
 stages), phi, phi without shift/scale (the paper's second ablation); then, added by :func:`add_controls`,
@@ -70,6 +71,7 @@ class Testbed:
     num_train: int = 1024
     num_val: int = 256
     pool: int | None = 2
+    init_gits: bool = False           # start LD3, the blind head and phi from the GITS grid, not EDM
     phi: FitConfig = field(default_factory=lambda: FitConfig(steps=300, batch_size=64, lr=1e-3,
                                                              progress=False))
     ld3: FitConfig = field(default_factory=lambda: LD3_CONFIG)
@@ -104,6 +106,7 @@ def _digits_gmm() -> Testbed:
 TESTBEDS: dict[str, Callable[[], Testbed]] = {
     "tree": lambda: _tree(80.0), "tree-s5": lambda: _tree(5.0), "digits-unet": lambda: _digits("unet"),
     "digits-dit": lambda: _digits("dit"), "digits-gmm": _digits_gmm,
+    "digits-unet-gits": lambda: replace(_digits("unet"), name="digits-unet-gits", init_gits=True),
 }
 
 
@@ -283,6 +286,10 @@ def run_cell(tb: Testbed, nfe: int, *, samples: int, cache_dir: str, heads_dir: 
     train_eval = train.subset(torch.arange(min(len(train), samples)))
     common = dict(nfe=nfe, solver=tb.solver, shape=tb.shape, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max,
                   num_classes=tb.num_classes, backbone=tb.name, data=(train, val))
+    if tb.init_gits:
+        common["init_grid"] = fit_gits(model, train.x_T[:256], nfe=nfe, sigma_min=tb.sigma_min,
+                                       sigma_max=tb.sigma_max,
+                                       labels=None if train.labels is None else train.labels[:256])
     bench.heuristics()
     t = time.perf_counter()
     ld3 = fit_global(model, **common, fit_config=tb.ld3)

@@ -263,13 +263,14 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
                   teacher: TeacherSpec = DEFAULT_TEACHER, num_train: int = 1024, num_val: int = 256,
                   cache_dir: str = ".indis-cache/teacher", fit_config: FitConfig | None = None,
                   blind_config: FitConfig | None = None, data: tuple[TuningData, TuningData] | None = None,
-                  **solver_opts) -> Predictor:
+                  init_grid: Tensor | None = None, **solver_opts) -> Predictor:
     """Tune an INDIS predictor phi(x_T, c) for ``model`` at ``nfe`` steps of ``solver``.
 
     With ``staged`` (default) the blind schedule (grid, Δτ, γ without instance input; per class when the
     predictor is conditional) is tuned first and phi starts from it exactly, so phi can only improve on the
-    best blind schedule its tuning finds. phi's initial weights are drawn from ``fit_config.seed``. The
-    returned predictor carries ``fit_results`` (blind stage, phi stage) and ``blind`` (the tuned blind head,
+    best blind schedule its tuning finds. phi's initial weights are drawn from ``fit_config.seed``.
+    ``init_grid`` ``[N+1]`` (e.g. a GITS grid) replaces the ``init`` heuristic as the start. The returned
+    predictor carries ``fit_results`` (blind stage, phi stage) and ``blind`` (the tuned blind head,
     or None).
     """
     sc = ScheduleConfig(nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max, family=family, space=space,
@@ -280,26 +281,28 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
                         cache_dir, solver_opts=solver_opts)
     train, val = data if data is not None else setup.data()
     cfg = fit_config or FitConfig()
+    base = None if init_grid is None else sc.raw_from_grid(init_grid)
     results = []
     blind_head = None
     if staged and not blind:
-        blind_head = Predictor(PredictorConfig(**{**pc.__dict__, "blind": True}))
+        blind_head = Predictor(PredictorConfig(**{**pc.__dict__, "blind": True}), base=base)
         results.append(fit(blind_head, model, train, val, solver, blind_config or _blind_config(cfg),
                            **solver_opts))
-    head = phi_from_blind(pc, blind_head, cfg.seed)
+    head = phi_from_blind(pc, blind_head, cfg.seed, base)
     results.append(fit(head, model, train, val, solver, cfg, **solver_opts))
     head.fit_results = results
     object.__setattr__(head, "blind", blind_head)  # a plain attribute, not a submodule in the checkpoint
     return head.eval()
 
 
-def phi_from_blind(config: PredictorConfig, blind: Predictor | None, seed: int = 0) -> Predictor:
+def phi_from_blind(config: PredictorConfig, blind: Predictor | None, seed: int = 0,
+                   base: Tensor | None = None) -> Predictor:
     """A fresh phi (weights drawn from ``seed``) that returns exactly ``blind``'s schedule: its base and, for
     a conditional blind head, its condition path; the x_T input starts at zero. ``blind=None``: the
-    heuristic of ``config``."""
+    raw vector ``base`` (default: the heuristic of ``config``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = Predictor(config, base=None if blind is None else blind.base)
+        head = Predictor(config, base=base if blind is None else blind.base)
     if blind is not None and blind.out is not None and head.x_in is not None:
         head.load_state_dict(blind.state_dict(), strict=False)
         nn.init.zeros_(head.x_in.weight)
@@ -317,9 +320,11 @@ def fit_global(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tu
                backbone: str = "", teacher: TeacherSpec = DEFAULT_TEACHER, num_train: int = 50,
                num_val: int = 50,
                cache_dir: str = ".indis-cache/teacher", fit_config: FitConfig | None = None,
-               data: tuple[TuningData, TuningData] | None = None, **solver_opts) -> Schedule:
+               data: tuple[TuningData, TuningData] | None = None, init_grid: Tensor | None = None,
+               **solver_opts) -> Schedule:
     """LD3-global (Tong et al., ICLR 2025): one grid of N+1 logits plus decoupled evaluation offsets (the
-    shift), tuned with the soft teacher and RMSprop(lr 0.005) on 50 + 50 samples (its published defaults).
+    shift), tuned with the soft teacher and RMSprop(lr 0.005) on 50 + 50 samples (its published defaults);
+    from ``init_grid`` if given, else from the ``init`` heuristic.
 
     Returns a shared :class:`Schedule` (grid ``[N+1]``, shift ``[N]``) that ``indis.sample`` accepts.
     """
@@ -331,7 +336,7 @@ def fit_global(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tu
     train, val = data if data is not None else setup.data()
     cfg = fit_config or FitConfig(steps=300, batch_size=num_train, lr=0.005, optimizer="rmsprop",
                                   soft_teacher=True, clip=None, patience=10**9)
-    head = Predictor(pc)
+    head = Predictor(pc, base=None if init_grid is None else sc.raw_from_grid(init_grid))
     result = fit(head, model, train, val, solver, cfg, **solver_opts)
     s = head(train.x_T[:1]).detach()
     out = Schedule(s.grid[0], s.shift[0] if shift_bound else None, None)

@@ -196,3 +196,17 @@ def test_raw_from_grid_decodes_to_that_grid() -> None:
     assert (s.shift == 0).all() and (s.scale == 1).all()
     with pytest.raises(ValueError, match="shape"):
         sc.raw_from_grid(grid[:3])
+
+
+def test_fit_from_an_init_grid_starts_there() -> None:
+    from indis.engine.teacher import TuningData
+
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0)) * 80
+    x0 = indis.sample(gaussian_denoiser, x_T, indis.get_sigmas("edm", 30, 0.002, 80.0), "ipndm")
+    data = TuningData(torch.arange(16), x_T, None, x0)
+    grid = torch.tensor([80.0, 1.584, 0.5666, 0.002], dtype=torch.float64)
+    common = dict(nfe=3, solver="euler", shape=(2,), sigma_min=0.002, sigma_max=80.0, data=(data, data),
+                  init_grid=grid, fit_config=FitConfig(steps=0, progress=False))
+    phi = fit_predictor(gaussian_denoiser, **common, blind_config=FitConfig(steps=0, progress=False))
+    torch.testing.assert_close(phi(x_T).grid, grid.expand(16, -1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(fit_global(gaussian_denoiser, **common).grid, grid, rtol=1e-12, atol=0)
