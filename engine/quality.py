@@ -513,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/quality")
     p.add_argument("--cache", default=".indis-cache/teacher")
     p.add_argument("--force", action="store_true", help="recompute cells that are already written")
+    p.add_argument("--report-only", action="store_true",
+                   help="tabulate the cells already written; tune nothing")
     p.add_argument("--ship", action="store_true", help="copy the digits-unet heads into engine/weights/indis")
     a = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -527,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
             path = out / "cells" / f"{name}_nfe{nfe}.json"
             if path.exists() and not a.force:
                 print(f"{name} NFE {nfe}: reusing {path}")
+            elif a.report_only:
+                print(f"{name} NFE {nfe}: no cell at {path}, left out of the report")
+                continue
             else:
                 _write_json(path, run_cell(tb, nfe, samples=a.samples, cache_dir=a.cache,
                                            heads_dir=out / "heads"))
