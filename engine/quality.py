@@ -79,6 +79,12 @@ class Testbed:
     def schedule(self, nfe: int, **kw) -> ScheduleConfig:
         return ScheduleConfig(nfe, self.sigma_min, self.sigma_max, **kw)
 
+    def tuning_setup(self, model: nn.Module | None, nfe: int, cache_dir: str) -> TuningSetup:
+        """Tuning data and teacher cache at ``nfe`` (``model`` may be None to read the cache only)."""
+        return TuningSetup(model, self.schedule(nfe), self.solver, self.shape, self.name, self.num_classes,
+                           self.teacher, self.num_train, self.num_val, cache_dir=cache_dir,
+                           shard_size=self.shard_size, dtype=self.dtype)
+
 
 def _tree(sigma_max: float) -> Testbed:
     from .testbeds import tree_mixture
@@ -172,9 +178,7 @@ class Bench:
     def __init__(self, tb: Testbed, nfe: int, *, samples: int, cache_dir: str,
                  progress: bool = True) -> None:
         self.tb, self.nfe, self.model = tb, nfe, tb.load()
-        self.setup = TuningSetup(self.model, tb.schedule(nfe), tb.solver, tb.shape, tb.name, tb.num_classes,
-                                 tb.teacher, tb.num_train, tb.num_val, cache_dir=cache_dir,
-                                 shard_size=tb.shard_size, dtype=tb.dtype)
+        self.setup = tb.tuning_setup(self.model, nfe, cache_dir)
         self.log = _logger(f"{tb.name} NFE {nfe}")
         self.seeds = range(HELD_OUT, HELD_OUT + samples)
         self.log(f"teacher end points of held-out seeds {self.seeds.start}..{self.seeds.stop - 1}")
@@ -381,9 +385,8 @@ def teacher_fd_to_data(tb: Testbed, record: dict, cache_dir: str) -> float:
     """FD between the teacher end points of a cell's held-out seeds and the data: the floor for FD to data."""
     from .digits import fd_to_data
 
-    setup = TuningSetup(None, tb.schedule(record["nfe"]), tb.solver, tb.shape, tb.name, tb.num_classes,
-                        tb.teacher, cache_dir=cache_dir, shard_size=tb.shard_size, dtype=tb.dtype)
-    return fd_to_data(setup.cache().load(range(*record["held_out_seeds"])).x0)
+    cache = tb.tuning_setup(None, record["nfe"], cache_dir).cache()
+    return fd_to_data(cache.load(range(*record["held_out_seeds"])).x0)
 
 
 def markdown(records: list[dict], teacher_fd: dict[str, float] | None = None) -> str:
