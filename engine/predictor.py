@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .families import get_family
+from .profiling import nvtx_range
 from .schedules import Schedule, Space, get_sigmas, grid_from_logits, logits_from_grid
 from .solvers import SOLVERS
 
@@ -199,7 +200,8 @@ class _Head(nn.Module):
 
     def forward(self, x_T: Tensor, cond: Tensor | None = None, index: Tensor | None = None) -> Schedule:
         """Per-sample schedule for initial states ``x_T`` ``[B, *shape]`` (and condition ``cond``)."""
-        return self.config.schedule.decode(self.raw(x_T, cond, index))
+        with nvtx_range("predictor"):
+            return self.config.schedule.decode(self.raw(x_T, cond, index))
 
 
 class Predictor(_Head):

@@ -3,7 +3,9 @@
 ``sample`` validates everything once, builds the solver's coefficient table (``solvers.build_table``) and
 runs :func:`run_table`, the readable torch reference of the generic update that the fused kernel mirrors.
 The loop performs no host synchronisation: coefficients are device tensors prepared before the first model
-call, and Python only branches on the table's static structure.
+call, and Python only branches on the table's static structure. :func:`run_fused` is the same loop with one
+fused ragged step per stage (``indis.kernels.ragged_step``: Triton on CUDA, its torch reference elsewhere);
+``sample`` picks it on CUDA (``INDIS_KERNELS`` overrides, see ``indis.kernels.ragged_step.backend_for``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from indis.kernels.ragged_step import PackedTable, backend_for, pack_table, ragged_step
+
 from .families import Denoiser, Flow, as_denoiser
+from .profiling import nvtx_range
 from .schedules import Schedule, as_grid
 from .solvers import DEFAULT_ORDER, SOLVERS, SolverTable, build_table
 
@@ -81,6 +86,7 @@ class Plan:
     denoiser: Denoiser
     table: SolverTable
     stages: tuple[Stage, ...]
+    packed: PackedTable  # the same table laid out for the fused step
 
 
 def make_plan(den: Denoiser, table: SolverTable, x: Tensor) -> Plan:
@@ -93,7 +99,8 @@ def make_plan(den: Denoiser, table: SolverTable, x: Tensor) -> Plan:
     coef = table.coef.to(x.dtype).permute(1, 2, 3, 0).reshape(*table.coef.shape[1:], *view)  # [S, 2, W, B..]
     in_scale, raw_scale = cols(table.in_scale), cols(table.conv[..., 1])
     state_scale = cols(table.conv[..., 0])
-    times = den.time(table.sigma_eval).to(x.dtype).unbind(1)
+    time = den.time(table.sigma_eval)
+    times = time.to(x.dtype).unbind(1)
     stages = []
     for k, (y_idx, s_idx) in enumerate(table.support):
         stages.append(Stage(times[k], in_scale[k] if table.scaled_input else None,
@@ -101,7 +108,7 @@ def make_plan(den: Denoiser, table: SolverTable, x: Tensor) -> Plan:
                             state_scale[k] if table.conv_uses_state[k] else None,
                             tuple((i, coef[k, 0, i]) for i in y_idx),
                             tuple((i, coef[k, 1, i]) for i in s_idx)))
-    return Plan(den, table, tuple(stages))
+    return Plan(den, table, tuple(stages), pack_table(table, time, x.dtype))
 
 
 def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule,
@@ -138,9 +145,10 @@ def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor |
                                   "lower_order_final"}
     if unknown:
         raise ValueError(f"unknown solver options {sorted(unknown)} for solver={solver!r}")
-    table = build_table(solver, grid, den.family, prediction=den.prediction, shift=shift_t, scale=scale_t,
-                        **solver_opts)
-    return make_plan(den, table, x)
+    with nvtx_range("coefficients"):
+        table = build_table(solver, grid, den.family, prediction=den.prediction, shift=shift_t, scale=scale_t,
+                            **solver_opts)
+        return make_plan(den, table, x)
 
 
 def _lin(terms: tuple[tuple[int, Tensor], ...], inputs: Sequence[Tensor]) -> Tensor:
@@ -158,24 +166,63 @@ def run_table(plan: Plan, x: Tensor, cond: dict | None = None,
     den, history = plan.denoiser, plan.table.history
     y, stash, hist = x, x, []
     for k, st in enumerate(plan.stages):
-        raw = den.raw(y if st.in_scale is None else y * st.in_scale, st.time, **cond)
-        h = raw if st.raw_scale is None else raw * st.raw_scale
-        if st.state_scale is not None:
-            h = h.addcmul(y, st.state_scale)
-        inputs = (y, stash, h, *hist)
-        y_next = _lin(st.y_terms, inputs)
-        if st.stash_terms:
-            stash = _lin(st.stash_terms, inputs)
-        hist = [h, *hist][:history]
+        with nvtx_range(f"denoiser {k}"):
+            raw = den.raw(y if st.in_scale is None else y * st.in_scale, st.time, **cond)
+        with nvtx_range(f"step {k}"):
+            h = raw if st.raw_scale is None else raw * st.raw_scale
+            if st.state_scale is not None:
+                h = h.addcmul(y, st.state_scale)
+            inputs = (y, stash, h, *hist)
+            y_next = _lin(st.y_terms, inputs)
+            if st.stash_terms:
+                stash = _lin(st.stash_terms, inputs)
+            hist = [h, *hist][:history]
         if callback is not None:
             callback({"stage": k, "step": plan.table.step_of_stage[k], "x": y_next, "raw": raw})
         y = y_next
     return y
 
 
+def run_fused(plan: Plan, x: Tensor, cond: dict | None = None,
+              callback: Callable[[dict], None] | None = None, backend: str | None = None) -> Tensor:
+    """The sampling loop with one fused ragged step per stage (Triton kernel or its torch reference).
+
+    State, stash and history live in preallocated buffers updated in place; the stage index is a device
+    tensor the kernel reads (a broadcast view of ``arange(S)``), so the loop issues no host sync and no
+    allocation besides the denoiser's own.
+    """
+    cond = cond or {}
+    den, packed = plan.denoiser, plan.packed
+    bsz = x.shape[0]
+    y = x.clone(memory_format=torch.contiguous_format)
+    stash = torch.empty_like(y) if packed.uses_stash else None
+    hist = y.new_empty((packed.history, *y.shape)) if packed.history else None
+    stage = torch.arange(packed.stages, device=x.device, dtype=torch.int32)
+    view = (bsz,) + (1,) * (x.ndim - 1)
+    for k in range(packed.stages):
+        with nvtx_range(f"denoiser {k}"):
+            inp = y if packed.in_scale is None else y * packed.in_scale[:, k].view(view)
+            raw = den.raw(inp, packed.time[:, k], **cond).contiguous()
+        with nvtx_range(f"step {k}"):
+            ragged_step(y, raw, stash, hist, packed, stage[k].expand(bsz), backend)
+        if callback is not None:
+            callback({"stage": k, "step": plan.table.step_of_stage[k], "x": y.clone(), "raw": raw})
+    return y
+
+
+def run(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
+        backend: str | None = None) -> Tensor:
+    """Run a prepared plan: the fused loop when the backend is triton, else the torch reference loop."""
+    backend = backend or backend_for(x.device)
+    if backend == "triton" and x.dtype != torch.float64:
+        return run_fused(plan, x, cond, callback, backend)
+    return run_table(plan, x, cond, callback)
+
+
 def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule,
            solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
-           cond: dict | None = None, callback: Callable[[dict], None] | None = None, **solver_opts) -> Tensor:
+           cond: dict | None = None, callback: Callable[[dict], None] | None = None,
+           backend: str | None = None, **solver_opts) -> Tensor:
     """Sample with per-sample grids.
 
     ``model(x, sigma[B], **cond) -> x0`` (k-diffusion convention), or a :class:`Denoiser` wrapping a VP /
@@ -185,10 +232,11 @@ def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | 
     are INDIS's per-step evaluation shift (the network sees ``sigma_n * exp(shift_n)``) and output scale
     (x0 multiplied by ``scale_n``), ``[N]`` or ``[B, N]``. ``solver_opts``: ``order``, ``frame``,
     ``variant`` (UniPC bh1/bh2), ``corrector``, ``disable_corrector``, ``lower_order_final`` -- see
-    ``solvers.build_table``.
+    ``solvers.build_table``. ``backend``: ``"triton"`` (fused kernel, the default on CUDA) or ``"torch"``
+    (the reference loop, the default elsewhere); ``INDIS_KERNELS`` sets the default.
     """
-    return run_table(prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts), x, cond,
-                     callback)
+    plan = prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts)
+    return run(plan, x, cond, callback, backend)
 
 
 # ------------------------------------------------------------------------- k-diffusion-shaped samplers
@@ -213,6 +261,7 @@ sample_ipndm = _kd("ipndm")
 sample_ipndm_v = _kd("ipndm_v")
 sample_unipc = _kd("unipc")
 
-__all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_grid", "make_plan", "prepare", "run_table", "sample",
+__all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_grid", "make_plan", "prepare", "run", "run_fused",
+           "run_table", "sample",
            "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_ipndm",
            "sample_ipndm_v", "sample_unipc"]

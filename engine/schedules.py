@@ -154,8 +154,10 @@ def grid_from_logits(logits: Tensor, sigma_min: float | Tensor, sigma_max: float
     p = (1 - MIN_GAP) * p + MIN_GAP / p.shape[-1]  # every gap >= MIN_GAP / N: strict for any logits
     c = torch.cat([torch.zeros_like(p[..., :1]), torch.cumsum(p, dim=-1)], dim=-1)
     c = c / c[..., -1:]
-    smin = torch.as_tensor(sigma_min, dtype=logits.dtype, device=logits.device)
-    smax = torch.as_tensor(sigma_max, dtype=logits.dtype, device=logits.device)
+    # A Python number is filled on the device (no host-to-device copy: safe inside a CUDA graph).
+    smin, smax = (v.to(logits) if isinstance(v, Tensor)
+                  else torch.full((), float(v), dtype=logits.dtype, device=logits.device)
+                  for v in (sigma_min, sigma_max))
     smin, smax = (v.unsqueeze(-1) if v.ndim else v for v in (smin, smax))  # broadcast over grid points
     u_max, u_min = _to_space(smax, space, fam), _to_space(smin, space, fam)
     sig = _from_space(u_max + c * (u_min - u_max), space, fam)

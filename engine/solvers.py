@@ -48,6 +48,7 @@ reduced there instead (the exact limit for 2M) and UniPC does not correct the st
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -283,7 +284,31 @@ def _unipc_rhos(rks: list[Tensor], b: list[Tensor], predictor: bool) -> list[Ten
         r = torch.stack([*rks, torch.ones_like(rks[0])], dim=-1)
         rhs = torch.stack(b[: r.shape[-1]], dim=-1)
     mat = torch.stack([r**i for i in range(r.shape[-1])], dim=-2)  # [B, rows=i, cols=j]
-    return list(torch.linalg.solve(mat, rhs).unbind(-1))
+    return _cramer(mat, rhs)
+
+
+def _det(mat: Tensor) -> Tensor:
+    """Leibniz determinant of a small ``[..., n, n]`` matrix (n <= 3): elementwise ops, no solver call."""
+    n = mat.shape[-1]
+    total = torch.zeros_like(mat[..., 0, 0])
+    for perm in itertools.permutations(range(n)):
+        inversions = sum(perm[i] > perm[j] for i in range(n) for j in range(i + 1, n))
+        term = torch.ones_like(total)
+        for i, j in enumerate(perm):
+            term = term * mat[..., i, j]
+        total = total + (-term if inversions % 2 else term)
+    return total
+
+
+def _cramer(mat: Tensor, rhs: Tensor) -> list[Tensor]:
+    """Cramer's rule for the tiny UniPC systems: no LAPACK call, so no host sync and CUDA-graph safe."""
+    det = _det(mat)
+    cols = []
+    for j in range(mat.shape[-1]):
+        replaced = mat.clone()
+        replaced[..., :, j] = rhs
+        cols.append(_det(replaced) / det)
+    return cols
 
 
 def _unipc_update(pt: _Points, n: int, k: int, variant: str, base: Row, newest: Row,
@@ -336,7 +361,8 @@ def build_table(solver: str, grid: Tensor, family: NoiseFamily, *, prediction: P
                 shift: Tensor | None = None, scale: Tensor | None = None, frame: Frame | None = None,
                 order: int | None = None, variant: str = "bh2", corrector: bool = True,
                 disable_corrector: tuple[int, ...] | list[int] = (),
-                lower_order_final: bool = True) -> SolverTable:
+                lower_order_final: bool = True, final_zero: bool | None = None,
+                infinite_start: bool | None = None, check_finite: bool = True) -> SolverTable:
     """Coefficient table of ``solver`` for a validated ``[B, N+1]`` grid (float64 math, float64 result).
 
     ``shift`` / ``scale`` are ``[B, N]`` (per step; both evaluations of a Heun step share them). ``order``
@@ -344,6 +370,11 @@ def build_table(solver: str, grid: Tensor, family: NoiseFamily, *, prediction: P
     capped at the number of steps, an explicit order above it is an error. ``variant`` is UniPC's
     ``bh1``/``bh2``. ``lower_order_final`` follows diffusers (DPM-Solver++: last steps of grids shorter than
     15; UniPC: order <= steps left); a final step to sigma = 0 is always first order.
+
+    The table's structure depends on two facts about the grid, read from its values unless given:
+    ``final_zero`` (every row ends at sigma = 0) and ``infinite_start`` (some row starts at sigma = inf, a
+    flow model's t = 1). Passing both, with ``check_finite=False``, makes the build free of host syncs (it
+    only launches device ops), so it can run inside a CUDA graph; the caller then vouches for the flags.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r} is unknown; choose one of {SOLVERS}")
@@ -367,13 +398,15 @@ def build_table(solver: str, grid: Tensor, family: NoiseFamily, *, prediction: P
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant={variant!r} must be 'bh1' or 'bh2'")
 
-    infinite_start = bool(torch.isinf(grid[:, 0]).any())
+    if infinite_start is None:
+        infinite_start = bool(torch.isinf(grid[:, 0]).any())
     if infinite_start and solver in DERIVATIVE_SOLVERS and frame == "ve":
         raise ValueError(f"{solver} in the 've' frame cannot start at sigma = inf; use frame='flow' "
                          "(the default for flow models) or a finite sigma_max")
     # lambda = -inf there: exponential integrators cannot difference across it; frame solvers (tau = 1) can.
     first = 1 if infinite_start and solver not in DERIVATIVE_SOLVERS else 0
-    final_zero = bool((grid[:, -1] == 0).all())
+    if final_zero is None:
+        final_zero = bool((grid[:, -1] == 0).all())
     pt = _Points(grid, family, frame)
     builders = {"euler": _stages_euler, "heun": _stages_heun, "ipndm": _stages_ipndm,
                 "ipndm_v": _stages_ipndm, "dpmpp_2m": _stages_dpmpp, "dpmpp_3m": _stages_dpmpp,
@@ -381,25 +414,26 @@ def build_table(solver: str, grid: Tensor, family: NoiseFamily, *, prediction: P
     stages = builders[solver](pt, steps, order=order, variable=solver == "ipndm_v", first=first,
                               lower_order_final=lower_order_final, final_zero=final_zero, variant=variant,
                               corrector=corrector, disable_corrector=tuple(disable_corrector))
-    return _assemble(solver, grid, family, prediction, stages, shift, scale)
+    return _assemble(solver, grid, family, prediction, stages, shift, scale, check_finite)
 
 
 def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Prediction, stages: list[_Stage],
-              shift: Tensor | None, scale: Tensor | None) -> SolverTable:
+              shift: Tensor | None, scale: Tensor | None, check_finite: bool) -> SolverTable:
     bsz = grid.shape[0]
     rows = [st.y_row for st in stages] + [st.stash_row for st in stages if st.stash_row is not None]
     history = max([i - H for row in rows for i in row if i > H], default=0)
     uses_stash = any(st.stash_row is not None for st in stages)
     width = 3 + history
-    point = torch.tensor([st.point for st in stages], device=grid.device)
-    step = torch.tensor([st.step for st in stages], device=grid.device)
-    sigma_n = grid[:, point]                                               # [B, S]
-    sigma_eval = sigma_n if shift is None else sigma_n * torch.exp(shift.to(grid)[:, step])
+    def per_stage(t: Tensor, index: str) -> Tensor:  # [B, N(+1)] -> [B, S] (static indices: no H2D copy)
+        return torch.stack([t[:, getattr(st, index)] for st in stages], dim=1)
+
+    sigma_n = per_stage(grid, "point")                                     # [B, S]
+    sigma_eval = sigma_n if shift is None else sigma_n * torch.exp(per_stage(shift.to(grid), "step"))
     alpha_eval = family.alpha(sigma_eval)
     same = sigma_eval == sigma_n  # no shift (also sigma = inf, where the alpha ratio is 0/0)
     in_scale = torch.where(same, torch.ones_like(sigma_n), alpha_eval / family.alpha(sigma_n))
     a, b = raw_to_x0(prediction, family, sigma_eval)                        # x0 = a * x_eval + b * raw
-    gamma = torch.ones_like(sigma_n) if scale is None else scale.to(grid)[:, step]
+    gamma = torch.ones_like(sigma_n) if scale is None else per_stage(scale.to(grid), "step")
     p = torch.stack([st.p if st.p is not None else torch.zeros_like(st.q) for st in stages], dim=1)
     q = torch.stack([st.q for st in stages], dim=1)
     conv = torch.stack([p + q * gamma * a * in_scale, q * gamma * b], dim=-1)
@@ -413,11 +447,13 @@ def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Predic
     uses_state = tuple(st.p is not None or prediction != "x0" for st in stages)
     scales_raw = tuple(st.p is not None or prediction != "x0" or scale is not None for st in stages)
     scaled_input = shift is not None and not isinstance(family, VE)
-    bad = ~torch.isfinite(conv).all(-1).all(-1) | ~torch.isfinite(coef).flatten(1).all(-1)
-    if bool(bad.any()):
-        bad_rows = bad.nonzero().flatten().tolist()
-        raise ValueError(f"{solver}: non-finite coefficients for sample(s) {bad_rows} "
-                         f"(prediction={prediction!r} at sigma_eval={sigma_eval[bad][:, :2].tolist()}...): "
-                         "check sigmas and shift for this family and prediction type")
+    if check_finite:
+        bad = ~torch.isfinite(conv).all(-1).all(-1) | ~torch.isfinite(coef).flatten(1).all(-1)
+        if bool(bad.any()):
+            bad_rows = bad.nonzero().flatten().tolist()
+            raise ValueError(f"{solver}: non-finite coefficients for sample(s) {bad_rows} "
+                             f"(prediction={prediction!r} at "
+                             f"sigma_eval={sigma_eval[bad][:, :2].tolist()}...): "
+                             "check sigmas and shift for this family and prediction type")
     return SolverTable(solver, grid, sigma_eval, in_scale, conv, coef, tuple(support), uses_state,
                        scales_raw, scaled_input, tuple(st.step for st in stages), history, uses_stash)

@@ -1,5 +1,19 @@
-"""indis.kernels: fused Triton kernels for the ragged solver step (not written yet).
+"""indis.kernels: the fused Triton ragged solver step and its torch reference.
 
-The kernels will consume ``indis.engine.solvers.SolverTable`` exactly as the torch reference
-``indis.engine.sampling.run_table`` does; until they exist, every path runs that reference.
+``ragged_step`` advances every sample of a batch by one stage of its own coefficient table (gathered by the
+device tensor ``step[B]``); ``backend_for`` picks Triton on CUDA and torch elsewhere (``INDIS_KERNELS``
+overrides; ``TRITON_INTERPRET=1`` runs the Triton kernel on CPU).
 """
+
+from indis.kernels.ragged_step import (
+    BACKENDS,
+    PackedTable,
+    backend_for,
+    pack_table,
+    ragged_step,
+    ragged_step_torch,
+    ragged_step_triton,
+)
+
+__all__ = ["BACKENDS", "PackedTable", "backend_for", "pack_table", "ragged_step", "ragged_step_torch",
+           "ragged_step_triton"]

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# GPU suite: the CUDA tests (Triton kernels compiled, sync-free loop, CUDA graphs) and the kernel and
+# end-to-end benchmarks, in one command, < 9 minutes on an H100/H200, nothing downloaded.
+#
+#   bash benchmarks/gpu_suite.sh            # writes benchmarks/results/<date>-<gpu>.{json,md}
+#
+# Uses the machine's python3 (torch with CUDA, triton, pytest). Small wheels it lacks (nvtx; diffusers and
+# importlib_metadata for the diffusers comparison) are installed from ./.whl if that folder exists (see
+# benchmarks/README.md). Results go to $INDIS_RESULTS, else $OUT (the device tool's output folder), else
+# benchmarks/results. Each stage has its own time limit; a failing stage is recorded and the suite goes on.
+# INDIS_SUITE_STAGES="tests kernel e2e" (the default) selects stages.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-python3}"
+DEST="${INDIS_RESULTS:-${OUT:-benchmarks/results}}"
+mkdir -p "$DEST"
+WORK="$(mktemp -d)"
+SITE="$WORK/site"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_suite: no CUDA device visible to $PY; nothing to measure" >&2
+  exit 2
+fi
+wheels=()
+if [ -d .whl ]; then wheels=(.whl/*.whl); fi
+"$PY" -m pip install -q --no-index --no-deps --no-compile --no-build-isolation --target "$SITE" "${wheels[@]}" . \
+  || { echo "gpu_suite: installing indis failed" >&2; exit 3; }
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+GPU="$("$PY" -c "import torch; print(torch.cuda.get_device_name())")"
+SLUG="$(echo "$GPU" | tr '[:upper:]' '[:lower:]' | sed -e 's/nvidia //' -e 's/[^a-z0-9]\+/-/g' -e 's/-$//')"
+STAMP="$(date -u +%Y-%m-%d)-$SLUG"
+echo "gpu_suite: $GPU -> $DEST/$STAMP.{json,md}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.draw --format=csv \
+  > "$WORK/nvidia-smi.txt" 2>&1 || true
+
+stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, keep its log and exit status
+  local name="$1" limit="$2"; shift 2
+  local t0=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  echo "$rc $((SECONDS - t0))" > "$WORK/$name.rc"
+  tail -n 40 "$WORK/$name.log"
+  echo "== $name: exit $rc in $((SECONDS - t0)) s"
+}
+
+STAGES="${INDIS_SUITE_STAGES:-tests kernel e2e}"  # a subset reruns only those stages
+for name in $STAGES; do
+  case "$name" in
+    tests) stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/kernels tests/engine/test_graphs.py ;;
+    kernel) stage kernel 150 "$PY" benchmarks/bench_ragged_step.py --json "$WORK/kernel.json" ;;
+    e2e) stage e2e 200 "$PY" benchmarks/bench_sampling_e2e.py --json "$WORK/e2e.json" ;;
+    *) echo "gpu_suite: unknown stage $name" >&2 ;;
+  esac
+done
+
+"$PY" - "$WORK" "$DEST" "$STAMP" "$GPU" <<'EOF'
+import json, pathlib, platform, sys
+work, dest, stamp, gpu = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+import torch, triton
+out = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+       "python": platform.python_version(), "stages": {}}
+md = [f"# GPU suite {stamp}", "", f"- GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {triton.__version__}, Python {platform.python_version()}", ""]
+smi = (work / "nvidia-smi.txt")
+if smi.exists():
+    md += ["```", smi.read_text().strip(), "```", ""]
+for name in ("tests", "kernel", "e2e"):
+    rc_file = work / f"{name}.rc"
+    if not rc_file.exists():
+        continue
+    rc, secs = rc_file.read_text().split()
+    entry = {"exit": rc, "seconds": int(secs)}
+    data = work / f"{name}.json"
+    if data.exists():
+        entry["results"] = json.loads(data.read_text())
+    log = (work / f"{name}.log").read_text() if (work / f"{name}.log").exists() else ""
+    if name == "tests":
+        entry["summary"] = [l for l in log.splitlines() if " passed" in l or " failed" in l or "error" in l][-3:]
+        entry["log_tail"] = log.splitlines()[-60:]
+    out["stages"][name] = entry
+    md += [f"## {name} (exit {rc}, {secs} s)", "", "```" if name == "tests" else ""]
+    body = log.splitlines()
+    if name == "tests":
+        body = body[-40:]
+    md += body + (["```"] if name == "tests" else []) + [""]
+(dest / f"{stamp}.json").write_text(json.dumps(out, indent=2))
+(dest / f"{stamp}.md").write_text("\n".join(md))
+print(f"wrote {dest / stamp}.json and .md")
+EOF
+rm -rf "$WORK"

@@ -1,0 +1,171 @@
+"""Whole-call CUDA graphs: schedule -> coefficient table -> N denoiser calls and N fused steps, captured once.
+
+:class:`GraphSampler` captures one sampling call per key (batch size, sample shape, dtype, device, grid
+structure, condition signature) and replays it with new ``x_T``, conditions and per-sample grids -- or with
+the INDIS predictor inside the graph, so the schedule map runs on the device too. Because schedules are
+device tensors (DESIGN.md invariant 1) and the table build is free of host syncs when its structure is given
+(``solvers.build_table(final_zero=, infinite_start=, check_finite=False)``), a new grid never re-captures.
+
+Weights: a replay reads the parameters' memory, so in-place updates (``load_state_dict``, an optimiser step)
+are seen without re-capture. Replacing a parameter's storage (``module.weight = ...``, ``.to()``) would leave
+the graph reading freed memory: every call compares the parameters' (id, data pointer) fingerprint with the
+one captured and re-captures when it changed. :meth:`GraphSampler.invalidate` drops every graph explicitly.
+
+On a non-CUDA device nothing is captured: the same body runs eagerly (``captured`` stays 0), which keeps the
+code path testable without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .families import Denoiser, Flow, as_denoiser
+from .profiling import nvtx_range
+from .sampling import check_grid, make_plan, run
+from .schedules import Schedule, as_grid
+from .solvers import build_table
+
+
+@dataclass
+class _Entry:
+    inputs: dict[str, Tensor]            # static buffers the graph reads
+    flags: tuple[bool, bool]             # (final_zero, infinite_start) of the captured grid structure
+    fingerprint: tuple
+    graph: torch.cuda.CUDAGraph | None = None
+    output: Tensor | None = None
+    cond_keys: tuple[str, ...] = field(default_factory=tuple)
+
+
+class GraphSampler:
+    """Sample with one CUDA-graph replay per call (see the module docstring).
+
+    ``model``: a k-diffusion denoiser or :class:`Denoiser`. ``predictor``: an INDIS predictor run inside the
+    graph (then ``sigmas`` is not passed per call); ``predictor_cond``: the ``cond`` key the predictor reads
+    (e.g. ``"class_labels"``). Without a predictor each call passes ``sigmas`` (``[N+1]``, ``[B, N+1]`` or a
+    :class:`Schedule`). ``warmup``: eager runs on a side stream before capture (compiles Triton kernels,
+    creates library handles). ``clone_output``: return a copy (the graph's output buffer is overwritten by the
+    next replay).
+    """
+
+    def __init__(self, model: Callable[..., Tensor] | Denoiser, solver: str = "ipndm", *,
+                 predictor: nn.Module | None = None, predictor_cond: str | None = None,
+                 backend: str | None = None, warmup: int = 2, clone_output: bool = True,
+                 **solver_opts) -> None:
+        self.denoiser = as_denoiser(model)
+        self.solver, self.solver_opts = solver, solver_opts
+        self.predictor, self.predictor_cond = predictor, predictor_cond
+        self.backend, self.warmup, self.clone_output = backend, warmup, clone_output
+        self.captured = 0            # number of graphs captured so far (re-captures included)
+        self._cache: dict[tuple, _Entry] = {}
+
+    # ------------------------------------------------------------------------------------------- public
+    def __call__(self, x: Tensor, sigmas: Tensor | Schedule | None = None, *, cond: dict | None = None,
+                 validate: bool = True) -> Tensor:
+        """Sample from ``x`` (``[B, *shape]``); the first call per key captures, later calls replay."""
+        cond = dict(cond or {})
+        inputs, flags = self._inputs(x, sigmas, cond, validate)
+        key = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items()), flags)
+        fingerprint = self._fingerprint()
+        entry = self._cache.get(key)
+        if entry is not None and entry.fingerprint != fingerprint:
+            self.invalidate()  # a parameter's storage was replaced: every graph reads stale memory
+            entry = None
+        if entry is None:
+            entry = _Entry({k: v.clone() for k, v in inputs.items()}, flags, fingerprint,
+                           cond_keys=tuple(cond))
+            self._cache[key] = entry
+            if x.is_cuda:
+                self._capture(entry)
+        else:
+            for k, v in inputs.items():
+                entry.inputs[k].copy_(v)
+        if entry.graph is not None:
+            entry.graph.replay()
+        else:
+            with torch.no_grad():
+                entry.output = self._body(entry)
+        return entry.output.clone() if self.clone_output else entry.output
+
+    def invalidate(self) -> None:
+        """Drop every captured graph (the next call per key captures again)."""
+        self._cache.clear()
+
+    @property
+    def graphs(self) -> int:
+        """Number of graphs currently cached."""
+        return sum(e.graph is not None for e in self._cache.values())
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _inputs(self, x: Tensor, sigmas: Tensor | Schedule | None, cond: dict,
+                validate: bool) -> tuple[dict[str, Tensor], tuple[bool, bool]]:
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[0] == 0:
+            raise ValueError("x must be a floating-point tensor [B, ...] with B > 0")
+        inputs = {"x": x}
+        for k, v in cond.items():
+            if not isinstance(v, Tensor) or v.device != x.device or v.shape[:1] != x.shape[:1]:
+                raise ValueError(f"cond[{k!r}] must be a tensor on {x.device} with batch size {x.shape[0]}")
+            inputs[f"cond.{k}"] = v
+        if self.predictor is not None:
+            if sigmas is not None:
+                raise ValueError("this GraphSampler runs its predictor inside the graph: do not pass sigmas")
+            sc = self.predictor.config.schedule
+            return inputs, (bool(sc.final_zero), math.isinf(sc.sigma_max))
+        if sigmas is None:
+            raise ValueError("pass sigmas ([N+1], [B, N+1] or a Schedule), or build the sampler with a "
+                             "predictor")
+        shift = scale = None
+        if isinstance(sigmas, Schedule):
+            sigmas, shift, scale = sigmas.grid, sigmas.shift, sigmas.scale
+        grid = as_grid(sigmas, batch_size=x.shape[0], device=x.device)
+        family = self.denoiser.family
+        if validate:
+            check_grid(grid, family.sigma_range, allow_inf_start=isinstance(family, Flow))
+        structure = torch.stack([(grid[:, -1] == 0).all(), torch.isinf(grid[:, 0]).any()])
+        final_zero, infinite_start = structure.tolist()  # one sync, before the replay
+        inputs["grid"] = grid.to(torch.float64)
+        steps = grid.shape[-1] - 1
+        for name, v in (("shift", shift), ("scale", scale)):
+            if v is not None:
+                v = torch.as_tensor(v, dtype=torch.float64, device=x.device)
+                inputs[name] = v.expand(x.shape[0], steps)
+        return inputs, (final_zero, infinite_start)
+
+    def _fingerprint(self) -> tuple:
+        modules = [m for m in (self.denoiser.net, self.predictor) if isinstance(m, nn.Module)]
+        return tuple((id(t), t.data_ptr()) for m in modules for t in (*m.parameters(), *m.buffers()))
+
+    def _body(self, entry: _Entry) -> Tensor:
+        """Everything one call does, on the entry's static buffers: no host sync, no data-dependent branch."""
+        x = entry.inputs["x"]
+        cond = {k: entry.inputs[f"cond.{k}"] for k in entry.cond_keys}
+        if self.predictor is not None:
+            schedule = self.predictor(x, cond.get(self.predictor_cond) if self.predictor_cond else None)
+            grid, shift, scale = schedule.grid, schedule.shift, schedule.scale
+        else:
+            grid, shift, scale = entry.inputs["grid"], entry.inputs.get("shift"), entry.inputs.get("scale")
+        final_zero, infinite_start = entry.flags
+        den = self.denoiser
+        with nvtx_range("coefficients"):
+            table = build_table(self.solver, grid, den.family, prediction=den.prediction, shift=shift,
+                                scale=scale, final_zero=final_zero, infinite_start=infinite_start,
+                                check_finite=False, **self.solver_opts)
+            plan = make_plan(den, table, x)
+        return run(plan, x, cond, backend=self.backend)
+
+    def _capture(self, entry: _Entry) -> None:
+        side = torch.cuda.Stream(device=entry.inputs["x"].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(self.warmup):
+                self._body(entry)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            entry.output = self._body(entry)
+        entry.graph = graph
+        self.captured += 1

@@ -1,0 +1,239 @@
+"""The fused ragged solver step: one launch advances every sample by one stage of its own coefficient table.
+
+The generic update of ``indis.engine.solvers`` (DESIGN.md invariant 2), per sample ``b`` at stage
+``s = step[b]`` of its own table::
+
+    h      = conv_state * y + conv_raw * raw                  # raw output -> the solver's variable
+    y'     = sum_i coef_y[i]     * (y, stash, h, H_1, ..., H_K)[i]
+    stash' = sum_i coef_stash[i] * (y, stash, h, H_1, ..., H_K)[i]   (an all-zero row keeps the stash)
+    H slot (s mod K) <- h                                       # ring buffer: H_j lives in slot (s - j) mod K
+
+``PackedTable.rows`` holds these ``2 + 2 (3 + K)`` coefficients per sample and stage in float32, so the
+kernel reads one row per sample, gathered by the device tensor ``step[B]`` (DESIGN.md invariant 3): the same
+launch serves a plain loop (``step`` a broadcast stage index), a CUDA-graph replay and a continuous-batching
+pool whose slots sit at different stages of different grids. A sample whose ``step`` is outside ``[0, S)``
+(finished or idle) is neither read nor written. Inputs whose coefficient is exactly zero are not loaded (an
+early stage never reads history slots nothing has written yet).
+
+:func:`ragged_step_torch` is the readable reference of the kernel; :func:`ragged_step` dispatches.
+Storage may be float32, float16 or bfloat16; arithmetic is always float32 (float64 storage: float64, torch
+only). Updates are in place and safe: every element is read before it is written, by the same program.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from indis.engine.solvers import SolverTable
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class PackedTable:
+    """A solver table laid out for the fused step: ``rows[B, S, 2 + 2W]`` float32, ``W = 3 + history``.
+
+    Row layout: ``[conv_state, conv_raw, coef_y[0:W], coef_stash[0:W]]`` over the inputs
+    ``(y, stash, h, H_1..H_K)``. ``time`` ``[B, S]`` is the network's time input and ``in_scale`` ``[B, S]``
+    the factor on the network input (None: 1), both in the state's dtype.
+    """
+
+    rows: Tensor
+    time: Tensor
+    in_scale: Tensor | None
+    history: int
+    uses_stash: bool
+
+    @property
+    def stages(self) -> int:
+        return self.rows.shape[1]
+
+    @property
+    def width(self) -> int:
+        return 3 + self.history
+
+
+def pack_table(table: SolverTable, time: Tensor, dtype: torch.dtype) -> PackedTable:
+    """Lay out ``table`` for the fused step (``time`` = the denoiser's time of ``table.sigma_eval``)."""
+    coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    bsz, stages = table.conv.shape[:2]
+    rows = torch.cat([table.conv, table.coef.reshape(bsz, stages, -1)], dim=-1).to(coef_dtype).contiguous()
+    in_scale = table.in_scale.to(dtype) if table.scaled_input else None
+    return PackedTable(rows, time.to(dtype), in_scale, table.history, table.uses_stash)
+
+
+def _check(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+           step: Tensor) -> None:
+    bsz = y.shape[0]
+    if raw.shape != y.shape or raw.dtype != y.dtype or raw.device != y.device:
+        raise ValueError(f"raw {tuple(raw.shape)} {raw.dtype} must match the state {tuple(y.shape)} "
+                         f"{y.dtype}")
+    if table.uses_stash and (stash is None or stash.shape != y.shape or stash.dtype != y.dtype):
+        raise ValueError("this solver keeps a stash: pass stash shaped and typed like the state")
+    if table.history and (hist is None or hist.shape != (table.history, *y.shape) or hist.dtype != y.dtype):
+        raise ValueError(f"history must be [{table.history}, *state.shape] in the state's dtype, got "
+                         f"{None if hist is None else tuple(hist.shape)}")
+    if table.rows.shape[0] != bsz or table.rows.shape[-1] != 2 + 2 * table.width:
+        raise ValueError(f"table rows {tuple(table.rows.shape)} do not fit a batch of {bsz}")
+    if step.shape != (bsz,) or step.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"step must be an integer tensor [{bsz}], got {tuple(step.shape)} {step.dtype}")
+
+
+def ragged_step_torch(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                      step: Tensor, compute: torch.dtype | None = None) -> None:
+    """Reference of the fused step (in place on ``y``, ``stash``, ``hist``): gather, combine, mask.
+
+    Arithmetic in ``compute`` (default float32, float64 for float64 storage; the tests also run it in the
+    storage dtype to measure torch's own low-precision error).
+    """
+    _check(y, raw, stash, hist, table, step)
+    bsz, stages, width, k = y.shape[0], table.stages, table.width, table.history
+    compute = compute or (torch.float64 if y.dtype == torch.float64 else torch.float32)
+    active = (step >= 0) & (step < stages)
+    s = step.clamp(0, stages - 1).long()
+    row = table.rows[torch.arange(bsz, device=y.device), s].to(compute)          # [B, 2 + 2W]
+    view = (bsz,) + (1,) * (y.ndim - 1)
+    c = row.reshape(bsz, -1, *view[1:]).unbind(1)
+    y32, raw32 = y.to(compute), raw.to(compute)
+    h = c[0] * y32 + c[1] * raw32
+    slots = [(s + k - j) % k for j in range(1, k + 1)]                            # slot of H_j
+    older = [hist[slot, torch.arange(bsz, device=y.device)].to(compute) for slot in slots]
+    stash32 = stash.to(compute) if stash is not None else torch.zeros_like(y32)
+    inputs = (y32, stash32, h, *older)
+
+    def combine(first: int) -> Tensor:  # an input whose coefficient is 0 is never read (may be unwritten)
+        return sum(torch.where(c[first + i] != 0, c[first + i] * v, 0.0) for i, v in enumerate(inputs))
+
+    y_next = combine(2)
+    keep = active.view(view)
+    if table.uses_stash:
+        stash_next = combine(2 + width)
+        writes = (row[:, 2 + width:] != 0).any(-1) & active
+        stash.copy_(torch.where(writes.view(view), stash_next, stash32).to(y.dtype))
+    if k:
+        newest = hist[s % k, torch.arange(bsz, device=y.device)]
+        hist[s % k, torch.arange(bsz, device=y.device)] = torch.where(keep, h.to(y.dtype), newest)
+    y.copy_(torch.where(keep, y_next, y32).to(y.dtype))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ragged_step_kernel(y_ptr, raw_ptr, stash_ptr, hist_ptr, rows_ptr, step_ptr, step_stride, numel,
+                            slot_stride, stages, HISTORY: tl.constexpr, USES_STASH: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        # Masks are "offs < limit" with a per-program scalar limit: numel where the sample is active (and,
+        # for an optional input, its coefficient is nonzero), else 0 -- nothing is read or written past it.
+        W: tl.constexpr = 3 + HISTORY
+        b = tl.program_id(1)
+        s = tl.load(step_ptr + b * step_stride).to(tl.int32)
+        limit = tl.where((s >= 0) & (s < stages), numel, 0)
+        s = tl.minimum(tl.maximum(s, 0), stages - 1)
+        row = rows_ptr + (b * stages + s).to(tl.int64) * (2 + 2 * W)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < limit
+        base = b.to(tl.int64) * numel
+        y = tl.load(y_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        raw = tl.load(raw_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(row) * y + tl.load(row + 1) * raw
+        acc = tl.load(row + 2) * y + tl.load(row + 4) * h
+        if USES_STASH:
+            acc_s = tl.load(row + 2 + W) * y + tl.load(row + 4 + W) * h
+            cy, cs = tl.load(row + 3), tl.load(row + 3 + W)
+            read = offs < tl.where((cy != 0) | (cs != 0), limit, 0)
+            old = tl.load(stash_ptr + base + offs, mask=read, other=0.0).to(tl.float32)
+            acc += cy * old
+            acc_s += cs * old
+            written = tl.abs(tl.load(row + 2 + W)) + tl.abs(cs) + tl.abs(tl.load(row + 4 + W))
+        for j in tl.static_range(1, HISTORY + 1):
+            cy = tl.load(row + 4 + j)
+            slot = ((s + HISTORY - j) % HISTORY).to(tl.int64)
+            if USES_STASH:
+                cs = tl.load(row + 4 + j + W)
+                read = offs < tl.where((cy != 0) | (cs != 0), limit, 0)
+                hj = tl.load(hist_ptr + slot * slot_stride + base + offs, mask=read, other=0.0).to(tl.float32)
+                acc_s += cs * hj
+                written += tl.abs(cs)
+            else:
+                read = offs < tl.where(cy != 0, limit, 0)
+                hj = tl.load(hist_ptr + slot * slot_stride + base + offs, mask=read, other=0.0).to(tl.float32)
+            acc += cy * hj
+        tl.store(y_ptr + base + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        if USES_STASH:  # an all-zero stash row keeps the stash
+            tl.store(stash_ptr + base + offs, acc_s.to(stash_ptr.dtype.element_ty),
+                     mask=offs < tl.where(written != 0, limit, 0))
+        if HISTORY > 0:
+            slot = (s % HISTORY).to(tl.int64)
+            tl.store(hist_ptr + slot * slot_stride + base + offs, h.to(hist_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_config(numel: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for one sample of ``numel`` elements: up to 2048 elements per program."""
+    block = min(2048, triton.next_power_of_2(max(numel, 16)))
+    return block, (8 if block >= 2048 else 4)
+
+
+def ragged_step_triton(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                       step: Tensor, block: int | None = None, num_warps: int | None = None) -> None:
+    """The fused step as one Triton launch over ``(cdiv(numel, BLOCK), B)`` programs (in place)."""
+    if triton is None:
+        raise RuntimeError("the triton backend needs the `triton` package")
+    _check(y, raw, stash, hist, table, step)
+    if y.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"the triton step stores float32/float16/bfloat16, not {y.dtype}")
+    for name, t in (("state", y), ("raw", raw), ("stash", stash), ("history", hist)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous for the triton step")
+    bsz, numel = y.shape[0], y[0].numel()
+    default_block, default_warps = launch_config(numel)
+    block, num_warps = block or default_block, num_warps or default_warps
+    _ragged_step_kernel[(triton.cdiv(numel, block), bsz)](
+        y, raw, y if stash is None else stash, y if hist is None else hist, table.rows, step, step.stride(0),
+        numel, bsz * numel, table.stages, HISTORY=table.history, USES_STASH=table.uses_stash, BLOCK=block,
+        num_warps=num_warps)
+
+
+BACKENDS = ("triton", "torch")
+
+
+def backend_for(device: torch.device) -> str:
+    """``INDIS_KERNELS`` if set (triton|torch), else triton on CUDA and torch elsewhere.
+
+    The triton backend on a CPU tensor needs ``TRITON_INTERPRET=1`` (set before triton kernels are defined):
+    that is how the tests run the kernel without a GPU.
+    """
+    choice = os.environ.get("INDIS_KERNELS", "").strip().lower()
+    if choice and choice not in BACKENDS:
+        raise ValueError(f"INDIS_KERNELS={choice!r}: choose one of {BACKENDS}")
+    if not choice:
+        return "triton" if device.type == "cuda" and triton is not None else "torch"
+    if choice == "triton":
+        if triton is None:
+            raise RuntimeError("INDIS_KERNELS=triton but the `triton` package is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"INDIS_KERNELS=triton on {device.type}: set TRITON_INTERPRET=1 before "
+                               "importing indis to run the kernel in Triton's interpreter, or use "
+                               "INDIS_KERNELS=torch")
+    return choice
+
+
+def ragged_step(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                step: Tensor, backend: str | None = None) -> None:
+    """Advance each sample by one stage of its own table (in place); see the module docstring."""
+    backend = backend or backend_for(y.device)
+    if backend == "triton" and y.dtype != torch.float64:
+        ragged_step_triton(y, raw, stash, hist, table, step)
+    else:
+        ragged_step_torch(y, raw, stash, hist, table, step)

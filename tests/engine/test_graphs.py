@@ -1,0 +1,186 @@
+"""GraphSampler (whole-call CUDA graphs) and the no-host-sync guarantee of the sampling loop.
+
+On CPU, GraphSampler runs its body eagerly (same code path as the captured one) and a TorchFunctionMode
+fails the test on any host read of tensor values -- ``.item()``, ``.tolist()``, ``bool()``/``float()``/
+``int()`` (Python branching on a tensor), ``nonzero`` -- inside the loop and inside the sync-free table build.
+Where CUDA exists, ``torch.cuda.set_sync_debug_mode("error")`` checks the same on the device, and graphs
+are really captured and replayed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+import indis
+from indis.engine.convergence import small_mixture
+from indis.engine.graphs import GraphSampler
+from indis.engine.sampling import make_plan, prepare, run_fused, run_table
+from indis.engine.solvers import build_table
+from tests.devices import KERNEL_DEVICE
+from tests.engine.test_sampling import IDS, SOLVER_CASES, _ragged_grids
+
+CUDA = torch.cuda.is_available()
+HOST_READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__float__, Tensor.__int__, Tensor.__index__,
+              Tensor.nonzero, torch.nonzero}
+
+
+class NoHostReads(TorchFunctionMode):
+    """Raise on any operation that reads tensor values on the host (a sync on a GPU)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            raise AssertionError(f"host read of a tensor value inside the loop: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def _inputs(bsz: int = 4, steps: int = 5, seed: int = 0, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(bsz, 6, generator=g) * 80.0).to(device)
+    grids = _ragged_grids(bsz, steps, seed=seed + 1).to(device)
+    shift = (0.1 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)).to(device)
+    scale = (1 + 0.05 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)).to(device)
+    return x, indis.Schedule(grids, shift, scale)
+
+
+def test_the_mode_catches_a_host_read() -> None:
+    """Positive control: a denoiser that branches on a tensor value is caught."""
+    model = small_mixture()
+    x, sched = _inputs()
+    plan = prepare(lambda x, s: model(x, s) if bool(s[0] > 1) else x, x, sched, "euler")
+    with pytest.raises(AssertionError, match="__bool__"), NoHostReads():
+        run_table(plan, x)
+
+
+@pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
+def test_loops_and_table_build_make_no_host_reads(solver: str, opts: dict) -> None:
+    model = small_mixture().to(KERNEL_DEVICE)
+    x, sched = _inputs(device=KERNEL_DEVICE)
+    plan = prepare(model, x, sched, solver, **opts)
+    with NoHostReads():
+        run_table(plan, x)
+        run_fused(plan, x, backend="torch")
+        run_fused(plan, x, backend="triton")
+        table = build_table(solver, sched.grid, plan.denoiser.family, shift=sched.shift, scale=sched.scale,
+                            final_zero=False, infinite_start=False, check_finite=False, **opts)
+        make_plan(plan.denoiser, table, x)
+    torch.testing.assert_close(table.coef, plan.table.coef, rtol=0, atol=0)
+
+
+def test_graph_sampler_matches_sample_and_replays_new_grids() -> None:
+    """New x_T and new per-sample grids per call, one cache entry, results equal to indis.sample."""
+    model = small_mixture()
+    sampler = GraphSampler(model, "unipc", variant="bh2")
+    for seed in range(3):
+        x, sched = _inputs(seed=seed)
+        out = sampler(x, sched)
+        torch.testing.assert_close(out, indis.sample(model, x, sched, "unipc", variant="bh2"),
+                                   rtol=1e-5, atol=1e-4)
+    assert len(sampler._cache) == 1
+    with NoHostReads():  # what a capture records -- table build and loop -- reads no tensor value
+        sampler._body(next(iter(sampler._cache.values())))
+    sampler(*_inputs(bsz=3))  # another batch size: another entry
+    assert len(sampler._cache) == 2
+    sampler.invalidate()
+    assert not sampler._cache
+
+
+def test_graph_sampler_runs_the_predictor_inside() -> None:
+    model = small_mixture()
+    cfg = indis.PredictorConfig(indis.ScheduleConfig(nfe=4, sigma_min=0.002, sigma_max=80.0), "ipndm", (6,))
+    phi = indis.Predictor(cfg)
+    torch.nn.init.normal_(phi.out.weight, std=0.05)  # an instance-dependent schedule
+    sampler = GraphSampler(model, "ipndm", predictor=phi)
+    x, _ = _inputs()
+    torch.testing.assert_close(sampler(x), indis.sample(model, x, phi(x).detach(), "ipndm"),
+                               rtol=1e-5, atol=1e-4)
+    with NoHostReads(), torch.no_grad():  # schedule map, table build and loop: no host reads
+        sampler._body(next(iter(sampler._cache.values())))
+    with pytest.raises(ValueError, match="predictor"):
+        sampler(x, _inputs()[1])
+
+
+def test_graph_sampler_recaptures_when_a_parameter_is_replaced() -> None:
+    model = small_mixture()
+    sampler = GraphSampler(model, "euler")
+    x, sched = _inputs()
+    sampler(x, sched)
+    first = next(iter(sampler._cache.values()))
+    sampler(x, sched)
+    assert next(iter(sampler._cache.values())) is first          # unchanged weights: same entry
+    model.means = model.means.clone()                            # storage replaced
+    sampler(x, sched)
+    assert next(iter(sampler._cache.values())) is not first
+
+
+def test_graph_sampler_rejects_bad_inputs() -> None:
+    sampler = GraphSampler(small_mixture(), "euler")
+    x, sched = _inputs()
+    with pytest.raises(ValueError, match="sigmas"):
+        sampler(x)
+    with pytest.raises(ValueError, match="descending"):
+        sampler(x, sched.grid.flip(-1))
+    with pytest.raises(ValueError, match="cond"):
+        sampler(x, sched, cond={"class_labels": torch.zeros(2)})
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (runs in benchmarks/gpu_suite.sh)")
+
+
+@cuda_only
+@pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
+def test_cuda_loop_makes_no_sync(solver: str, opts: dict) -> None:
+    model = small_mixture().cuda()
+    x, sched = _inputs(device="cuda")
+    plan = prepare(model, x, sched, solver, **opts)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused = run_fused(plan, x, backend="triton")
+        eager = run_table(plan, x)
+        table = build_table(solver, sched.grid, plan.denoiser.family, shift=sched.shift, scale=sched.scale,
+                            final_zero=False, infinite_start=False, check_finite=False, **opts)
+        make_plan(plan.denoiser, table, x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-3)
+
+
+@cuda_only
+def test_cuda_graph_replays_new_grids_without_recapture() -> None:
+    model = small_mixture().cuda()
+    sampler = GraphSampler(model, "unipc")
+    for seed in range(4):
+        x, sched = _inputs(seed=seed, device="cuda")
+        out = sampler(x, sched)
+        torch.testing.assert_close(out, indis.sample(model, x, sched, "unipc"), rtol=1e-4, atol=1e-3)
+    assert sampler.captured == 1 and sampler.graphs == 1
+    model.means.mul_(1.5)                            # in place: the replay reads the new weights
+    x, sched = _inputs(seed=9, device="cuda")
+    torch.testing.assert_close(sampler(x, sched), indis.sample(model, x, sched, "unipc"), rtol=1e-4,
+                               atol=1e-3)
+    assert sampler.captured == 1
+    model.means = model.means.clone()                # replaced storage: re-captured
+    torch.testing.assert_close(sampler(x, sched), indis.sample(model, x, sched, "unipc"), rtol=1e-4,
+                               atol=1e-3)
+    assert sampler.captured == 2
+
+
+@cuda_only
+def test_cuda_graph_with_the_predictor_and_the_digits_unet() -> None:
+    from indis.engine.digits import load_backbone
+
+    unet = load_backbone("unet").cuda()
+    cfg = indis.PredictorConfig(indis.ScheduleConfig(nfe=5, sigma_min=0.002, sigma_max=80.0), "ipndm",
+                                (1, 8, 8), pool=2)
+    phi = indis.Predictor(cfg).cuda()
+    torch.nn.init.normal_(phi.out.weight, std=0.05)
+    sampler = GraphSampler(unet, "ipndm", predictor=phi)
+    for seed in range(2):
+        x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(seed)).cuda() * 80
+        ref = indis.sample(unet, x, phi(x).detach(), "ipndm")
+        torch.testing.assert_close(sampler(x), ref, rtol=1e-4, atol=1e-3)
+    assert sampler.captured == 1

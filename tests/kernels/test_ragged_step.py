@@ -1,0 +1,209 @@
+"""The fused ragged step (Triton, interpreted on CPU) against its torch reference and the float64 loop.
+
+Tolerance rule (flash-attention's): the kernel's error against float64 must stay within twice the error of
+torch computing the same thing in the low-precision dtype, plus a small absolute slack. bf16 is stored only:
+the kernel upcasts after every load (the interpreter miscomputes bf16 arithmetic).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import indis
+from indis.engine.convergence import small_mixture
+from indis.engine.families import Denoiser, Flow, VPLinear
+from indis.engine.sampling import prepare, run, run_fused, run_table
+from indis.kernels.ragged_step import (
+    backend_for,
+    pack_table,
+    ragged_step,
+    ragged_step_torch,
+    ragged_step_triton,
+)
+from tests.devices import KERNEL_DEVICE as DEV
+from tests.engine.test_sampling import IDS, SOLVER_CASES, _flow_velocity, _ragged_grids
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # relative to max |reference|
+
+
+def _identity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _table(solver: str, opts: dict, bsz: int, steps: int = 6, seed: int = 0):
+    """A float64 coefficient table over random per-sample grids, shifts and scales."""
+    g = torch.Generator().manual_seed(seed)
+    grids = _ragged_grids(bsz, steps, seed=seed + 1)
+    shift = 0.1 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)
+    scale = 1 + 0.05 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)
+    plan = prepare(_identity, torch.zeros(bsz, 1, dtype=torch.float64, device=DEV), grids.to(DEV), solver,
+                   shift=shift.to(DEV), scale=scale.to(DEV), **opts)
+    return plan.table, plan.denoiser.time(plan.table.sigma_eval)
+
+
+def _buffers(table, shape: tuple[int, ...], seed: int) -> dict[str, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    bsz = table.grid.shape[0]
+
+    def rnd(*s: int) -> torch.Tensor:
+        return 3 * torch.randn(*s, generator=g, dtype=torch.float64).to(DEV)
+
+    return {"y": rnd(bsz, *shape), "raw": rnd(bsz, *shape),
+            "stash": rnd(bsz, *shape) if table.uses_stash else None,
+            "hist": rnd(table.history, bsz, *shape) if table.history else None}
+
+
+def _apply(fn, table, time, buffers: dict, step: torch.Tensor, dtype: torch.dtype, **kw) -> dict:
+    out = {k: None if v is None else v.to(dtype).clone() for k, v in buffers.items()}
+    fn(out["y"], out["raw"], out["stash"], out["hist"], pack_table(table, time, dtype), step, **kw)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
+def test_kernel_matches_reference_on_a_ragged_batch(solver: str, opts: dict, dtype: torch.dtype) -> None:
+    """Random stages per sample, finished/idle samples (-1, S, S+2), odd sample sizes with a tail mask."""
+    bsz = 7
+    table, time = _table(solver, opts, bsz)
+    stages = table.coef.shape[1]
+    g = torch.Generator().manual_seed(3)
+    step = torch.randint(0, stages, (bsz,), generator=g)
+    step[[1, 4, 6]] = torch.tensor([-1, stages, stages + 2])
+    step = step.to(DEV)
+    for shape in [(37,), (3, 5, 7)]:
+        buffers = _buffers(table, shape, seed=5)
+        ref = _apply(ragged_step_torch, table, time, buffers, step, torch.float64)
+        lowp = _apply(ragged_step_torch, table, time, buffers, step, dtype, compute=dtype)
+        kern = _apply(ragged_step_triton, table, time, buffers, step, dtype, block=64)  # several blocks
+        for name in ("y", "stash", "hist"):
+            if ref[name] is None:
+                continue
+            scale = ref[name].abs().max()
+            err_k = (kern[name].double() - ref[name]).abs().max()
+            err_t = (lowp[name].double() - ref[name]).abs().max()
+            assert err_k <= 2 * err_t + ATOL[dtype] * scale, f"{name}: {err_k:.3g} vs torch {err_t:.3g}"
+        done = torch.tensor([False, True, False, False, True, False, True], device=DEV)
+        for name in ("y", "stash"):  # finished / idle samples are not written at all
+            if kern[name] is not None:
+                assert torch.equal(kern[name][done], buffers[name][done].to(dtype))
+        if kern["hist"] is not None:
+            assert torch.equal(kern["hist"][:, done], buffers["hist"][:, done].to(dtype))
+
+
+@pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
+def test_first_stage_reads_no_unwritten_slot(solver: str, opts: dict) -> None:
+    """At stage 0 history (and any stash not yet written) is NaN-poisoned: nothing it holds may leak."""
+    table, time = _table(solver, opts, bsz=3)
+    buffers = _buffers(table, (33,), seed=1)
+    for name in ("stash", "hist"):
+        if buffers[name] is not None:
+            buffers[name] = torch.full_like(buffers[name], float("nan"))
+    step = torch.zeros(3, dtype=torch.int32, device=DEV)
+    for fn in (ragged_step_triton, ragged_step_torch):
+        out = _apply(fn, table, time, buffers, step, torch.float32)
+        assert torch.isfinite(out["y"]).all(), fn.__name__
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
+def test_fused_loop_matches_the_reference_loop(solver: str, opts: dict, dtype: torch.dtype) -> None:
+    """Whole sampling runs: fused loop (kernel) vs run_table in float64 and in the low-precision dtype."""
+    model = small_mixture().to(DEV)
+    bsz, steps = 5, 6
+    g = torch.Generator().manual_seed(1)
+    x64 = (torch.randn(bsz, 6, generator=g, dtype=torch.float64) * 80.0).to(DEV)
+    grids = _ragged_grids(bsz, steps, seed=2).to(DEV)
+    shift = (0.1 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)).to(DEV)
+    scale = (1 + 0.05 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)).to(DEV)
+
+    def plan(x: torch.Tensor):
+        return prepare(model, x, grids, solver, shift=shift, scale=scale, **opts)
+
+    x = x64.to(dtype)
+    ref = run_table(plan(x64), x64)
+    torch_lowp = run_table(plan(x), x)
+    fused = run_fused(plan(x), x, backend="triton")
+    err_k, err_t = (fused.double() - ref).abs().max(), (torch_lowp.double() - ref).abs().max()
+    assert err_k <= 2 * err_t + ATOL[dtype] * ref.abs().max(), f"kernel {err_k:.3g} vs torch {err_t:.3g}"
+    fused_ref = run_fused(plan(x64), x64, backend="torch")  # the kernel's reference, ring buffer and all
+    torch.testing.assert_close(fused_ref, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_loop_serves_vp_and_flow_models_with_shift() -> None:
+    """Prediction conversion (eps, velocity) and the shifted network input go through the fused loop too."""
+    gmm = small_mixture().to(DEV)
+    vp = VPLinear()
+
+    def eps_net(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = vp.sigma(t.double()).view(-1, 1)
+        x_ve = x_vp.double() * torch.sqrt(1 + sigma**2)
+        return ((x_ve - gmm(x_ve, sigma.flatten())) / sigma).to(x_vp.dtype)
+
+    flow = Flow()
+    cases = [(Denoiser(eps_net, vp, "eps", "t"), indis.get_sigmas("logsnr", 6, 0.01, 50.0, device=DEV),
+              "dpmpp_2m"),
+             (Denoiser(_flow_velocity(gmm), flow, "velocity", "t"),
+              indis.as_grid(timesteps=torch.linspace(0.98, 0.02, 7, dtype=torch.float64, device=DEV),
+                            family=flow)[0], "unipc")]
+    g = torch.Generator().manual_seed(6)
+    for den, grid, solver in cases:
+        x64 = torch.randn(3, 6, generator=g, dtype=torch.float64).to(DEV)
+        shift = (0.1 * torch.randn(3, 6, generator=g, dtype=torch.float64)).to(DEV)
+        ref = run_table(prepare(den, x64, grid, solver, shift=shift), x64)
+        x = x64.float()
+        fused = run_fused(prepare(den, x, grid, solver, shift=shift), x, backend="triton")
+        torch.testing.assert_close(fused.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_in_place_and_out_of_range_inputs_are_rejected() -> None:
+    table, time = _table("ipndm", {}, bsz=2)
+    buffers = _buffers(table, (8,), seed=0)
+    zeros = torch.zeros(2, dtype=torch.int32, device=DEV)
+    out = _apply(ragged_step_torch, table, time, buffers, zeros, torch.float32)
+    packed = pack_table(table, time, torch.float32)
+    y = out["y"]
+    with pytest.raises(ValueError, match="raw"):
+        ragged_step(y, y[:, :4], None, out["hist"], packed, zeros)
+    with pytest.raises(ValueError, match="history"):
+        ragged_step(y, y.clone(), None, None, packed, zeros)
+    with pytest.raises(ValueError, match="step"):
+        ragged_step(y, y.clone(), None, out["hist"], packed, torch.zeros(3, dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="contiguous"):
+        hist_t = out["hist"].transpose(1, 2).contiguous().transpose(1, 2)
+        ragged_step_triton(y, y.clone(), None, hist_t, packed, zeros)
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("INDIS_KERNELS", raising=False)
+    assert backend_for(cpu) == "torch"
+    assert backend_for(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("INDIS_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend_for(cpu) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        backend_for(cpu)
+    monkeypatch.setenv("INDIS_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="INDIS_KERNELS"):
+        backend_for(cpu)
+
+
+def test_sample_dispatches_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """INDIS_KERNELS=triton routes indis.sample through the fused loop (same result to fp32 rounding)."""
+    model = small_mixture().to(DEV)
+    x = (torch.randn(3, 6, generator=torch.Generator().manual_seed(0)) * 80.0).to(DEV)
+    grid = indis.get_sigmas("edm", 5, 0.002, 80.0, device=DEV)
+    calls = []
+    monkeypatch.setattr("indis.engine.sampling.run_fused",
+                        lambda *a, **k: calls.append(1) or run_fused(*a, **k))
+    monkeypatch.setenv("INDIS_KERNELS", "torch")
+    eager = indis.sample(model, x, grid, "unipc")
+    assert not calls
+    monkeypatch.setenv("INDIS_KERNELS", "triton")
+    fused = indis.sample(model, x, grid, "unipc")
+    assert calls
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-4)
+    assert run(prepare(model, x.double(), grid, "unipc"), x.double()).dtype == torch.float64  # torch loop
