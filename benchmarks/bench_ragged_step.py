@@ -32,7 +32,7 @@ import torch
 
 import indis
 from indis.engine.sampling import prepare
-from indis.kernels.ragged_step import PackedTable, ragged_step_torch, ragged_step_triton
+from indis.kernels.ragged_step import PackedTable, launch_config, ragged_step_torch, ragged_step_triton
 
 SOLVERS = {"dpmpp_2m": {}, "ipndm": {}, "unipc": {"variant": "bh2", "order": 2}}
 STEPS = 10
@@ -84,13 +84,17 @@ def buffer_sets(table: PackedTable, bsz: int, shape: tuple[int, ...], dtype: tor
 
 
 def time_calls(fn: Callable[[int], object], device: torch.device, reps: int, inner: int) -> list[float]:
-    """Per-call times (µs): ``reps`` samples, each the mean over ``inner`` back-to-back calls."""
+    """Per-call times (µs) as the host issues them: ``reps`` samples, each the mean of ``inner`` calls.
+
+    On a GPU these include the launch cost of every call (a host-bound loop shows the host's rate, not the
+    kernel's); :func:`time_device` measures the device time.
+    """
     for i in range(3):
         fn(i)
     out = []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for i in range(inner):
@@ -98,12 +102,41 @@ def time_calls(fn: Callable[[int], object], device: torch.device, reps: int, inn
             end.record()
             end.synchronize()
             out.append(start.elapsed_time(end) * 1e3 / inner)
-    else:
-        for _ in range(reps):
+        else:
             t0 = time.perf_counter_ns()
             for i in range(inner):
                 fn(i)
             out.append((time.perf_counter_ns() - t0) / 1e3 / inner)
+    return out
+
+
+def time_device(fn: Callable[[int], object], reps: int, inner: int) -> list[float] | None:
+    """Device µs per call: ``inner`` calls (rotating buffers) captured in one CUDA graph, replays timed with
+    events -- launch gaps vanish, so this is the kernels' own time. None if the calls cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(inner):
+                fn(i)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(inner):
+                fn(i)
+    except RuntimeError as e:
+        print(f"  (not capturable: {str(e).splitlines()[0][:100]})")
+        return None
+    graph.replay()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) * 1e3 / inner)
     return out
 
 
@@ -153,16 +186,45 @@ def run_config(bsz: int, shape: tuple[int, ...], dtype: torch.dtype, solver: str
     inner = 20 if device.type == "cuda" else 3
     for name, fn in paths.items():
         t = time_calls(fn, device, reps, inner)
-        p50 = statistics.median(t)
-        res[name] = {"us_p50": p50, "us_min": min(t), "GBps": nbytes / p50 / 1e3}
-        if device.type == "cuda" and name != "d2d copy (same bytes)":
-            res[name]["kernels_per_call"] = count_kernels(lambda fn=fn: fn(0))
+        res[name] = {"us_p50": statistics.median(t), "us_min": min(t)}
+        if device.type == "cuda":
+            dev = time_device(fn, reps, inner)
+            if dev is not None:
+                res[name]["device_us_p50"] = statistics.median(dev)
+                res[name]["GBps"] = nbytes / res[name]["device_us_p50"] / 1e3
+            if name != "d2d copy (same bytes)":
+                res[name]["kernels_per_call"] = count_kernels(lambda fn=fn: fn(0))
+        else:
+            res[name]["GBps"] = nbytes / res[name]["us_p50"] / 1e3
     if device.type == "cuda":
         res["triton_vs_copy"] = res["triton"]["GBps"] / res["d2d copy (same bytes)"]["GBps"]
         # the same kernel for a different mix of stages: still one launch
         step2 = torch.randint(0, table.stages, step.shape, device=device, dtype=step.dtype)
         res["triton_kernels_other_mix"] = count_kernels(lambda: ragged_step_triton(*bufs[0], table, step2))
     return res
+
+
+def block_sweep(bsz: int, shape: tuple[int, ...], dtype: torch.dtype, solver: str, reps: int) -> list[dict]:
+    """Device time of the triton step for each (BLOCK, num_warps): checks the default launch config."""
+    device = torch.device("cuda")
+    table, step = ragged_case(solver, bsz, device, dtype)
+    numel = int(torch.tensor(shape).prod())
+    nbytes = bytes_moved(table, step, numel, torch.empty((), dtype=dtype).element_size())
+    sets = max(1, min(16, WORKING_SET // max(nbytes, 1)))
+    bufs = buffer_sets(table, bsz, shape, dtype, device, sets)
+    out = []
+    for block in (512, 1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            if block // (32 * warps) < 1:
+                continue
+            def call(i: int, b: int = block, w: int = warps) -> None:
+                ragged_step_triton(*bufs[i % sets], table, step, b, w)
+
+            t = time_device(call, reps, 20)
+            if t is not None:
+                out.append({"block": block, "num_warps": warps, "device_us_p50": statistics.median(t),
+                            "GBps": nbytes / statistics.median(t) / 1e3})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,13 +264,24 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"B={bsz} {shape} {r['dtype']} {solver}: " + ", ".join(
                     f"{k} {v['us_p50']:.1f} us" for k, v in r.items() if isinstance(v, dict)), flush=True)
     paths = ["triton", "torch eager", "torch.compile", "d2d copy (same bytes)"] if cuda else ["torch eager"]
-    print("\n| B | sample shape | dtype | solver | MB moved | " + " | ".join(f"{p} µs" for p in paths)
+    if cuda:
+        print("\nDevice time per step (CUDA-graph replay of 20 calls, median); host-issued call time in "
+              "brackets (includes each call's launch cost)\n")
+    print("| B | sample shape | dtype | solver | MB moved | " + " | ".join(f"{p} µs" for p in paths)
           + (" | triton GB/s | % of copy | kernels/call triton / eager / compile |" if cuda else " | GB/s |"))
     print("|---" * (5 + len(paths) + (3 if cuda else 1)) + "|")
+
+    def cell(r: dict, p: str) -> str:
+        if p not in r:
+            return "-"
+        if not cuda:
+            return f"{r[p]['us_p50']:.1f}"
+        dev = f"{r[p]['device_us_p50']:.1f}" if "device_us_p50" in r[p] else "n/a"
+        return f"{dev} ({r[p]['us_p50']:.0f})"
+
     for r in results:
-        cells = [f"{r[p]['us_p50']:.1f}" if p in r else "-" for p in paths]
         row = f"| {r['batch']} | {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['solver']} | " \
-              f"{r['bytes'] / 1e6:.1f} | " + " | ".join(cells)
+              f"{r['bytes'] / 1e6:.1f} | " + " | ".join(cell(r, p) for p in paths)
         if cuda:
             kern = " / ".join(str(r[p]["kernels_per_call"]) if p in r else "-"
                               for p in ("triton", "torch eager", "torch.compile"))
@@ -216,11 +289,24 @@ def main(argv: list[str] | None = None) -> int:
         else:
             row += f" | {r['torch eager']['GBps']:.1f} |"
         print(row)
+    sweeps: list[dict] = []
+    if cuda and not args.quick:
+        default = launch_config(int(torch.tensor(configs[0][1]).prod()))
+        print(f"\nLaunch-config sweep (B={configs[0][0]}, {configs[0][1]}, ipndm; default BLOCK, num_warps = "
+              f"{default}):\n")
+        print("| dtype | BLOCK | num_warps | device µs | GB/s |\n|---|---|---|---|---|")
+        for dtype in (torch.float32, torch.bfloat16):
+            sweep = block_sweep(configs[0][0], configs[0][1], dtype, "ipndm", args.reps)
+            sweeps.append({"dtype": str(dtype).replace("torch.", ""), "configs": sweep})
+            for c in sweep:
+                print(f"| {str(dtype).replace('torch.', '')} | {c['block']} | {c['num_warps']} | "
+                      f"{c['device_us_p50']:.1f} | {c['GBps']:.0f} |")
     elapsed = time.perf_counter() - t_start
-    print(f"\n- medians of {args.reps} samples, each the mean of back-to-back calls; total {elapsed:.0f} s")
+    print(f"\n- medians of {args.reps} samples, each the mean of {20 if cuda else 3} back-to-back calls on "
+          f"rotating buffers; total {elapsed:.0f} s")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"env": env, "results": results, "elapsed_s": elapsed}, fh, indent=2)
+            json.dump({"env": env, "results": results, "sweeps": sweeps, "elapsed_s": elapsed}, fh, indent=2)
     return 0
 
 

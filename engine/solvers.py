@@ -437,13 +437,12 @@ def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Predic
     p = torch.stack([st.p if st.p is not None else torch.zeros_like(st.q) for st in stages], dim=1)
     q = torch.stack([st.q for st in stages], dim=1)
     conv = torch.stack([p + q * gamma * a * in_scale, q * gamma * b], dim=-1)
-    coef = grid.new_zeros(bsz, len(stages), 2, width)
-    support = []
-    for k, st in enumerate(stages):
-        for r, row in enumerate((st.y_row, st.stash_row or {})):
-            for i, v in row.items():
-                coef[:, k, r, i] = v
-        support.append((tuple(sorted(st.y_row)), tuple(sorted(st.stash_row or {}))))
+    zero = grid.new_zeros(bsz)
+    rows = [(st.y_row, st.stash_row or {}) for st in stages]
+    entries = [row.get(i, zero) for pair in rows for row in pair for i in range(width)]
+    coef = torch.stack([v.expand(bsz) if isinstance(v, Tensor) else zero + v for v in entries], dim=1)
+    coef = coef.reshape(bsz, len(stages), 2, width)
+    support = [(tuple(sorted(y_row)), tuple(sorted(s_row))) for y_row, s_row in rows]
     uses_state = tuple(st.p is not None or prediction != "x0" for st in stages)
     scales_raw = tuple(st.p is not None or prediction != "x0" or scale is not None for st in stages)
     scaled_input = shift is not None and not isinstance(family, VE)

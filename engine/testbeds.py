@@ -156,7 +156,9 @@ class GaussianMixture(torch.nn.Module):
         return torch.where(mask, logw, torch.full_like(logw, -math.inf))
 
     def _per_sample(self, v: float | Tensor, b: int) -> Tensor:
-        v = torch.as_tensor(v, dtype=torch.float64, device=self.means.device)
+        if not isinstance(v, Tensor):  # filled on the device: no host-to-device copy (CUDA-graph safe)
+            return torch.full((b,), float(v), dtype=torch.float64, device=self.means.device)
+        v = v.to(dtype=torch.float64, device=self.means.device)
         return v.expand(b) if v.numel() == 1 else v.reshape(b)
 
     def _prepare(self, y: Tensor, alpha: float | Tensor, s: float | Tensor,
