@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create or reuse the project's virtual environment (.venv) and install indis with its test and plot extras.
 # Sourced by .ci/demo and .ci/test. On a machine without an NVIDIA GPU it pins the CPU build of torch
-# (torch==2.13.0 resolves to a local CPU wheel on the project's machines) so nothing downloads several GB;
-# with a GPU, a normal torch is used. Set INDIS_TORCH to override the torch requirement.
+# (torch==2.13.0 resolves to a local CPU wheel on the project's machines) so nothing downloads several GB,
+# and triton 3.6.0 (also on local disk; the kernels run in its interpreter there); with a GPU, a normal torch
+# (which brings its own triton) is used. Set INDIS_TORCH to override these requirements.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
@@ -10,13 +11,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if [ -z "${INDIS_TORCH:-}" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then INDIS_TORCH="torch"; else INDIS_TORCH="torch==2.13.0"; fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then INDIS_TORCH="torch"; else INDIS_TORCH="torch==2.13.0 triton==3.6.0"; fi
 fi
 stamp=".venv/.indis-installed"
 want="$(cat pyproject.toml .ci/env.sh | sha256sum | cut -d' ' -f1) $INDIS_TORCH"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet "$INDIS_TORCH"
+  # shellcheck disable=SC2086  # INDIS_TORCH may name several requirements
+  .venv/bin/python -m pip install --quiet $INDIS_TORCH
   .venv/bin/python -m pip install --quiet -e ".[test,plot]"
   echo "$want" > "$stamp"
 fi

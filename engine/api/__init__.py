@@ -2,14 +2,18 @@
 
 Public surface: per-sample ("ragged") multistep solvers over ``[B, N+1]`` grids, noise families and the
 k-diffusion denoiser convention, heuristic discretizations, and the INDIS schedule predictor with its tuning
-(``fit_predictor``, ``fit_global`` for LD3, ``fit_oracle``). The implementation lives in ``indis.engine``.
+(``fit_predictor``, ``fit_global`` for LD3, ``fit_oracle``), the fused Triton step (``indis.kernels``) and
+whole-call CUDA graphs (``GraphSampler``). The implementation lives in ``indis.engine``.
 """
 
 from indis.engine.families import VE, Denoiser, Flow, NoiseFamily, VPCosine, VPDiscrete, VPLinear, get_family
+from indis.engine.graphs import GraphSampler
 from indis.engine.predictor import PerInstanceSchedule, Predictor, PredictorConfig, ScheduleConfig
 from indis.engine.sampling import (
     Plan,
     prepare,
+    run,
+    run_fused,
     run_table,
     sample,
     sample_dpmpp_2m,
@@ -35,10 +39,11 @@ from indis.engine.tuning import FitConfig, fit_global, fit_oracle, fit_predictor
 __version__ = "0.1.0"
 
 __all__ = [
-    "AYS_TABLES", "SOLVERS", "VE", "Denoiser", "FitConfig", "Flow", "NoiseFamily", "PerInstanceSchedule",
-    "Plan", "Predictor", "PredictorConfig", "Schedule", "ScheduleConfig", "SolverTable", "TeacherCache",
-    "TeacherSpec", "VPCosine", "VPDiscrete", "VPLinear", "as_grid", "fit_global", "fit_oracle",
+    "AYS_TABLES", "SOLVERS", "VE", "Denoiser", "FitConfig", "Flow", "GraphSampler", "NoiseFamily",
+    "PerInstanceSchedule", "Plan", "Predictor", "PredictorConfig", "Schedule", "ScheduleConfig",
+    "SolverTable", "TeacherCache", "TeacherSpec", "VPCosine", "VPDiscrete", "VPLinear", "as_grid",
+    "fit_global", "fit_oracle",
     "fit_predictor", "noise_from_seeds", "build_table", "get_family", "get_sigmas", "grid_from_logits",
-    "logits_from_grid", "prepare", "run_table", "sample", "sample_dpmpp_2m", "sample_dpmpp_3m",
-    "sample_euler", "sample_heun", "sample_ipndm", "sample_ipndm_v", "sample_unipc",
+    "logits_from_grid", "prepare", "run", "run_fused", "run_table", "sample", "sample_dpmpp_2m",
+    "sample_dpmpp_3m", "sample_euler", "sample_heun", "sample_ipndm", "sample_ipndm_v", "sample_unipc",
 ]
