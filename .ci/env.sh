@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create or reuse the project's virtual environment (.venv) and install indis with its test and plot extras.
+# Create or reuse the project's virtual environment (.venv) and install indis with its test, plot and export extras.
 # Sourced by .ci/demo and .ci/test. On a machine without an NVIDIA GPU it pins the CPU build of torch
 # (torch==2.13.0 resolves to a local CPU wheel on the project's machines) so nothing downloads several GB,
 # and triton 3.6.0 (also on local disk; the kernels run in its interpreter there); with a GPU, a normal torch
@@ -19,6 +19,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # shellcheck disable=SC2086  # INDIS_TORCH may name several requirements
   .venv/bin/python -m pip install --quiet $INDIS_TORCH
-  .venv/bin/python -m pip install --quiet -e ".[test,plot]"
+  .venv/bin/python -m pip install --quiet -e ".[test,plot,export]"
   echo "$want" > "$stamp"
 fi

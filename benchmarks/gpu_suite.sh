@@ -8,7 +8,7 @@
 # importlib_metadata for the diffusers comparison) are installed from ./.whl if that folder exists (see
 # benchmarks/README.md). Results go to $INDIS_RESULTS, else $OUT (the device tool's output folder), else
 # benchmarks/results. Each stage has its own time limit; a failing stage is recorded and the suite goes on.
-# INDIS_SUITE_STAGES="tests kernel e2e nvtx" (the default) selects stages.
+# INDIS_SUITE_STAGES="tests kernel e2e export nvtx" (the default) selects stages.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
@@ -30,7 +30,7 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 GPU="$("$PY" -c "import torch; print(torch.cuda.get_device_name())")"
 SLUG="$(echo "$GPU" | tr '[:upper:]' '[:lower:]' | sed -e 's/nvidia //' -e 's/[^a-z0-9]\+/-/g' -e 's/-$//')"
-STAMP="$(date -u +%Y-%m-%d)-$SLUG"
+STAMP="$(date -u +%Y-%m-%d)-$SLUG${INDIS_SUITE_TAG:+-$INDIS_SUITE_TAG}"  # a tag keeps partial reruns apart
 echo "gpu_suite: $GPU -> $DEST/$STAMP.{json,md}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.draw --format=csv \
   > "$WORK/nvidia-smi.txt" 2>&1 || true
@@ -46,12 +46,15 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, keep its log and 
   echo "== $name: exit $rc in $((SECONDS - t0)) s"
 }
 
-STAGES="${INDIS_SUITE_STAGES:-tests kernel e2e nvtx}"  # a subset reruns only those stages
+STAGES="${INDIS_SUITE_STAGES:-tests kernel e2e export nvtx}"  # a subset reruns only those stages
 for name in $STAGES; do
   case "$name" in
-    tests) stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/kernels tests/engine/test_graphs.py ;;
+    tests) stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/kernels tests/engine/test_graphs.py \
+      tests/export ;;
     kernel) stage kernel 150 "$PY" benchmarks/bench_ragged_step.py --json "$WORK/kernel.json" ;;
     e2e) stage e2e 200 "$PY" benchmarks/bench_sampling_e2e.py --json "$WORK/e2e.json" ;;
+    export)  # torch / torch.compile / onnxruntime (CUDA provider, TensorRT: only where installed; says so)
+      stage export 240 "$PY" benchmarks/bench_export_backends.py --device cuda --json "$WORK/export.json" ;;
     nvtx)  # NVTX ranges as Nsight Systems sees them (skipped where nsys is not installed)
       if command -v nsys >/dev/null 2>&1; then
         stage nvtx 120 bash -c "nsys profile --trace=cuda,nvtx --force-overwrite true -o '$WORK/indis' \
@@ -75,7 +78,7 @@ md = [f"# GPU suite {stamp}", "", f"- GPU: {gpu}; torch {torch.__version__} (CUD
 smi = (work / "nvidia-smi.txt")
 if smi.exists():
     md += ["```", smi.read_text().strip(), "```", ""]
-for name in ("tests", "kernel", "e2e", "nvtx"):
+for name in ("tests", "kernel", "e2e", "export", "nvtx"):
     rc_file = work / f"{name}.rc"
     if not rc_file.exists():
         continue

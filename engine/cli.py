@@ -1,9 +1,11 @@
-"""``indis`` command line: tune an INDIS predictor for a shipped digits backbone and evaluate it.
+"""``indis`` command line: tune an INDIS predictor, evaluate it, export models for deployment.
 
 ``indis fit --backbone unet --nfe 5 --solver ipndm --out phi.safetensors`` tunes phi (staged from its blind
 schedule) with teacher end points cached under ``--cache``; ``indis eval phi.safetensors`` compares it with
 the heuristic grids on held-out seeds (teacher MSE / PSNR). Both call the library functions
-(``indis.fit_predictor``, ``indis.engine.tuning.evaluate``).
+(``indis.fit_predictor``, ``indis.engine.tuning.evaluate``). ``indis export --model unet --model dit
+--predictor phi.safetensors --onnx-dir onnx --engine-dir engines`` writes ONNX files (checked against torch)
+and, where TensorRT is installed, engines -- with the TensorRT demo's flags (``indis.export``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,55 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"  {name:28s} teacher MSE {mse:.5f}   PSNR {psnr:6.2f} dB")
 
 
+def _export(args: argparse.Namespace) -> None:
+    import time
+    from pathlib import Path
+
+    from indis.export.models import denoiser_spec, predictor_spec
+    from indis.export.onnx_export import export_onnx, is_current
+    from indis.export.tensorrt_backend import build_engine, tensorrt_version
+
+    from .digits import load_backbone
+    from .predictor import Predictor
+
+    batch_opt = args.batch_opt or min(8, args.batch_max)
+    batches = {"batch_min": args.batch_min, "batch_opt": batch_opt, "batch_max": args.batch_max}
+    jobs = []
+    for kind in args.model:
+        cond = {"class_labels": 10} if kind == "dit" else None
+        jobs.append((kind, lambda kind=kind, cond=cond: denoiser_spec(
+            load_backbone(kind), (1, 8, 8), name=kind, cond=cond, input_std=5.0, **batches)))
+    for path in args.predictor:
+        name = Path(path).stem
+        jobs.append((name, lambda path=path, name=name: predictor_spec(Predictor.load(path), name=name,
+                                                                       **batches)))
+    if not jobs:
+        raise SystemExit("indis export: nothing to export (give --model and/or --predictor)")
+    suffix = ".fp16.onnx" if args.fp16 else ".onnx"
+    trt = tensorrt_version() if args.engine_dir else None
+    if args.engine_dir and trt is None:
+        print("TensorRT is not installed here: ONNX files only, no engines (README: unverified on hardware)")
+    for i, (name, make_spec) in enumerate(jobs, 1):
+        spec, onnx_path = make_spec(), Path(args.onnx_dir) / f"{name}{suffix}"
+        tag = f"[{i}/{len(jobs)}] {name}"
+        if is_current(spec, onnx_path, fp16=args.fp16) and not args.force_export:
+            print(f"{tag}: {onnx_path} is up to date (same weights, batch range, precision)", flush=True)
+        else:
+            print(f"{tag}: exporting to {onnx_path} ...", flush=True)
+            t0 = time.perf_counter()
+            r = export_onnx(spec, onnx_path, fp16=args.fp16, opset=args.opset, verify=not args.no_verify)
+            note = f", fell back from dynamo: {r.fallback_reason}" if r.fallback_reason else ""
+            print(f"{tag}: done in {time.perf_counter() - t0:.1f} s ({r.exporter} exporter{note}); "
+                  f"onnxruntime vs torch at batch 1 and 3: max |err| {r.max_abs_error:.2e} "
+                  f"(relative {r.max_rel_error:.2e})", flush=True)
+        if trt is not None:
+            print(f"{tag}: building TensorRT {trt} engine ...", flush=True)
+            plan = build_engine(onnx_path, args.engine_dir, precision="fp16" if args.fp16 else "fp32",
+                                opt_level=args.opt_level, timing_cache=args.timing_cache,
+                                force=args.force_build or args.force_export)
+            print(f"{tag}: engine {plan}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="indis", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -83,9 +134,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("checkpoint")
     e.add_argument("--samples", type=int, default=512)
     e.add_argument("--cache", default=".indis-cache/teacher")
+    x = sub.add_parser("export", help="export digits backbones and INDIS predictors to ONNX (and TensorRT)")
+    x.add_argument("--model", action="append", default=[], choices=("unet", "dit"),
+                   help="a shipped digits backbone (repeatable)")
+    x.add_argument("--predictor", action="append", default=[], metavar="CKPT",
+                   help="an INDIS predictor checkpoint (repeatable)")
+    x.add_argument("--onnx-dir", default="onnx")
+    x.add_argument("--engine-dir", default=None, help="build TensorRT engines here (where TensorRT exists)")
+    x.add_argument("--force-export", action="store_true", help="re-export even if the ONNX file is current")
+    x.add_argument("--force-build", action="store_true", help="rebuild engines even if cached")
+    x.add_argument("--fp16", action="store_true", help="float16 ONNX and strongly typed fp16 engines")
+    x.add_argument("--batch-min", type=int, default=1)
+    x.add_argument("--batch-opt", type=int, default=None, help="default: min(8, --batch-max)")
+    x.add_argument("--batch-max", type=int, default=64)
+    x.add_argument("--timing-cache", default=None, help="TensorRT timing cache file (read and updated)")
+    x.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5")
+    x.add_argument("--opset", type=int, default=19)
+    x.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check")
     args = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    {"fit": _fit, "eval": _eval}[args.cmd](args)
+    {"fit": _fit, "eval": _eval, "export": _export}[args.cmd](args)
     return 0
 
 

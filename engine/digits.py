@@ -92,7 +92,8 @@ def _labels(class_labels: Tensor | int | None, batch: int, num_classes: int, dev
         y = y.expand(batch)
     if y.numel() != batch:
         raise ValueError(f"class_labels must have one label per sample ({batch}), got {y.numel()}")
-    if (y >= num_classes).any():
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()  # ONNX export: no data-dependent check
+    if not tracing and (y >= num_classes).any():
         raise ValueError(f"class_labels must be < num_classes = {num_classes} (negative = unconditional)")
     return torch.where(y < 0, torch.full_like(y, num_classes), y)
 

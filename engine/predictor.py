@@ -104,9 +104,10 @@ class ScheduleConfig:
         logits = logits_from_grid(grid, self.space, self.family)
         return torch.cat([logits, logits.new_zeros(2 * self.nfe)])
 
-    def decode(self, raw: Tensor) -> Schedule:
-        """``[B, width]`` raw outputs -> per-sample :class:`Schedule` (float64, differentiable)."""
-        raw = raw.to(torch.float64)
+    def decode(self, raw: Tensor, dtype: torch.dtype = torch.float64) -> Schedule:
+        """``[B, width]`` raw outputs -> per-sample :class:`Schedule` (float64 by default, differentiable;
+        the ONNX export decodes in float32, which TensorRT requires)."""
+        raw = raw.to(dtype)
         n, p = self.nfe, self.num_logits
         grid = grid_from_logits(raw[:, :p], self.sigma_min, self.sigma_max, self.space, self.family)
         if self.final_zero:
