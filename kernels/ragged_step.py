@@ -18,6 +18,8 @@ early stage never reads history slots nothing has written yet).
 :func:`ragged_step_torch` is the readable reference of the kernel; :func:`ragged_step` dispatches.
 Storage may be float32, float16 or bfloat16; arithmetic is always float32 (float64 storage: float64, torch
 only). Updates are in place and safe: every element is read before it is written, by the same program.
+``hist`` is ``[K, B, ...]`` and may be a slice ``pool[:, :B]`` of a larger slot pool (each slot contiguous);
+the other tensors are contiguous ``[B, ...]``.
 """
 
 from __future__ import annotations
@@ -193,7 +195,8 @@ def ragged_step_triton(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tenso
     _check(y, raw, stash, hist, table, step)
     if y.dtype not in STORAGE_DTYPES:
         raise ValueError(f"the triton step stores float32/float16/bfloat16, not {y.dtype}")
-    for name, t in (("state", y), ("raw", raw), ("stash", stash), ("history", hist)):
+    slot = None if hist is None else hist[0]
+    for name, t in (("state", y), ("raw", raw), ("stash", stash), ("history slot", slot)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous for the triton step")
     bsz, numel = y.shape[0], y[0].numel()
@@ -201,8 +204,8 @@ def ragged_step_triton(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tenso
     block, num_warps = block or default_block, num_warps or default_warps
     _ragged_step_kernel[(triton.cdiv(numel, block), bsz)](
         y, raw, y if stash is None else stash, y if hist is None else hist, table.rows, step, step.stride(0),
-        numel, bsz * numel, table.stages, HISTORY=table.history, USES_STASH=table.uses_stash, BLOCK=block,
-        num_warps=num_warps)
+        numel, 0 if hist is None else hist.stride(0), table.stages, HISTORY=table.history,
+        USES_STASH=table.uses_stash, BLOCK=block, num_warps=num_warps)
 
 
 BACKENDS = ("triton", "torch")

@@ -207,3 +207,25 @@ def test_sample_dispatches_through_the_environment(monkeypatch: pytest.MonkeyPat
     assert calls
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-4)
     assert run(prepare(model, x.double(), grid, "unipc"), x.double()).dtype == torch.float64  # torch loop
+
+
+@pytest.mark.parametrize(("solver", "opts"), [SOLVER_CASES[2], SOLVER_CASES[7]], ids=[IDS[2], IDS[7]])
+def test_kernel_on_the_leading_slots_of_a_pool(solver: str, opts: dict) -> None:
+    """The continuous batcher steps pool[:b] (history pool[:, :b], not contiguous as a whole)."""
+    table, time = _table(solver, opts, bsz=6)
+    pool = _buffers(table, (20,), seed=2)
+    step = torch.tensor([0, 2, 1, -1], dtype=torch.int32, device=DEV)
+    packed = pack_table(table, time, torch.float32)
+    rows4 = type(packed)(packed.rows[:4], packed.time[:4], None, packed.history, packed.uses_stash)
+    outs = []
+    for fn in (ragged_step_triton, ragged_step_torch):
+        buf = {k: v.float().clone() for k, v in pool.items() if v is not None}
+        hist = buf["hist"][:, :4]
+        assert not hist.is_contiguous()
+        stash = buf["stash"][:4] if "stash" in buf else None
+        fn(buf["y"][:4], buf["raw"][:4], stash, hist, rows4, step)
+        outs.append(buf)
+    for k in outs[0]:
+        torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(outs[0][k][..., 4:, :] if k == "hist" else outs[0][k][4:],
+                                   pool[k].float()[..., 4:, :] if k == "hist" else pool[k].float()[4:])
