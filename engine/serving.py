@@ -1,0 +1,361 @@
+"""Step-level continuous batching: samples at different steps of different grids share one denoiser call.
+
+A :class:`ContinuousBatcher` owns a slot pool of fixed ``capacity``: per slot the solver state, stash, ring of
+history outputs, the packed coefficient rows of that sample's own table (any solver, any NFE, any grid, INDIS
+shift/scale) and its stage counter ``step`` -- a device tensor, read by the fused kernel
+(``indis.kernels.ragged_step``). Active samples are kept in slots ``0..n-1``; each iteration
+
+1. admits waiting requests into free slots (inputs validated and tables built per request group; a request
+   whose inputs are bad fails alone with the error, before it takes a slot),
+2. runs one denoiser call on ``pool[:b]`` with each slot's own sigma, ``b`` = the smallest bucket >= n (so
+   compiled graphs / engine profiles are reused; idle slots hold zeros and are masked),
+3. one fused ragged step over the same slots, and
+4. retires finished samples (each result is delivered exactly once), moving the last active slot into the
+   freed one.
+
+Results equal running each request alone (the per-sample table and update are the same; the denoiser must
+treat samples independently). ``policy="static"`` is the baseline a server without ragged solvers has: it
+admits a new batch only when the previous one has finished and runs every batch to its longest request.
+
+Errors: a denoiser exception fails the requests in that call (each future gets it) and the batcher goes on
+with the rest. Cancelling a request's future frees its slot at the next iteration. ``run_all`` is the
+synchronous front; ``start``/``submit``/``close`` run the loop in a background thread (``submit`` returns a
+``concurrent.futures.Future``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from indis.kernels.ragged_step import PackedTable, ragged_step
+
+from .families import Denoiser, as_denoiser
+from .sampling import check_grid
+from .schedules import HEURISTICS, Schedule, get_sigmas
+from .solvers import build_table
+from .teacher import noise_from_seeds
+
+log = logging.getLogger("indis.serving")
+MAX_HISTORY = 3   # iPNDM order 4 and UniPC order 3 keep 3 older outputs
+
+
+@dataclass
+class Request:
+    """One sample to generate.
+
+    ``x_T`` (``[*shape]``, already at the grid's first noise level) or ``seed`` (``x_T = sigma_max *
+    noise_from_seeds(seed)``); ``schedule``: a heuristic name (``edm``, ``logsnr``, ...), ``"predictor"``
+    (the batcher's INDIS predictor for this NFE and solver), an explicit ``[N+1]`` grid or a
+    :class:`Schedule`; ``cond``: per-sample condition values (e.g. ``{"class_labels": 3}``).
+    """
+
+    x_T: Tensor | None = None
+    seed: int | None = None
+    nfe: int = 5
+    solver: str = "ipndm"
+    schedule: str | Tensor | Schedule = "edm"
+    cond: dict[str, int] = field(default_factory=dict)
+    solver_opts: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Live:
+    future: Future
+    stages: int
+    step: int = 0
+
+
+def default_buckets(capacity: int) -> tuple[int, ...]:
+    """Powers of two up to ``capacity`` (and ``capacity`` itself)."""
+    out, b = [], 1
+    while b < capacity:
+        out.append(b)
+        b *= 2
+    return (*out, capacity)
+
+
+class ContinuousBatcher:
+    """A slot pool serving a stream of :class:`Request` (see the module docstring).
+
+    ``conditions``: the condition inputs the model takes and their valid integer range ``(low, high)``
+    (values outside fail the request alone; an idle slot holds ``low``), e.g. ``{"class_labels": (-1, 10)}``.
+    ``predictors``: ``{(nfe, solver): phi}`` with ``phi(x_T[B], cond) -> Schedule`` for
+    ``schedule="predictor"`` (``predictor_cond`` names the condition it reads).
+    """
+
+    def __init__(self, model: Callable[..., Tensor] | Denoiser, shape: Sequence[int], *, capacity: int = 32,
+                 buckets: Sequence[int] | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 predictors: dict[tuple[int, str], Callable] | None = None, predictor_cond: str | None = None,
+                 conditions: dict[str, tuple[int, int]] | None = None, max_stages: int = 16,
+                 max_waiting: int = 100_000, policy: str = "continuous", device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, backend: str | None = None) -> None:
+        if policy not in ("continuous", "static"):
+            raise ValueError(f"policy={policy!r}: choose continuous or static")
+        self.den = as_denoiser(model)
+        self.shape, self.capacity = tuple(shape), capacity
+        self.buckets = tuple(sorted(set(buckets or default_buckets(capacity))))
+        if self.buckets[-1] != capacity or self.buckets[0] < 1:
+            raise ValueError(f"buckets {self.buckets} must be positive and end at the capacity {capacity}")
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.predictors, self.predictor_cond = dict(predictors or {}), predictor_cond
+        self.conditions = dict(conditions or {})
+        self.max_stages, self.max_waiting, self.policy = max_stages, max_waiting, policy
+        self.device, self.dtype, self.backend = torch.device(device), dtype, backend
+        width = 3 + MAX_HISTORY
+        c = capacity
+        self.y = torch.zeros(c, *self.shape, device=self.device, dtype=dtype)
+        self.stash = torch.zeros_like(self.y)
+        self.hist = torch.zeros(MAX_HISTORY, c, *self.shape, device=self.device, dtype=dtype)
+        coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.rows = torch.zeros(c, max_stages, 2 + 2 * width, device=self.device, dtype=coef_dtype)
+        self.time = torch.zeros(c, max_stages, device=self.device, dtype=dtype)
+        self.step = torch.full((c,), -1, device=self.device, dtype=torch.int32)
+        self.cond = {k: torch.full((c,), lo, device=self.device, dtype=torch.long)
+                     for k, (lo, _) in self.conditions.items()}
+        self.live: list[_Live] = []          # slots 0..n-1
+        self.waiting: deque[tuple[Request, Future]] = deque()
+        self.stats = {"iterations": 0, "admitted": 0, "completed": 0, "failed": 0, "cancelled": 0,
+                      "slot_steps": 0, "padded_steps": 0}
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------------------------------- front
+    def submit(self, request: Request) -> Future:
+        """Queue a request; its future gets the sample ``[*shape]`` (or the reason it failed)."""
+        fut: Future = Future()
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("this batcher is closed")
+            if len(self.waiting) >= self.max_waiting:
+                fut.set_exception(RuntimeError(f"queue full ({self.max_waiting} waiting requests)"))
+                return fut
+            self.waiting.append((request, fut))
+            self._lock.notify()
+        return fut
+
+    def run_all(self, requests: Sequence[Request]) -> list[Tensor]:
+        """Serve ``requests`` to completion in this thread; results in request order (raises the first
+        failure after everything else finished)."""
+        futures = [self.submit(r) for r in requests]
+        while self.pending():
+            self.iterate(flush=True)
+        return [f.result() for f in futures]
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self.waiting) + len(self.live)
+
+    def start(self) -> None:
+        """Run the loop in a background thread (``submit`` from any thread; ``close`` to stop)."""
+        def loop() -> None:
+            while True:
+                with self._lock:
+                    while not self.waiting and not self.live and not self._closing:
+                        self._lock.wait()
+                    if self._closing and not self.waiting and not self.live:
+                        return
+                self.iterate(flush=self._closing)
+
+        self._thread = threading.Thread(target=loop, name="indis-batcher", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting requests, finish the queued ones, join the loop thread."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -------------------------------------------------------------------------------------- iteration
+    def iterate(self, flush: bool = False) -> int:
+        """One iteration (admit, one denoiser call, one fused step, retire); returns the slots stepped.
+
+        ``flush``: no more arrivals are expected (the static policy then runs a partial batch)."""
+        self._drop_cancelled()
+        self._admit(flush)
+        n = len(self.live)
+        if n == 0:
+            return 0
+        b = next(x for x in self.buckets if x >= n)
+        step = self.step[:b]
+        try:
+            sigma = self.time[:b].gather(1, step.clamp(min=0).long()[:, None]).squeeze(1)
+            raw = self.den.raw(self.y[:b], sigma, **{k: v[:b] for k, v in self.cond.items()}).contiguous()
+            table = PackedTable(self.rows[:b], self.time[:b], None, MAX_HISTORY, True)
+            ragged_step(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, step, self.backend)
+        except Exception as e:  # noqa: BLE001 - the failure belongs to the requests in this call
+            log.warning("denoiser call failed for %d requests: %s", n, e)
+            for i in reversed(range(n)):
+                self._finish(i, error=RuntimeError(f"denoiser call failed: {type(e).__name__}: {e}"))
+            return 0
+        live_steps = self.step[:n]
+        live_steps += (live_steps >= 0).to(torch.int32)  # parked (finished, static) slots stay at -1
+        self.stats["iterations"] += 1
+        self.stats["padded_steps"] += b
+        done = []
+        for i, live in enumerate(self.live):
+            if live.step < live.stages:
+                live.step += 1
+                self.stats["slot_steps"] += 1
+                if live.step == live.stages:
+                    self.step[i] = -1  # masked from now on: its state is the result
+            if live.step >= live.stages:
+                done.append(i)
+        if self.policy == "static" and len(done) < n:
+            return n  # a static batch finishes together: finished samples wait, still in the batch
+        for i in reversed(done):
+            self._finish(i)
+        return n
+
+    # --------------------------------------------------------------------------------------- internals
+    def _drop_cancelled(self) -> None:
+        for i in reversed(range(len(self.live))):
+            if self.live[i].future.cancelled():
+                self.stats["cancelled"] += 1
+                self._free(i)
+
+    def _finish(self, i: int, error: Exception | None = None) -> None:
+        fut = self.live[i].future
+        try:
+            if error is None:
+                fut.set_result(self.y[i].clone())
+                self.stats["completed"] += 1
+            else:
+                fut.set_exception(error)
+                self.stats["failed"] += 1
+        except InvalidStateError:  # cancelled meanwhile: its result is dropped, never delivered twice
+            self.stats["cancelled"] += 1
+        self._free(i)
+
+    def _free(self, i: int) -> None:
+        """Move the last active slot into slot i and clear the last one."""
+        last = len(self.live) - 1
+        if i != last:
+            for buf in (self.y, self.stash, self.rows, self.time, self.step, *self.cond.values()):
+                buf[i] = buf[last]
+            self.hist[:, i] = self.hist[:, last]
+            self.live[i] = self.live[last]
+        self.live.pop()
+        self.y[last].zero_()
+        self.step[last] = -1
+        for k, (lo, _) in self.conditions.items():
+            self.cond[k][last] = lo
+
+    def _admit(self, flush: bool) -> None:
+        with self._lock:
+            free = self.capacity - len(self.live)
+            if self.policy == "static" and (self.live or (len(self.waiting) < self.capacity and not flush)):
+                return
+            batch = []
+            while self.waiting and len(batch) < free:
+                req, fut = self.waiting.popleft()
+                if not fut.cancelled():
+                    batch.append((req, fut))
+                else:
+                    self.stats["cancelled"] += 1
+        groups: dict[tuple, list] = {}
+        for req, fut in batch:
+            try:
+                item = self._prepare(req)
+            except Exception as e:  # noqa: BLE001 - bad inputs fail this request alone
+                self.stats["failed"] += 1
+                fut.set_exception(e if isinstance(e, ValueError) else ValueError(str(e)))
+                continue
+            key = (req.solver, req.nfe, tuple(sorted(req.solver_opts.items())), item[2] is not None)
+            groups.setdefault(key, []).append((req, fut, item))
+        for (solver, _, opts, _), members in groups.items():
+            try:
+                self._place(solver, dict(opts), members)
+            except Exception as e:  # noqa: BLE001 - e.g. a solver option error: the group fails
+                for _, fut, _ in members:
+                    self.stats["failed"] += 1
+                    fut.set_exception(e if isinstance(e, ValueError) else ValueError(str(e)))
+
+    def _prepare(self, req: Request) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, dict[str, int]]:
+        """Validate one request: (x_T, grid [N+1], shift, scale, cond) on the CPU in float64."""
+        if (req.x_T is None) == (req.seed is None):
+            raise ValueError("give exactly one of x_T and seed")
+        if req.x_T is not None:
+            x = torch.as_tensor(req.x_T).detach().to("cpu", torch.float64)
+            if tuple(x.shape) != self.shape:
+                raise ValueError(f"x_T has shape {tuple(x.shape)}, this batcher serves {self.shape}")
+            if not torch.isfinite(x).all():
+                raise ValueError("x_T contains NaN or inf")
+        else:
+            x = noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0] * self.sigma_max
+        for k, v in req.cond.items():
+            if k not in self.conditions:
+                raise ValueError(f"unknown condition {k!r}; this batcher takes {sorted(self.conditions)}")
+            lo, hi = self.conditions[k]
+            if not isinstance(v, int) or not lo <= v < hi:
+                raise ValueError(f"condition {k}={v!r} must be an int in [{lo}, {hi})")
+        shift = scale = None
+        sched = req.schedule
+        if isinstance(sched, str) and sched == "predictor":
+            phi = self.predictors.get((req.nfe, req.solver))
+            if phi is None:
+                raise ValueError(f"no predictor for NFE {req.nfe} and {req.solver}; "
+                                 f"have {sorted(self.predictors)}")
+            c = req.cond.get(self.predictor_cond) if self.predictor_cond else None
+            with torch.no_grad():
+                sched = phi(x.to(self.device, torch.float32)[None],
+                            None if c is None else torch.tensor([c], device=self.device))
+        if isinstance(sched, Schedule):
+            grid, shift, scale = (None if v is None else v.detach().to("cpu", torch.float64).reshape(-1)
+                                  for v in (sched.grid, sched.shift, sched.scale))
+        elif isinstance(sched, str):
+            if sched not in HEURISTICS:
+                raise ValueError(f"schedule={sched!r}: use a heuristic {HEURISTICS}, 'predictor' or a grid")
+            grid = get_sigmas(sched, req.nfe, self.sigma_min, self.sigma_max, family=self.den.family)
+        else:
+            grid = torch.as_tensor(sched).detach().to("cpu", torch.float64).reshape(-1)
+        if grid.numel() != req.nfe + 1:
+            raise ValueError(f"the grid has {grid.numel()} points; NFE {req.nfe} needs {req.nfe + 1}")
+        check_grid(grid[None], self.den.family.sigma_range, allow_inf_start=False)
+        for name, v in (("shift", shift), ("scale", scale)):
+            if v is not None and (v.numel() != req.nfe or not torch.isfinite(v).all()):
+                raise ValueError(f"{name} must hold {req.nfe} finite values")
+        return x, grid, shift, scale, dict(req.cond)
+
+    def _place(self, solver: str, opts: dict, members: list) -> None:
+        """Build one table for a group of requests and write it, with their states, into free slots."""
+        grids = torch.stack([m[2][1] for m in members])
+        shift = torch.stack([m[2][2] for m in members]) if members[0][2][2] is not None else None
+        scale = torch.stack([m[2][3] for m in members]) if members[0][2][3] is not None else None
+        table = build_table(solver, grids, self.den.family, prediction=self.den.prediction, shift=shift,
+                            scale=scale, **opts)
+        if table.history > MAX_HISTORY or table.nfe > self.max_stages:
+            raise ValueError(f"{solver} with these options needs {table.nfe} stages and {table.history} "
+                             f"history slots; this batcher holds {self.max_stages} and {MAX_HISTORY}")
+        if table.scaled_input:
+            raise ValueError("shift on a VP/flow model (a rescaled network input) is not served here")
+        g, s, w = len(members), table.nfe, 3 + table.history
+        wide = 3 + MAX_HISTORY
+        rows = torch.zeros(g, s, 2 + 2 * wide, dtype=torch.float64)
+        rows[..., :2] = table.conv
+        rows[..., 2:2 + w] = table.coef[:, :, 0]
+        rows[..., 2 + wide:2 + wide + w] = table.coef[:, :, 1]
+        time = self.den.time(table.sigma_eval)
+        start = len(self.live)
+        slots = slice(start, start + g)
+        self.y[slots] = torch.stack([m[2][0] for m in members]).to(self.device, self.dtype)
+        self.rows[slots] = 0
+        self.rows[slots, :s] = rows.to(self.device, self.rows.dtype)
+        self.time[slots, :s] = time.to(self.device, self.dtype)
+        self.step[slots] = 0
+        for k, (lo, _) in self.conditions.items():
+            vals = [m[2][4].get(k, lo) for m in members]
+            self.cond[k][slots] = torch.tensor(vals, device=self.device)
+        for _, fut, _ in members:
+            self.live.append(_Live(fut, s))
+        self.stats["admitted"] += g

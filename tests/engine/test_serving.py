@@ -1,0 +1,220 @@
+"""Continuous batching: batch invariance over mixed solvers/NFE/grids, failures, cancels, property tests."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import indis
+from indis.engine.convergence import small_mixture
+from indis.engine.serving import ContinuousBatcher, Request
+from indis.engine.teacher import noise_from_seeds
+from tests.devices import KERNEL_DEVICE
+
+SOLVERS = ["ipndm", "unipc", "dpmpp_2m", "heun", "euler", "dpmpp_3m", "ipndm_v"]
+MODEL = small_mixture()
+
+
+def _labelled(x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+    """The mixture's denoiser plus a per-sample offset from the class label (-1 = none)."""
+    return MODEL(x, sigma) + 0.01 * class_labels.clamp(min=0).to(x.dtype).view(-1, 1)
+
+
+def _request(i: int) -> Request:
+    solver = SOLVERS[i % len(SOLVERS)]
+    nfe = [3, 5, 7][i % 3] + (1 if solver == "heun" and i % 2 else 0)
+    return Request(seed=i, nfe=nfe, solver=solver, schedule=["edm", "logsnr", "time_quadratic"][i % 3],
+                   cond={"class_labels": i % 11 - 1})
+
+
+def _alone(req: Request, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    x = noise_from_seeds([req.seed], (6,), dtype=dtype) * 80.0
+    sched = req.schedule if not isinstance(req.schedule, str) else indis.get_sigmas(req.schedule, req.nfe,
+                                                                                    0.002, 80.0)
+    cond = {"class_labels": torch.tensor([req.cond.get("class_labels", -1)])}
+    return indis.sample(_labelled, x, sched, req.solver, cond=cond, **req.solver_opts)[0]
+
+
+def _batcher(**kw) -> ContinuousBatcher:
+    kw.setdefault("dtype", torch.float64)
+    return ContinuousBatcher(_labelled, (6,), conditions={"class_labels": (-1, 10)}, **kw)
+
+
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+def test_mixed_stream_equals_each_request_alone(policy: str) -> None:
+    reqs = [_request(i) for i in range(30)]
+    grid = indis.grid_from_logits(torch.randn(1, 6, generator=torch.Generator().manual_seed(0),
+                                              dtype=torch.float64), 0.002, 80.0)[0]
+    reqs.append(Request(seed=99, nfe=5, solver="unipc", schedule=indis.Schedule(grid, 0.05 * torch.ones(5),
+                                                                                1.01 * torch.ones(5)),
+                        solver_opts={"order": 3}))
+    b = _batcher(capacity=8, policy=policy)
+    out = b.run_all(reqs)
+    for r, o in zip(reqs, out, strict=True):
+        torch.testing.assert_close(o, _alone(r), rtol=1e-10, atol=1e-10)
+    assert b.stats["completed"] == len(reqs) and not b.live and not b.waiting
+    if policy == "continuous":
+        assert b.stats["padded_steps"] < 1.3 * b.stats["slot_steps"]  # little compute wasted on padding
+
+
+def test_predictor_schedules_and_buckets() -> None:
+    cfg = indis.PredictorConfig(indis.ScheduleConfig(nfe=4, sigma_min=0.002, sigma_max=80.0), "ipndm", (6,))
+    phi = indis.Predictor(cfg)
+    torch.nn.init.normal_(phi.out.weight, std=0.05)
+    seen = []
+
+    def model(x, sigma, class_labels):
+        seen.append(x.shape[0])
+        return _labelled(x, sigma, class_labels)
+
+    b = ContinuousBatcher(model, (6,), capacity=12, buckets=(4, 12), predictors={(4, "ipndm"): phi},
+                          conditions={"class_labels": (-1, 10)}, dtype=torch.float64)
+    reqs = [Request(seed=i, nfe=4, schedule="predictor") for i in range(7)]
+    out = b.run_all(reqs)
+    for r, o in zip(reqs, out, strict=True):
+        x = noise_from_seeds([r.seed], (6,), dtype=torch.float64) * 80.0
+        with torch.no_grad():
+            ref = indis.sample(_labelled, x, phi(x.float()), "ipndm",
+                               cond={"class_labels": torch.tensor([-1])})
+        torch.testing.assert_close(o, ref[0], rtol=1e-6, atol=1e-6)
+    assert set(seen) <= {4, 12}
+
+
+def test_bad_requests_fail_alone() -> None:
+    bad = [Request(x_T=torch.zeros(5), nfe=3), Request(x_T=torch.full((6,), float("nan")), nfe=3),
+           Request(seed=1, x_T=torch.zeros(6)), Request(seed=1, schedule="karras"),
+           Request(seed=1, nfe=3, schedule=torch.tensor([80.0, 1.0, 0.5])),
+           Request(seed=1, nfe=2, schedule=torch.tensor([80.0, 90.0, 0.5])),
+           Request(seed=1, cond={"class_labels": 10}), Request(seed=1, cond={"style": 1}),
+           Request(seed=1, schedule="predictor"),
+           Request(seed=1, nfe=3, solver="ipndm", solver_opts={"order": 4}),
+           Request(seed=1, nfe=12, solver="heun")]
+    good = [_request(i) for i in range(6)]
+    b = _batcher(capacity=4)
+    futures = [b.submit(r) for r in bad + good]
+    while b.pending():
+        b.iterate(flush=True)
+    for f in futures[:len(bad)]:
+        assert isinstance(f.exception(), ValueError), f.exception()
+    for r, f in zip(good, futures[len(bad):], strict=True):
+        torch.testing.assert_close(f.result(), _alone(r), rtol=1e-10, atol=1e-10)
+
+
+def test_denoiser_failure_fails_that_call_only() -> None:
+    calls = {"n": 0}
+
+    def flaky(x, sigma, class_labels):
+        calls["n"] += 1
+        if calls["n"] in (3, 9):
+            raise RuntimeError("injected")
+        return _labelled(x, sigma, class_labels)
+
+    b = ContinuousBatcher(flaky, (6,), capacity=4, conditions={"class_labels": (-1, 10)}, dtype=torch.float64)
+    reqs = [_request(i) for i in range(20)]
+    futures = [b.submit(r) for r in reqs]
+    while b.pending():
+        b.iterate(flush=True)
+    failed = [f for f in futures if f.exception() is not None]
+    assert failed and all("injected" in str(f.exception()) for f in failed)
+    assert b.stats["completed"] + b.stats["failed"] == len(reqs) == len(failed) + b.stats["completed"]
+    for r, f in zip(reqs, futures, strict=True):
+        if f.exception() is None:
+            torch.testing.assert_close(f.result(), _alone(r), rtol=1e-10, atol=1e-10)
+
+
+def test_cancel_waiting_and_in_flight() -> None:
+    b = _batcher(capacity=3)
+    reqs = [_request(i) for i in range(9)]
+    futures = [b.submit(r) for r in reqs]
+    b.iterate()                        # 3 in flight
+    assert futures[1].cancel() and futures[7].cancel()
+    while b.pending():
+        b.iterate(flush=True)
+    assert futures[1].cancelled() and futures[7].cancelled()
+    for i, f in enumerate(futures):
+        if i not in (1, 7):
+            torch.testing.assert_close(f.result(), _alone(reqs[i]), rtol=1e-10, atol=1e-10)
+    assert b.stats["cancelled"] == 2 and not b.live
+
+
+def test_background_thread_front_and_bounded_queue() -> None:
+    b = _batcher(capacity=4, max_waiting=50)
+    b.start()
+    results: dict[int, torch.Tensor] = {}
+
+    def client(lo: int) -> None:
+        for i in range(lo, lo + 8):
+            results[i] = b.submit(_request(i)).result(timeout=60)
+
+    threads = [threading.Thread(target=client, args=(k * 8,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    b.close(timeout=60)
+    assert sorted(results) == list(range(24))
+    for i, r in results.items():
+        torch.testing.assert_close(r, _alone(_request(i)), rtol=1e-10, atol=1e-10)
+    with pytest.raises(RuntimeError, match="closed"):
+        b.submit(_request(0))
+    full = _batcher(capacity=2, max_waiting=3)
+    futures = [full.submit(_request(i)) for i in range(5)]
+    assert "queue full" in str(futures[4].exception())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 3), st.booleans(), st.booleans()), min_size=1, max_size=25),
+       st.integers(1, 5))
+def test_random_arrivals_cancels_and_failures(events, capacity) -> None:
+    """Each event: submit k requests, maybe cancel the oldest unfinished one, maybe make the next call fail.
+    Every future ends exactly once; nothing is stuck; the pool never exceeds its capacity."""
+    fail_next = {"on": False}
+
+    def model(x, sigma, class_labels):
+        if fail_next["on"]:
+            fail_next["on"] = False
+            raise RuntimeError("injected")
+        return _labelled(x, sigma, class_labels)
+
+    b = ContinuousBatcher(model, (6,), capacity=capacity, conditions={"class_labels": (-1, 10)},
+                          dtype=torch.float64)
+    futures, ends = [], []
+    for k, cancel, fail in events:
+        for _ in range(k):
+            i = len(futures)
+            f = b.submit(_request(i))
+            f.add_done_callback(lambda f, i=i: ends.append(i))
+            futures.append(f)
+        if cancel:
+            open_ = [f for f in futures if not f.done()]
+            if open_:
+                open_[0].cancel()
+        fail_next["on"] = fail
+        b.iterate()
+        assert len(b.live) <= capacity
+    while b.pending():
+        b.iterate(flush=True)
+    assert all(f.done() for f in futures)
+    assert sorted(ends) == list(range(len(futures)))  # each future finished exactly once
+    for i, f in enumerate(futures):
+        if not f.cancelled() and f.exception() is None:
+            torch.testing.assert_close(f.result(), _alone(_request(i)), rtol=1e-10, atol=1e-10)
+
+
+def test_triton_kernel_serves_the_pool() -> None:
+    reqs = [_request(i) for i in range(10)]
+    dev = KERNEL_DEVICE
+    model = small_mixture().to(dev)
+
+    def labelled(x, s, class_labels):
+        return model(x, s) + 0.01 * class_labels.clamp(min=0).to(x.dtype).view(-1, 1)
+
+    b = ContinuousBatcher(labelled, (6,), capacity=4, conditions={"class_labels": (-1, 10)}, device=dev,
+                          backend="triton")
+    out = b.run_all(reqs)
+    for r, o in zip(reqs, out, strict=True):
+        torch.testing.assert_close(o.cpu().double(), _alone(r), rtol=1e-4, atol=1e-3)
