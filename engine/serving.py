@@ -124,6 +124,7 @@ class ContinuousBatcher:
         self.waiting: deque[tuple[Request, Future]] = deque()
         self.stats = {"iterations": 0, "admitted": 0, "completed": 0, "failed": 0, "cancelled": 0,
                       "slot_steps": 0, "padded_steps": 0}
+        self._tables: dict[tuple, tuple[Tensor, Tensor, int]] = {}  # heuristic schedules: one table each
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -271,9 +272,10 @@ class ContinuousBatcher:
                 self.stats["failed"] += 1
                 fut.set_exception(e if isinstance(e, ValueError) else ValueError(str(e)))
                 continue
-            key = (req.solver, req.nfe, tuple(sorted(req.solver_opts.items())), item[2] is not None)
+            key = (req.solver, req.nfe, tuple(sorted(req.solver_opts.items())), item[2] is not None,
+                   item[1] if isinstance(item[1], tuple) else None)
             groups.setdefault(key, []).append((req, fut, item))
-        for (solver, _, opts, _), members in groups.items():
+        for (solver, _, opts, _, _), members in groups.items():
             try:
                 self._place(solver, dict(opts), members)
             except Exception as e:  # noqa: BLE001 - e.g. a solver option error: the group fails
@@ -281,8 +283,9 @@ class ContinuousBatcher:
                     self.stats["failed"] += 1
                     fut.set_exception(e if isinstance(e, ValueError) else ValueError(str(e)))
 
-    def _prepare(self, req: Request) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, dict[str, int]]:
-        """Validate one request: (x_T, grid [N+1], shift, scale, cond) on the CPU in float64."""
+    def _prepare(self, req: Request) -> tuple[Tensor, Tensor | tuple, Tensor | None, Tensor | None,
+                                              dict[str, int]]:
+        """Validate one request: (x_T, grid [N+1] or a cached table's key, shift, scale, cond) in float64."""
         if (req.x_T is None) == (req.seed is None):
             raise ValueError("give exactly one of x_T and seed")
         if req.x_T is not None:
@@ -301,6 +304,12 @@ class ContinuousBatcher:
                 raise ValueError(f"condition {k}={v!r} must be an int in [{lo}, {hi})")
         shift = scale = None
         sched = req.schedule
+        if isinstance(sched, str) and sched in HEURISTICS:  # the same table for every such request: cached
+            key = (req.solver, req.nfe, sched, tuple(sorted(req.solver_opts.items())))
+            if key not in self._tables:
+                grid = get_sigmas(sched, req.nfe, self.sigma_min, self.sigma_max, family=self.den.family)
+                self._tables[key] = self._table(req.solver, req.solver_opts, grid[None], None, None)
+            return x, key, None, None, dict(req.cond)
         if isinstance(sched, str) and sched == "predictor":
             phi = self.predictors.get((req.nfe, req.solver))
             if phi is None:
@@ -314,9 +323,7 @@ class ContinuousBatcher:
             grid, shift, scale = (None if v is None else v.detach().to("cpu", torch.float64).reshape(-1)
                                   for v in (sched.grid, sched.shift, sched.scale))
         elif isinstance(sched, str):
-            if sched not in HEURISTICS:
-                raise ValueError(f"schedule={sched!r}: use a heuristic {HEURISTICS}, 'predictor' or a grid")
-            grid = get_sigmas(sched, req.nfe, self.sigma_min, self.sigma_max, family=self.den.family)
+            raise ValueError(f"schedule={sched!r}: use a heuristic {HEURISTICS}, 'predictor' or a grid")
         else:
             grid = torch.as_tensor(sched).detach().to("cpu", torch.float64).reshape(-1)
         if grid.numel() != req.nfe + 1:
@@ -327,11 +334,10 @@ class ContinuousBatcher:
                 raise ValueError(f"{name} must hold {req.nfe} finite values")
         return x, grid, shift, scale, dict(req.cond)
 
-    def _place(self, solver: str, opts: dict, members: list) -> None:
-        """Build one table for a group of requests and write it, with their states, into free slots."""
-        grids = torch.stack([m[2][1] for m in members])
-        shift = torch.stack([m[2][2] for m in members]) if members[0][2][2] is not None else None
-        scale = torch.stack([m[2][3] for m in members]) if members[0][2][3] is not None else None
+    def _table(self, solver: str, opts: dict, grids: Tensor, shift: Tensor | None,
+               scale: Tensor | None) -> tuple[Tensor, Tensor, int]:
+        """Coefficient rows ``[g, S, R]`` laid out for the pool (history padded to MAX_HISTORY), the network
+        times ``[g, S]`` and S, for ``g`` grids of one solver."""
         table = build_table(solver, grids, self.den.family, prediction=self.den.prediction, shift=shift,
                             scale=scale, **opts)
         if table.history > MAX_HISTORY or table.nfe > self.max_stages:
@@ -339,19 +345,31 @@ class ContinuousBatcher:
                              f"history slots; this batcher holds {self.max_stages} and {MAX_HISTORY}")
         if table.scaled_input:
             raise ValueError("shift on a VP/flow model (a rescaled network input) is not served here")
-        g, s, w = len(members), table.nfe, 3 + table.history
+        g, s, w = grids.shape[0], table.nfe, 3 + table.history
         wide = 3 + MAX_HISTORY
         rows = torch.zeros(g, s, 2 + 2 * wide, dtype=torch.float64)
         rows[..., :2] = table.conv
         rows[..., 2:2 + w] = table.coef[:, :, 0]
         rows[..., 2 + wide:2 + wide + w] = table.coef[:, :, 1]
-        time = self.den.time(table.sigma_eval)
-        start = len(self.live)
-        slots = slice(start, start + g)
+        time = self.den.time(table.sigma_eval).to(self.device, self.dtype)
+        return rows.to(self.device, self.rows.dtype), time, s
+
+    def _place(self, solver: str, opts: dict, members: list) -> None:
+        """Write a group's tables (cached or built together) and states into the next free slots."""
+        first = members[0][2][1]
+        if isinstance(first, tuple):  # a cached heuristic table, shared by the whole group
+            rows, time, s = self._tables[first]
+            rows, time = rows.expand(len(members), -1, -1), time.expand(len(members), -1)
+        else:
+            stack = [torch.stack([m[2][k] for m in members]) if members[0][2][k] is not None else None
+                     for k in (1, 2, 3)]
+            rows, time, s = self._table(solver, opts, *stack)
+        g = len(members)
+        slots = slice(len(self.live), len(self.live) + g)
         self.y[slots] = torch.stack([m[2][0] for m in members]).to(self.device, self.dtype)
         self.rows[slots] = 0
-        self.rows[slots, :s] = rows.to(self.device, self.rows.dtype)
-        self.time[slots, :s] = time.to(self.device, self.dtype)
+        self.rows[slots, :s] = rows
+        self.time[slots, :s] = time
         self.step[slots] = 0
         for k, (lo, _) in self.conditions.items():
             vals = [m[2][4].get(k, lo) for m in members]

@@ -1,0 +1,127 @@
+"""Continuous vs static batching on a heterogeneous request stream (mirrors ``engine/serving.py``).
+
+The project's digits UNet, requests with NFE drawn from ``--nfe`` (iPNDM, EDM grids, one seed each) arriving
+as a Poisson process at ``--rate`` requests/s (``inf``: all at t = 0, a saturated server). Both policies use
+the same :class:`~indis.engine.serving.ContinuousBatcher` (capacity ``--capacity``): ``continuous`` admits
+into free slots every iteration; ``static`` waits for a full batch and runs it to its longest request, as a
+server without ragged solvers does. Reports samples/s (requests / time from first arrival to last result),
+latency P50/P95/P99 (result time - arrival time), the compute spent (denoiser rows incl. padding per useful
+row), host time per iteration outside the denoiser, and the max difference between the two policies' samples
+(the same per-sample computation, so "equal quality" is checked, not assumed).
+
+Run:  python benchmarks/bench_serving.py [--requests 256] [--capacity 32] [--nfe 3,5,7] [--rate inf,400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+from indis.engine.digits import load_backbone
+from indis.engine.serving import ContinuousBatcher, Request
+
+
+class Timed:
+    """Wraps the denoiser and accumulates its wall time (so host time per iteration can be separated)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net, self.seconds = net, 0.0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.net(x, sigma)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def serve(policy: str, requests: list[Request], arrivals: list[float], capacity: int,
+          buckets: tuple[int, ...] | None) -> dict:
+    model = Timed(load_backbone("unet"))
+    batcher = ContinuousBatcher(model, (1, 8, 8), capacity=capacity, policy=policy, buckets=buckets)
+    batcher.run_all(requests[:capacity])  # warm-up (allocator, first calls)
+    model.seconds, batcher.stats = 0.0, dict.fromkeys(batcher.stats, 0)
+    done_at: dict[int, float] = {}
+    futures = []
+    t0 = time.perf_counter()
+    loop_s, i = 0.0, 0
+    with torch.no_grad():
+        while len(done_at) < len(requests):
+            now = time.perf_counter() - t0
+            while i < len(requests) and arrivals[i] <= now:
+                f = batcher.submit(requests[i])
+                f.add_done_callback(lambda f, i=i: done_at.__setitem__(i, time.perf_counter() - t0))
+                futures.append(f)
+                i += 1
+            t_it = time.perf_counter()
+            n = batcher.iterate(flush=i == len(requests))
+            loop_s += time.perf_counter() - t_it
+            if n == 0 and i < len(requests):
+                time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - t0)))
+    lat = sorted(done_at[k] - arrivals[k] for k in done_at)
+    span = max(done_at.values()) - arrivals[0]
+    st = batcher.stats
+
+    def q(p: float) -> float:
+        return lat[min(len(lat) - 1, round(p * (len(lat) - 1)))] * 1e3
+
+    return {"samples_per_s": len(requests) / span, "p50_ms": statistics.median(lat) * 1e3, "p95_ms": q(0.95),
+            "p99_ms": q(0.99), "iterations": st["iterations"], "rows_per_useful_row":
+            st["padded_steps"] / st["slot_steps"], "host_ms_per_iteration":
+            (loop_s - model.seconds) / st["iterations"] * 1e3, "denoiser_ms_per_iteration":
+            model.seconds / st["iterations"] * 1e3, "results": [f.result() for f in futures]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--capacity", type=int, default=32)
+    ap.add_argument("--nfe", default="3,5,7")
+    ap.add_argument("--rate", default="inf,400", help="Poisson arrival rates (requests/s), comma-separated")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--buckets", default=None, help="batch-size buckets, e.g. 8,16,32 (default: the capacity "
+                    "only -- on CPU a changing batch shape costs oneDNN more than the padding saves)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    nfes = [int(v) for v in args.nfe.split(",")]
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(nfes), (args.requests,), generator=g).tolist()
+    requests = [Request(seed=k, nfe=nfes[p], solver="ipndm", schedule="edm") for k, p in enumerate(picks)]
+    env = {"torch": torch.__version__, "threads": args.threads, "python": sys.version.split()[0]}
+    out: dict = {"env": env, "requests": args.requests, "capacity": args.capacity, "nfe": nfes, "runs": {}}
+    print(f"# Continuous vs static batching: digits UNet, {args.requests} requests, NFE from {nfes} "
+          f"(mean {statistics.mean(nfes[p] for p in picks):.2f}), capacity {args.capacity}, "
+          f"{args.threads} threads\n")
+    print("| arrivals | policy | samples/s | P50 / P95 / P99 latency ms | denoiser rows per useful row | "
+          "iterations | host ms / iteration | denoiser ms / iteration |\n|---|---|---|---|---|---|---|---|")
+    for rate_s in args.rate.split(","):
+        rate = float(rate_s)
+        gaps = torch.empty(args.requests).exponential_(generator=g).tolist()
+        arrivals = [0.0] * args.requests if math.isinf(rate) else list(
+            torch.tensor(gaps).div(rate).cumsum(0).sub(gaps[0] / rate).tolist())
+        buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else (args.capacity,)
+        runs = {p: serve(p, requests, arrivals, args.capacity, buckets) for p in ("continuous", "static")}
+        label = "all at t=0" if math.isinf(rate) else f"Poisson {rate:g}/s"
+        for p, r in runs.items():
+            print(f"| {label} | {p} | {r['samples_per_s']:.0f} | {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / "
+                  f"{r['p99_ms']:.0f} | {r['rows_per_useful_row']:.2f} | {r['iterations']} | "
+                  f"{r['host_ms_per_iteration']:.2f} | {r['denoiser_ms_per_iteration']:.2f} |", flush=True)
+        diff = max(float((a - b).abs().max()) for a, b in zip(runs["continuous"].pop("results"),
+                                                              runs["static"].pop("results"), strict=True))
+        ratio = runs["continuous"]["samples_per_s"] / runs["static"]["samples_per_s"]
+        print(f"| {label} | continuous / static | {ratio:.2f}x | | | | | max sample difference {diff:.1e} |")
+        out["runs"][label] = {**runs, "throughput_ratio": ratio, "max_sample_difference": diff}
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
