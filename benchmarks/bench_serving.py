@@ -30,37 +30,46 @@ from indis.engine.serving import ContinuousBatcher, Request
 class Timed:
     """Wraps the denoiser and accumulates its wall time (so host time per iteration can be separated)."""
 
-    def __init__(self, net: torch.nn.Module) -> None:
-        self.net, self.seconds = net, 0.0
+    def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
+        self.net, self.seconds, self.cuda = net, 0.0, device.type == "cuda"
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = self.net(x, sigma)
+        if self.cuda:
+            torch.cuda.synchronize()
         self.seconds += time.perf_counter() - t0
         return out
 
 
 def serve(policy: str, requests: list[Request], arrivals: list[float], capacity: int,
-          buckets: tuple[int, ...] | None) -> dict:
-    model = Timed(load_backbone("unet"))
-    batcher = ContinuousBatcher(model, (1, 8, 8), capacity=capacity, policy=policy, buckets=buckets)
+          buckets: tuple[int, ...] | None, device: torch.device) -> dict:
+    model = Timed(load_backbone("unet").to(device), device)
+    batcher = ContinuousBatcher(model, (1, 8, 8), capacity=capacity, policy=policy, buckets=buckets,
+                                device=device)
     batcher.run_all(requests[:capacity])  # warm-up (allocator, first calls)
     model.seconds, batcher.stats = 0.0, dict.fromkeys(batcher.stats, 0)
     done_at: dict[int, float] = {}
-    futures = []
+    futures: list = []
     t0 = time.perf_counter()
     loop_s, i = 0.0, 0
     with torch.no_grad():
         while len(done_at) < len(requests):
             now = time.perf_counter() - t0
             while i < len(requests) and arrivals[i] <= now:
-                f = batcher.submit(requests[i])
-                f.add_done_callback(lambda f, i=i: done_at.__setitem__(i, time.perf_counter() - t0))
-                futures.append(f)
+                futures.append(batcher.submit(requests[i]))
                 i += 1
             t_it = time.perf_counter()
             n = batcher.iterate(flush=i == len(requests))
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # results are ready when stamped
             loop_s += time.perf_counter() - t_it
+            stamp = time.perf_counter() - t0
+            for k, f in enumerate(futures):
+                if k not in done_at and f.done():
+                    done_at[k] = stamp
             if n == 0 and i < len(requests):
                 time.sleep(max(0.0, arrivals[i] - (time.perf_counter() - t0)))
     lat = sorted(done_at[k] - arrivals[k] for k in done_at)
@@ -74,7 +83,7 @@ def serve(policy: str, requests: list[Request], arrivals: list[float], capacity:
             "p99_ms": q(0.99), "iterations": st["iterations"], "rows_per_useful_row":
             st["padded_steps"] / st["slot_steps"], "host_ms_per_iteration":
             (loop_s - model.seconds) / st["iterations"] * 1e3, "denoiser_ms_per_iteration":
-            model.seconds / st["iterations"] * 1e3, "results": [f.result() for f in futures]}
+            model.seconds / st["iterations"] * 1e3, "results": [f.result().cpu() for f in futures]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,18 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--buckets", default=None, help="batch-size buckets, e.g. 8,16,32 (default: the capacity "
                     "only -- on CPU a changing batch shape costs oneDNN more than the padding saves)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     nfes = [int(v) for v in args.nfe.split(",")]
     g = torch.Generator().manual_seed(0)
     picks = torch.randint(0, len(nfes), (args.requests,), generator=g).tolist()
     requests = [Request(seed=k, nfe=nfes[p], solver="ipndm", schedule="edm") for k, p in enumerate(picks)]
-    env = {"torch": torch.__version__, "threads": args.threads, "python": sys.version.split()[0]}
+    env = {"torch": torch.__version__, "threads": args.threads, "python": sys.version.split()[0],
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     out: dict = {"env": env, "requests": args.requests, "capacity": args.capacity, "nfe": nfes, "runs": {}}
     print(f"# Continuous vs static batching: digits UNet, {args.requests} requests, NFE from {nfes} "
           f"(mean {statistics.mean(nfes[p] for p in picks):.2f}), capacity {args.capacity}, "
-          f"{args.threads} threads\n")
+          f"{env['device']}, {args.threads} threads\n")
     print("| arrivals | policy | samples/s | P50 / P95 / P99 latency ms | denoiser rows per useful row | "
           "iterations | host ms / iteration | denoiser ms / iteration |\n|---|---|---|---|---|---|---|---|")
     for rate_s in args.rate.split(","):
@@ -106,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         arrivals = [0.0] * args.requests if math.isinf(rate) else list(
             torch.tensor(gaps).div(rate).cumsum(0).sub(gaps[0] / rate).tolist())
         buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else (args.capacity,)
-        runs = {p: serve(p, requests, arrivals, args.capacity, buckets) for p in ("continuous", "static")}
+        runs = {p: serve(p, requests, arrivals, args.capacity, buckets, device)
+                for p in ("continuous", "static")}
         label = "all at t=0" if math.isinf(rate) else f"Poisson {rate:g}/s"
         for p, r in runs.items():
             print(f"| {label} | {p} | {r['samples_per_s']:.0f} | {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / "
