@@ -8,7 +8,8 @@
 # importlib_metadata for the diffusers comparison) are installed from ./.whl if that folder exists (see
 # benchmarks/README.md). Results go to $INDIS_RESULTS, else $OUT (the device tool's output folder), else
 # benchmarks/results. Each stage has its own time limit; a failing stage is recorded and the suite goes on.
-# INDIS_SUITE_STAGES="tests kernel e2e serving export nvtx" (the default) selects stages.
+# INDIS_SUITE_STAGES="tests kernel e2e serving export nvtx" (the default) selects stages; INDIS_SUITE_TESTS
+# the test paths of the tests stage.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
@@ -46,11 +47,11 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, keep its log and 
   echo "== $name: exit $rc in $((SECONDS - t0)) s"
 }
 
-STAGES="${INDIS_SUITE_STAGES:-tests kernel e2e serving export nvtx}"  # a subset reruns only those stages
+STAGES="${INDIS_SUITE_STAGES:-tests kernel e2e serving export nvtx}"
+TESTS="${INDIS_SUITE_TESTS:-tests/kernels tests/engine/test_graphs.py tests/export tests/engine/test_serving.py}"  # a subset reruns only those stages
 for name in $STAGES; do
   case "$name" in
-    tests) stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/kernels tests/engine/test_graphs.py \
-      tests/export tests/engine/test_serving.py ;;
+    tests) stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs $TESTS ;;
     kernel) stage kernel 150 "$PY" benchmarks/bench_ragged_step.py --json "$WORK/kernel.json" ;;
     e2e) stage e2e 200 "$PY" benchmarks/bench_sampling_e2e.py --json "$WORK/e2e.json" ;;
     serving) stage serving 200 "$PY" benchmarks/bench_serving.py --device cuda --requests 512 --capacity 64 \
