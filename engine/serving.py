@@ -196,61 +196,66 @@ class ContinuousBatcher:
             ragged_step(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, step, self.backend)
         except Exception as e:  # noqa: BLE001 - the failure belongs to the requests in this call
             log.warning("denoiser call failed for %d requests: %s", n, e)
-            for i in reversed(range(n)):
-                self._finish(i, error=RuntimeError(f"denoiser call failed: {type(e).__name__}: {e}"))
+            self._release(list(range(n)), RuntimeError(f"denoiser call failed: {type(e).__name__}: {e}"))
             return 0
         live_steps = self.step[:n]
         live_steps += (live_steps >= 0).to(torch.int32)  # parked (finished, static) slots stay at -1
         self.stats["iterations"] += 1
         self.stats["padded_steps"] += b
-        done = []
+        done, just = [], []
         for i, live in enumerate(self.live):
             if live.step < live.stages:
                 live.step += 1
                 self.stats["slot_steps"] += 1
                 if live.step == live.stages:
-                    self.step[i] = -1  # masked from now on: its state is the result
+                    just.append(i)
             if live.step >= live.stages:
                 done.append(i)
         if self.policy == "static" and len(done) < n:
-            return n  # a static batch finishes together: finished samples wait, still in the batch
-        for i in reversed(done):
-            self._finish(i)
+            if just:  # a static batch finishes together: finished samples wait, masked, still in the batch
+                self.step[torch.tensor(just, device=self.device)] = -1
+            return n
+        self._release(done)
         return n
 
     # --------------------------------------------------------------------------------------- internals
     def _drop_cancelled(self) -> None:
-        for i in reversed(range(len(self.live))):
-            if self.live[i].future.cancelled():
-                self.stats["cancelled"] += 1
-                self._free(i)
+        gone = [i for i, live in enumerate(self.live) if live.future.cancelled()]
+        self.stats["cancelled"] += len(gone)
+        self._release(gone, deliver=False)
 
-    def _finish(self, i: int, error: Exception | None = None) -> None:
-        fut = self.live[i].future
-        try:
-            if error is None:
-                fut.set_result(self.y[i].clone())
-                self.stats["completed"] += 1
-            else:
-                fut.set_exception(error)
-                self.stats["failed"] += 1
-        except InvalidStateError:  # cancelled meanwhile: its result is dropped, never delivered twice
-            self.stats["cancelled"] += 1
-        self._free(i)
-
-    def _free(self, i: int) -> None:
-        """Move the last active slot into slot i and clear the last one."""
-        last = len(self.live) - 1
-        if i != last:
+    def _release(self, gone: list[int], error: Exception | None = None, deliver: bool = True) -> None:
+        """Deliver the results (or ``error``) of slots ``gone``, then compact the pool: one gather per buffer
+        moves the remaining slots to the front, the freed tail is cleared."""
+        if not gone:
+            return
+        n = len(self.live)
+        if deliver:
+            results = self.y[torch.tensor(gone, device=self.device)].unbind(0) if error is None else None
+            for k, i in enumerate(gone):
+                fut = self.live[i].future
+                try:
+                    if error is None:
+                        fut.set_result(results[k])
+                        self.stats["completed"] += 1
+                    else:
+                        fut.set_exception(error)
+                        self.stats["failed"] += 1
+                except InvalidStateError:  # cancelled meanwhile: dropped, never delivered twice
+                    self.stats["cancelled"] += 1
+        drop = set(gone)
+        keep = [i for i in range(n) if i not in drop]
+        m = len(keep)
+        if keep != list(range(m)):
+            idx = torch.tensor(keep, device=self.device)
             for buf in (self.y, self.stash, self.rows, self.time, self.step, *self.cond.values()):
-                buf[i] = buf[last]
-            self.hist[:, i] = self.hist[:, last]
-            self.live[i] = self.live[last]
-        self.live.pop()
-        self.y[last].zero_()
-        self.step[last] = -1
+                buf[:m] = buf[idx]
+            self.hist[:, :m] = self.hist[:, idx]
+        self.live = [self.live[i] for i in keep]
+        self.y[m:n].zero_()
+        self.step[m:n] = -1
         for k, (lo, _) in self.conditions.items():
-            self.cond[k][last] = lo
+            self.cond[k][m:n] = lo
 
     def _admit(self, flush: bool) -> None:
         with self._lock:
