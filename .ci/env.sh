@@ -22,3 +22,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -e ".[test,plot,export]"
   echo "$want" > "$stamp"
 fi
+# The optional C++ extension (CPU fused step): built where a compiler and cmake exist, skipped otherwise.
+bash .ci/build_native.sh

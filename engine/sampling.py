@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from indis.kernels.ragged_step import PackedTable, backend_for, pack_table, ragged_step
+from indis.kernels.ragged_step import PackedTable, backend_for, fused, pack_table, ragged_step
 
 from .families import Denoiser, Flow, as_denoiser
 from .profiling import nvtx_range
@@ -210,11 +210,23 @@ def run_fused(plan: Plan, x: Tensor, cond: dict | None = None,
     return y
 
 
+def _needs_autograd(plan: Plan, x: Tensor) -> bool:
+    """Whether gradients must flow through the loop (to x, the schedule or the model's parameters): the
+    fused step updates buffers in place outside autograd, so then the reference loop runs."""
+    if not torch.is_grad_enabled():
+        return False
+    net = plan.denoiser.net
+    params = net.parameters() if isinstance(net, torch.nn.Module) else ()
+    return (x.requires_grad or plan.table.coef.requires_grad or plan.table.conv.requires_grad
+            or any(p.requires_grad for p in params))
+
+
 def run(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
         backend: str | None = None) -> Tensor:
-    """Run a prepared plan: the fused loop when the backend is triton, else the torch reference loop."""
+    """Run a prepared plan: the fused loop when the backend has a fused step (triton on CUDA, the C++
+    extension on CPU) and no gradient has to flow through the loop, else the torch reference loop."""
     backend = backend or backend_for(x.device)
-    if backend == "triton" and x.dtype != torch.float64:
+    if fused(backend, x.dtype) and not _needs_autograd(plan, x):
         return run_fused(plan, x, cond, callback, backend)
     return run_table(plan, x, cond, callback)
 
@@ -232,8 +244,9 @@ def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | 
     are INDIS's per-step evaluation shift (the network sees ``sigma_n * exp(shift_n)``) and output scale
     (x0 multiplied by ``scale_n``), ``[N]`` or ``[B, N]``. ``solver_opts``: ``order``, ``frame``,
     ``variant`` (UniPC bh1/bh2), ``corrector``, ``disable_corrector``, ``lower_order_final`` -- see
-    ``solvers.build_table``. ``backend``: ``"triton"`` (fused kernel, the default on CUDA) or ``"torch"``
-    (the reference loop, the default elsewhere); ``INDIS_KERNELS`` sets the default.
+    ``solvers.build_table``. ``backend``: ``"triton"`` (fused kernel, the default on CUDA), ``"native"``
+    (the C++ fused step, the default on CPU where it is built) or ``"torch"`` (the reference loop);
+    ``INDIS_KERNELS`` sets the default. When gradients must flow (tuning), the reference loop runs.
     """
     plan = prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts)
     return run(plan, x, cond, callback, backend)

@@ -15,7 +15,8 @@ pool whose slots sit at different stages of different grids. A sample whose ``st
 (finished or idle) is neither read nor written. Inputs whose coefficient is exactly zero are not loaded (an
 early stage never reads history slots nothing has written yet).
 
-:func:`ragged_step_torch` is the readable reference of the kernel; :func:`ragged_step` dispatches.
+:func:`ragged_step_torch` is the readable reference of the kernel; :func:`ragged_step` dispatches (Triton on
+CUDA, the optional C++ twin ``indis.kernels.native`` on CPU, the reference otherwise).
 Storage may be float32, float16 or bfloat16; arithmetic is always float32 (float64 storage: float64, torch
 only). Updates are in place and safe: every element is read before it is written, by the same program.
 ``hist`` is ``[K, B, ...]`` and may be a slice ``pool[:, :B]`` of a larger slot pool (each slot contiguous);
@@ -208,20 +209,25 @@ def ragged_step_triton(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tenso
         USES_STASH=table.uses_stash, BLOCK=block, num_warps=num_warps)
 
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "native", "torch")
 
 
 def backend_for(device: torch.device) -> str:
-    """``INDIS_KERNELS`` if set (triton|torch), else triton on CUDA and torch elsewhere.
+    """``INDIS_KERNELS`` if set (triton|native|torch), else triton on CUDA, the C++ extension on CPU where it
+    is built (``indis.kernels.native``), torch elsewhere.
 
     The triton backend on a CPU tensor needs ``TRITON_INTERPRET=1`` (set before triton kernels are defined):
     that is how the tests run the kernel without a GPU.
     """
+    from indis.kernels import native
+
     choice = os.environ.get("INDIS_KERNELS", "").strip().lower()
     if choice and choice not in BACKENDS:
         raise ValueError(f"INDIS_KERNELS={choice!r}: choose one of {BACKENDS}")
     if not choice:
-        return "triton" if device.type == "cuda" and triton is not None else "torch"
+        if device.type == "cuda":
+            return "triton" if triton is not None else "torch"
+        return "native" if device.type == "cpu" and native.available() else "torch"
     if choice == "triton":
         if triton is None:
             raise RuntimeError("INDIS_KERNELS=triton but the `triton` package is not installed")
@@ -229,14 +235,26 @@ def backend_for(device: torch.device) -> str:
             raise RuntimeError(f"INDIS_KERNELS=triton on {device.type}: set TRITON_INTERPRET=1 before "
                                "importing indis to run the kernel in Triton's interpreter, or use "
                                "INDIS_KERNELS=torch")
+    if choice == "native" and not native.available():
+        raise RuntimeError(f"INDIS_KERNELS=native: {native.REASON}")
     return choice
+
+
+def fused(backend: str, dtype: torch.dtype) -> bool:
+    """Whether ``backend`` has a fused step for this storage dtype (else the torch reference serves)."""
+    return (backend == "triton" and dtype in STORAGE_DTYPES) or (backend == "native" and dtype in (
+        torch.float32, torch.float64))
 
 
 def ragged_step(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
                 step: Tensor, backend: str | None = None) -> None:
     """Advance each sample by one stage of its own table (in place); see the module docstring."""
     backend = backend or backend_for(y.device)
-    if backend == "triton" and y.dtype != torch.float64:
+    if not fused(backend, y.dtype):
+        ragged_step_torch(y, raw, stash, hist, table, step)
+    elif backend == "triton":
         ragged_step_triton(y, raw, stash, hist, table, step)
     else:
-        ragged_step_torch(y, raw, stash, hist, table, step)
+        from indis.kernels.native import ragged_step_native
+
+        ragged_step_native(y, raw, stash, hist, table, step)

@@ -218,3 +218,17 @@ def test_triton_kernel_serves_the_pool() -> None:
     out = b.run_all(reqs)
     for r, o in zip(reqs, out, strict=True):
         torch.testing.assert_close(o.cpu().double(), _alone(r), rtol=1e-4, atol=1e-3)
+
+
+def test_native_and_python_paths_agree_exactly() -> None:
+    """The C++ step and the torch reference give bit-identical pools (float32), so a machine without a
+    compiler serves the same samples."""
+    from indis.kernels import native
+
+    if not native.available():
+        pytest.skip(native.REASON)
+    reqs = [_request(i) for i in range(24)]
+    outs = [ContinuousBatcher(_labelled, (6,), capacity=6, conditions={"class_labels": (-1, 10)},
+                              backend=backend).run_all(reqs) for backend in ("native", "torch")]
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)

@@ -14,6 +14,7 @@ import indis
 from indis.engine.convergence import small_mixture
 from indis.engine.families import Denoiser, Flow, VPLinear
 from indis.engine.sampling import prepare, run, run_fused, run_table
+from indis.kernels import native
 from indis.kernels.ragged_step import (
     backend_for,
     pack_table,
@@ -178,7 +179,7 @@ def test_in_place_and_out_of_range_inputs_are_rejected() -> None:
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     monkeypatch.delenv("INDIS_KERNELS", raising=False)
-    assert backend_for(cpu) == "torch"
+    assert backend_for(cpu) == ("native" if native.available() else "torch")
     assert backend_for(torch.device("cuda")) == "triton"
     monkeypatch.setenv("INDIS_KERNELS", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -189,6 +190,12 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INDIS_KERNELS", "cuda")
     with pytest.raises(ValueError, match="INDIS_KERNELS"):
         backend_for(cpu)
+    monkeypatch.setenv("INDIS_KERNELS", "native")
+    monkeypatch.setattr(native, "available", lambda: False)
+    with pytest.raises(RuntimeError, match="INDIS_KERNELS=native"):
+        backend_for(cpu)
+    monkeypatch.delenv("INDIS_KERNELS")
+    assert backend_for(cpu) == "torch"  # no extension: the pure-Python path
 
 
 def test_sample_dispatches_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -229,3 +236,15 @@ def test_kernel_on_the_leading_slots_of_a_pool(solver: str, opts: dict) -> None:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outs[0][k][..., 4:, :] if k == "hist" else outs[0][k][4:],
                                    pool[k].float()[..., 4:, :] if k == "hist" else pool[k].float()[4:])
+
+
+def test_gradients_flow_through_the_reference_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused step is in place and outside autograd: when a gradient is needed, sample runs run_table."""
+    monkeypatch.setenv("INDIS_KERNELS", "triton")
+    model = small_mixture()
+    logits = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
+    grid = indis.grid_from_logits(logits, 0.002, 80.0)
+    x = torch.randn(2, 6, dtype=torch.float64) * 80
+    out = indis.sample(model, x, grid, "ipndm")
+    out.sum().backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0

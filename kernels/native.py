@@ -1,0 +1,72 @@
+"""Loader of the optional C++ extension ``indis_native``: the CPU twin of the fused ragged step.
+
+:func:`ragged_step_native` has the semantics of :func:`indis.kernels.ragged_step.ragged_step_torch` (same
+float32 results: the C++ sums in the reference's order without fused multiply-adds) in one pass over each
+sample, threaded over samples and chunks. Storage is float32 (or float64, computed in float64) on the CPU.
+The extension is built by ``.ci/build_native.sh`` (``pip install --no-build-isolation ./native``); without
+it :func:`available` is False, :data:`REASON` says why, and nothing else in indis changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from indis.kernels.ragged_step import PackedTable, _check
+
+API_VERSION = 1  # must equal indis_native.API_VERSION (the argument list of indis_native.ragged_step)
+NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _load() -> tuple[object | None, str]:
+    try:
+        import indis_native
+    except ImportError as e:
+        return None, (f"the C++ extension indis_native is not installed ({e}); build it with "
+                      ".ci/build_native.sh (needs a C++ compiler and cmake)")
+    version = getattr(indis_native, "API_VERSION", None)
+    if version != API_VERSION:
+        return None, (f"indis_native at {indis_native.__file__} has API version {version}, this indis needs "
+                      f"{API_VERSION}: rebuild it with .ci/build_native.sh")
+    return indis_native, ""
+
+
+_native, REASON = _load()
+
+
+def available() -> bool:
+    """Whether the C++ extension is importable (else :data:`REASON` says why)."""
+    return _native is not None
+
+
+def ragged_step_native(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                       step: Tensor, threads: int | None = None) -> None:
+    """The fused step in C++ on CPU tensors, in place (``threads``: ``torch.get_num_threads()`` if None)."""
+    if _native is None:
+        raise RuntimeError(REASON)
+    _check(y, raw, stash, hist, table, step)
+    stash = stash if table.uses_stash else None  # neither is read unless the table uses it
+    hist = hist if table.history else None
+    if y.dtype not in NATIVE_DTYPES:
+        raise ValueError(f"the native step stores float32 or float64, not {y.dtype}")
+    for name, t in (("state", y), ("raw", raw), ("stash", stash), ("history", hist), ("step", step),
+                    ("table rows", table.rows)):
+        if t is not None and not t.is_cpu:
+            raise ValueError(f"the native step runs on CPU tensors; {name} is on {t.device}")
+    for name, t in (("state", y), ("raw", raw), ("stash", stash), ("history slot", hist)):
+        if t is not None and not (t[0] if t is hist else t).is_contiguous():
+            raise ValueError(f"{name} must be contiguous for the native step")
+    rows = table.rows  # float32 rows for float32 storage, float64 for float64 (pack_table's own)
+    if rows.dtype != y.dtype or not rows.is_contiguous():
+        rows = rows.to(y.dtype).contiguous()
+    threads = torch.get_num_threads() if threads is None else threads
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    # Positional, in the order of indis_native.ragged_step's signature (keywords cost ~1 us per call).
+    _native.ragged_step(
+        y.data_ptr(), raw.data_ptr(), 0 if stash is None else stash.data_ptr(),
+        0 if hist is None else hist.data_ptr(), rows.data_ptr(), step.data_ptr(), 8 * step.element_size(),
+        step.stride(0), y.shape[0], math.prod(y.shape[1:]), 0 if hist is None else hist.stride(0),
+        table.stages, table.history, table.uses_stash, 8 * y.element_size(), threads)
