@@ -241,10 +241,10 @@ def test_kernel_on_the_leading_slots_of_a_pool(solver: str, opts: dict) -> None:
 def test_gradients_flow_through_the_reference_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused step is in place and outside autograd: when a gradient is needed, sample runs run_table."""
     monkeypatch.setenv("INDIS_KERNELS", "triton")
-    model = small_mixture()
-    logits = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
+    model = small_mixture().to(DEV)
+    logits = torch.zeros(2, 6, dtype=torch.float64, device=DEV, requires_grad=True)
     grid = indis.grid_from_logits(logits, 0.002, 80.0)
-    x = torch.randn(2, 6, dtype=torch.float64) * 80
+    x = torch.randn(2, 6, dtype=torch.float32, device=DEV) * 80  # float32: the fused path would apply
     out = indis.sample(model, x, grid, "ipndm")
     out.sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
