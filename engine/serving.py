@@ -10,8 +10,12 @@ shift/scale) and its stage counter ``step`` -- a device tensor, read by the fuse
 2. runs one denoiser call on ``pool[:b]`` with each slot's own sigma, ``b`` = the smallest bucket >= n (so
    compiled graphs / engine profiles are reused; idle slots hold zeros and are masked),
 3. one fused ragged step over the same slots, and
-4. retires finished samples (each result is delivered exactly once), moving the last active slot into the
-   freed one.
+4. retires finished samples (each result is delivered exactly once), moving the remaining slots to the front.
+
+On a CPU pool steps 3 and 4's bookkeeping are one call: ``indis.kernels.native.ragged_step_advance_native``
+(C++, when the backend resolves to ``native``) or its torch twin steps the slots, advances each slot's stage
+counter up to its own stage count (``stages``) and flags the finished slots (``done``). On a device pool the
+host keeps its own copy of the counters (no device-to-host reads).
 
 Results equal running each request alone (the per-sample table and update are the same; the denoiser must
 treat samples independently). ``policy="static"`` is the baseline a server without ragged solvers has: it
@@ -35,7 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from indis.kernels.ragged_step import PackedTable, ragged_step
+from indis.kernels.native import ragged_step_advance_native, ragged_step_advance_torch
+from indis.kernels.ragged_step import PackedTable, backend_for, fused, ragged_step
 
 from .families import Denoiser, as_denoiser
 from .sampling import check_grid
@@ -70,7 +75,7 @@ class Request:
 class _Live:
     future: Future
     stages: int
-    step: int = 0
+    step: int = 0  # host copy of the slot's stage counter, kept where ragged_step steps (device, triton)
 
 
 def default_buckets(capacity: int) -> tuple[int, ...]:
@@ -118,6 +123,8 @@ class ContinuousBatcher:
         self.rows = torch.zeros(c, max_stages, 2 + 2 * width, device=self.device, dtype=coef_dtype)
         self.time = torch.zeros(c, max_stages, device=self.device, dtype=dtype)
         self.step = torch.full((c,), -1, device=self.device, dtype=torch.int32)
+        self.stages = torch.zeros(c, dtype=torch.int64)    # each slot's own stage count (0: free)
+        self.done = torch.zeros(c, dtype=torch.bool)        # CPU pools: slots finished in this iteration
         self.cond = {k: torch.full((c,), lo, device=self.device, dtype=torch.long)
                      for k, (lo, _) in self.conditions.items()}
         self.live: list[_Live] = []          # slots 0..n-1
@@ -193,24 +200,26 @@ class ContinuousBatcher:
             sigma = self.time[:b].gather(1, step.clamp(min=0).long()[:, None]).squeeze(1)
             raw = self.den.raw(self.y[:b], sigma, **{k: v[:b] for k, v in self.cond.items()}).contiguous()
             table = PackedTable(self.rows[:b], self.time[:b], None, MAX_HISTORY, True)
-            ragged_step(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, step, self.backend)
+            advance = self._host_advance()
+            if advance is None:
+                ragged_step(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, step, self.backend)
+            else:
+                finished = advance(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, step,
+                                   self.stages[:b], self.done[:b], n)
         except Exception as e:  # noqa: BLE001 - the failure belongs to the requests in this call
             log.warning("denoiser call failed for %d requests: %s", n, e)
             self._release(list(range(n)), RuntimeError(f"denoiser call failed: {type(e).__name__}: {e}"))
             return 0
-        live_steps = self.step[:n]
-        live_steps += (live_steps >= 0).to(torch.int32)  # parked (finished, static) slots stay at -1
         self.stats["iterations"] += 1
         self.stats["padded_steps"] += b
-        done, just = [], []
-        for i, live in enumerate(self.live):
-            if live.step < live.stages:
-                live.step += 1
-                self.stats["slot_steps"] += 1
-                if live.step == live.stages:
-                    just.append(i)
-            if live.step >= live.stages:
-                done.append(i)
+        if advance is None:
+            stepped, done, just = self._advance_host_counters(n)
+        else:  # parked (finished, static) slots stay at -1; the call advanced the others
+            parked = int((self.step[:n] < 0).sum()) if self.policy == "static" else 0
+            stepped = n - parked
+            just = self.done[:n].nonzero().flatten().tolist() if finished else []
+            done = just if parked + len(just) < n else list(range(n))
+        self.stats["slot_steps"] += stepped
         if self.policy == "static" and len(done) < n:
             if just:  # a static batch finishes together: finished samples wait, masked, still in the batch
                 self.step[torch.tensor(just, device=self.device)] = -1
@@ -219,6 +228,32 @@ class ContinuousBatcher:
         return n
 
     # --------------------------------------------------------------------------------------- internals
+    def _host_advance(self) -> Callable[..., int] | None:
+        """The step-and-advance call of a CPU pool (C++ when the backend resolves to ``native``, else the
+        torch twin); None for a device pool or the triton kernel (run interpreted on CPU)."""
+        if self.device.type != "cpu":
+            return None
+        backend = self.backend or backend_for(self.device)
+        if backend == "triton":
+            return None
+        return ragged_step_advance_native if fused(backend, self.dtype) else ragged_step_advance_torch
+
+    def _advance_host_counters(self, n: int) -> tuple[int, list[int], list[int]]:
+        """After ``ragged_step`` (device pools, triton): advance ``self.step`` and the host copies of the live
+        slots' counters; returns the slots stepped, the finished slots and those finished in this call."""
+        live_steps = self.step[:n]
+        live_steps += (live_steps >= 0).to(torch.int32)  # parked (finished, static) slots stay at -1
+        stepped, done, just = 0, [], []
+        for i, live in enumerate(self.live):
+            if live.step < live.stages:
+                live.step += 1
+                stepped += 1
+                if live.step == live.stages:
+                    just.append(i)
+            if live.step >= live.stages:
+                done.append(i)
+        return stepped, done, just
+
     def _drop_cancelled(self) -> None:
         gone = [i for i, live in enumerate(self.live) if live.future.cancelled()]
         self.stats["cancelled"] += len(gone)
@@ -247,13 +282,16 @@ class ContinuousBatcher:
         keep = [i for i in range(n) if i not in drop]
         m = len(keep)
         if keep != list(range(m)):
-            idx = torch.tensor(keep, device=self.device)
+            idx = torch.tensor(keep)
+            self.stages[:m] = self.stages[idx]
+            idx = idx.to(self.device)
             for buf in (self.y, self.stash, self.rows, self.time, self.step, *self.cond.values()):
                 buf[:m] = buf[idx]
             self.hist[:, :m] = self.hist[:, idx]
         self.live = [self.live[i] for i in keep]
         self.y[m:n].zero_()
         self.step[m:n] = -1
+        self.stages[m:n] = 0
         for k, (lo, _) in self.conditions.items():
             self.cond[k][m:n] = lo
 
@@ -376,6 +414,7 @@ class ContinuousBatcher:
         self.rows[slots, :s] = rows
         self.time[slots, :s] = time
         self.step[slots] = 0
+        self.stages[slots] = s
         for k, (lo, _) in self.conditions.items():
             vals = [m[2][4].get(k, lo) for m in members]
             self.cond[k][slots] = torch.tensor(vals, device=self.device)

@@ -3,6 +3,8 @@
 :func:`ragged_step_native` has the semantics of :func:`indis.kernels.ragged_step.ragged_step_torch` (same
 float32 results: the C++ sums in the reference's order without fused multiply-adds) in one pass over each
 sample, threaded over samples and chunks. Storage is float32 (or float64, computed in float64) on the CPU.
+:func:`ragged_step_advance_native` also does a continuous batcher's per-iteration bookkeeping in the same
+call (each sample's stage counter and finished flag); :func:`ragged_step_advance_torch` is its torch twin.
 The extension is built by ``.ci/build_native.sh`` (``pip install --no-build-isolation ./native``); without
 it :func:`available` is False, :data:`REASON` says why, and nothing else in indis changes.
 """
@@ -14,9 +16,9 @@ import math
 import torch
 from torch import Tensor
 
-from indis.kernels.ragged_step import PackedTable, _check
+from indis.kernels.ragged_step import PackedTable, _check, ragged_step_torch
 
-API_VERSION = 1  # must equal indis_native.API_VERSION (the argument list of indis_native.ragged_step)
+API_VERSION = 2  # must equal indis_native.API_VERSION (the argument lists of its two functions)
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -41,9 +43,10 @@ def available() -> bool:
     return _native is not None
 
 
-def ragged_step_native(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
-                       step: Tensor, threads: int | None = None) -> None:
-    """The fused step in C++ on CPU tensors, in place (``threads``: ``torch.get_num_threads()`` if None)."""
+def _native_args(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                 step: Tensor, threads: int | None) -> tuple[Tensor, tuple]:
+    """Validate a native step's tensors: (the rows the addresses point into, which the caller keeps alive
+    during the call, and the arguments of ``indis_native.ragged_step`` in its order)."""
     if _native is None:
         raise RuntimeError(REASON)
     _check(y, raw, stash, hist, table, step)
@@ -64,9 +67,56 @@ def ragged_step_native(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tenso
     threads = torch.get_num_threads() if threads is None else threads
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    return rows, (y.data_ptr(), raw.data_ptr(), 0 if stash is None else stash.data_ptr(),
+                  0 if hist is None else hist.data_ptr(), rows.data_ptr(), step.data_ptr(),
+                  8 * step.element_size(), step.stride(0), y.shape[0], math.prod(y.shape[1:]),
+                  0 if hist is None else hist.stride(0), table.stages, table.history, table.uses_stash,
+                  8 * y.element_size(), threads)
+
+
+def _check_advance(y: Tensor, step: Tensor, stages: Tensor, done: Tensor, n_active: int) -> None:
+    bsz = y.shape[0]
+    if stages.shape != (bsz,) or stages.dtype != torch.int64:
+        raise ValueError(f"stages must be an int64 tensor [{bsz}], got {tuple(stages.shape)} {stages.dtype}")
+    if done.shape != (bsz,) or done.dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"done must be a bool or uint8 tensor [{bsz}], got {tuple(done.shape)} {done.dtype}")
+    for name, t in (("step", step), ("stages", stages), ("done", done)):
+        if t.device != step.device or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, on the step's device (advanced in place)")
+    if not 0 <= n_active <= bsz:
+        raise ValueError(f"n_active must be in [0, {bsz}], got {n_active}")
+
+
+def ragged_step_native(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                       step: Tensor, threads: int | None = None) -> None:
+    """The fused step in C++ on CPU tensors, in place (``threads``: ``torch.get_num_threads()`` if None)."""
+    # Raises first without the extension; `rows` (maybe a converted copy) stays alive through the call.
+    rows, args = _native_args(y, raw, stash, hist, table, step, threads)
     # Positional, in the order of indis_native.ragged_step's signature (keywords cost ~1 us per call).
-    _native.ragged_step(
-        y.data_ptr(), raw.data_ptr(), 0 if stash is None else stash.data_ptr(),
-        0 if hist is None else hist.data_ptr(), rows.data_ptr(), step.data_ptr(), 8 * step.element_size(),
-        step.stride(0), y.shape[0], math.prod(y.shape[1:]), 0 if hist is None else hist.stride(0),
-        table.stages, table.history, table.uses_stash, 8 * y.element_size(), threads)
+    _native.ragged_step(*args)
+
+
+def ragged_step_advance_native(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None,
+                               table: PackedTable, step: Tensor, stages: Tensor, done: Tensor, n_active: int,
+                               threads: int | None = None) -> int:
+    """:func:`ragged_step_native`, then in the same C++ call each of the first ``n_active`` samples whose
+    ``step`` is in ``[0, stages[b])`` advances by one (``stages``: int64 ``[B]``, each sample's own stage
+    count) and ``done[b]`` (bool or uint8 ``[B]``) says whether it reached ``stages[b]`` now; returns how
+    many did."""
+    rows, args = _native_args(y, raw, stash, hist, table, step, threads)  # rows: alive through the call
+    _check_advance(y, step, stages, done, n_active)
+    return _native.ragged_step_advance(*args, stages.data_ptr(), done.data_ptr(), n_active)
+
+
+def ragged_step_advance_torch(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None,
+                              table: PackedTable, step: Tensor, stages: Tensor, done: Tensor,
+                              n_active: int) -> int:
+    """:func:`ragged_step_advance_native` in torch ops (the same results on any device)."""
+    _check_advance(y, step, stages, done, n_active)
+    ragged_step_torch(y, raw, stash, hist, table, step)
+    live, counts = step[:n_active], stages[:n_active]
+    advance = (live >= 0) & (live < counts)
+    live += advance.to(live.dtype)
+    done.zero_()
+    done[:n_active] = advance & (live == counts)
+    return int(done.sum())

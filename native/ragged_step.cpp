@@ -9,6 +9,10 @@
 // `ragged_step_torch` (y, stash, h, H_1..H_K) without fused multiply-adds, so float32 results equal the
 // reference's. Storage and arithmetic: float32, or float64 with float64 rows.
 //
+// `ragged_step_advance` also does a continuous batcher's per-iteration bookkeeping in that call: after the
+// step, step[b] += 1 for each sample b < n_active with 0 <= step[b] < stage_counts[b] (its own stage count;
+// the step itself keeps the table's S as its bound), and done[b] = whether step[b] reached stage_counts[b].
+//
 // Python passes raw addresses, sizes and strides (kernels/native.py validates the tensors), so the module
 // does not link libtorch. Each sample's elements are processed in tiles: a tile's inputs are combined into
 // small local accumulators (one vectorised loop per output) and written back after every read of the tile,
@@ -29,7 +33,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kApiVersion = 1;
+constexpr int kApiVersion = 2;
 constexpr int kMaxHistory = 13;             // inputs per output: y, stash, h and up to 13 history slots
 constexpr int kMaxInputs = 3 + kMaxHistory;
 constexpr int64_t kTile = 512;              // elements combined at a time (accumulators stay in L1)
@@ -201,31 +205,78 @@ void step_all(const Args& p, const std::vector<std::pair<int64_t, int64_t>>& act
   });
 }
 
-void ragged_step(uintptr_t y, uintptr_t raw, uintptr_t stash, uintptr_t hist, uintptr_t rows, uintptr_t step,
-                 int step_bits, int64_t step_stride, int64_t bsz, int64_t numel, int64_t slot_stride,
-                 int64_t stages, int64_t history, bool uses_stash, int float_bits, int threads) {
+struct StepIndex {  // step[B] as passed: int32 or int64 entries, `stride` elements apart
+  uintptr_t addr;
+  int bits;
+  int64_t stride;
+
+  int64_t get(int64_t b) const {
+    return bits == 32 ? reinterpret_cast<const int32_t*>(addr)[b * stride]
+                      : reinterpret_cast<const int64_t*>(addr)[b * stride];
+  }
+  void set(int64_t b, int64_t v) const {
+    if (bits == 32)
+      reinterpret_cast<int32_t*>(addr)[b * stride] = static_cast<int32_t>(v);
+    else
+      reinterpret_cast<int64_t*>(addr)[b * stride] = v;
+  }
+};
+
+// Validates one call, then steps every sample whose stage is in [0, stages).
+void step_checked(const Args& p, const StepIndex& step, int64_t bsz, int float_bits, int threads) {
   if (float_bits != 32 && float_bits != 64) throw std::invalid_argument("float_bits must be 32 or 64");
-  if (step_bits != 32 && step_bits != 64) throw std::invalid_argument("step_bits must be 32 or 64");
-  if (bsz < 0 || numel < 0 || stages < 1 || threads < 1)
+  if (step.bits != 32 && step.bits != 64) throw std::invalid_argument("step_bits must be 32 or 64");
+  if (bsz < 0 || p.numel < 0 || p.stages < 1 || threads < 1)
     throw std::invalid_argument("negative size, no stages or fewer than one thread");
-  if (history < 0 || history > kMaxHistory)
+  if (p.history < 0 || p.history > kMaxHistory)
     throw std::invalid_argument("the native step keeps 0 to " + std::to_string(kMaxHistory) +
-                                " history slots, not " + std::to_string(history));
-  if (!y || !raw || !rows || !step || (uses_stash && !stash) || (history > 0 && !hist))
+                                " history slots, not " + std::to_string(p.history));
+  if (!p.y || !p.raw || !p.rows || !step.addr || (p.uses_stash && !p.stash) || (p.history > 0 && !p.hist))
     throw std::invalid_argument("a required buffer address is null");
   std::vector<std::pair<int64_t, int64_t>> active;  // (sample, stage) of the samples that step
   active.reserve(bsz);
   for (int64_t b = 0; b < bsz; ++b) {
-    const int64_t s = step_bits == 32 ? reinterpret_cast<const int32_t*>(step)[b * step_stride]
-                                      : reinterpret_cast<const int64_t*>(step)[b * step_stride];
-    if (s >= 0 && s < stages) active.emplace_back(b, s);
+    const int64_t s = step.get(b);
+    if (s >= 0 && s < p.stages) active.emplace_back(b, s);
   }
-  if (active.empty() || numel == 0) return;
-  const Args p{y, raw, stash, hist, rows, numel, slot_stride, stages, history, uses_stash};
+  if (active.empty() || p.numel == 0) return;
   if (float_bits == 32)
     step_all<float>(p, active, threads);
   else
     step_all<double>(p, active, threads);
+}
+
+void ragged_step(uintptr_t y, uintptr_t raw, uintptr_t stash, uintptr_t hist, uintptr_t rows, uintptr_t step,
+                 int step_bits, int64_t step_stride, int64_t bsz, int64_t numel, int64_t slot_stride,
+                 int64_t stages, int64_t history, bool uses_stash, int float_bits, int threads) {
+  const Args p{y, raw, stash, hist, rows, numel, slot_stride, stages, history, uses_stash};
+  step_checked(p, StepIndex{step, step_bits, step_stride}, bsz, float_bits, threads);
+}
+
+// The step, then each sample's own stage counter and finished flag; returns how many samples finished.
+// The arguments are ragged_step's, then the stage counts (int64 [bsz]), done (bool or uint8 [bsz]), n_active.
+int64_t ragged_step_advance(uintptr_t y, uintptr_t raw, uintptr_t stash, uintptr_t hist, uintptr_t rows,
+                            uintptr_t step, int step_bits, int64_t step_stride, int64_t bsz, int64_t numel,
+                            int64_t slot_stride, int64_t stages, int64_t history, bool uses_stash,
+                            int float_bits, int threads, uintptr_t stage_counts, uintptr_t done,
+                            int64_t n_active) {
+  if (!stage_counts || !done) throw std::invalid_argument("a required buffer address is null");
+  if (n_active < 0 || n_active > bsz) throw std::invalid_argument("n_active must be in [0, bsz]");
+  if (step_stride == 0 && bsz > 1) throw std::invalid_argument("step is advanced in place: no stride 0");
+  const StepIndex idx{step, step_bits, step_stride};
+  const Args p{y, raw, stash, hist, rows, numel, slot_stride, stages, history, uses_stash};
+  step_checked(p, idx, bsz, float_bits, threads);
+  const int64_t* counts = reinterpret_cast<const int64_t*>(stage_counts);
+  uint8_t* flags = reinterpret_cast<uint8_t*>(done);  // bool or uint8: 0 / 1
+  int64_t finished = 0;
+  for (int64_t b = 0; b < bsz; ++b) {
+    const int64_t s = idx.get(b);
+    const bool advance = b < n_active && s >= 0 && s < counts[b];
+    if (advance) idx.set(b, s + 1);
+    flags[b] = advance && s + 1 == counts[b];
+    finished += flags[b];
+  }
+  return finished;
 }
 
 }  // namespace
@@ -244,4 +295,12 @@ PYBIND11_MODULE(indis_native, m) {
         py::arg("step_bits"), py::arg("step_stride"), py::arg("bsz"), py::arg("numel"),
         py::arg("slot_stride"), py::arg("stages"), py::arg("history"), py::arg("uses_stash"),
         py::arg("float_bits"), py::arg("threads"));
+  m.def("ragged_step_advance", &ragged_step_advance, py::call_guard<py::gil_scoped_release>(),
+        "ragged_step, then step[b] += 1 for samples b < n_active below their own stage count and done[b] = "
+        "whether b reached it in this call; returns how many did (raw addresses).",
+        py::arg("y"), py::arg("raw"), py::arg("stash"), py::arg("hist"), py::arg("rows"), py::arg("step"),
+        py::arg("step_bits"), py::arg("step_stride"), py::arg("bsz"), py::arg("numel"),
+        py::arg("slot_stride"), py::arg("stages"), py::arg("history"), py::arg("uses_stash"),
+        py::arg("float_bits"), py::arg("threads"), py::arg("stage_counts"), py::arg("done"),
+        py::arg("n_active"));
 }

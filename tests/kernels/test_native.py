@@ -2,7 +2,8 @@
 
 CPU only. Skipped (with the loader's reason) where the extension is not built: ``.ci/build_native.sh``.
 float32 results are expected to equal the reference's (same summation order, no fused multiply-adds); the
-comparisons allow float32 rounding all the same.
+comparisons allow float32 rounding all the same, except for the step-and-advance call, which a continuous
+batcher relies on to serve the same samples with or without the extension (compared bit for bit).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from indis.engine.convergence import small_mixture
 from indis.engine.sampling import prepare, run_fused, run_table
+from indis.engine.serving import ContinuousBatcher, Request
 from indis.engine.solvers import SolverTable
 from indis.kernels import native
 from indis.kernels.ragged_step import PackedTable, pack_table, ragged_step_torch
@@ -60,6 +62,10 @@ def test_unavailable_is_explained() -> None:
     if not native.available():
         with pytest.raises(RuntimeError, match="indis_native"):
             native.ragged_step_native(torch.zeros(1, 2), torch.zeros(1, 2), None, None, None, torch.zeros(1))
+        with pytest.raises(RuntimeError, match="indis_native"):
+            native.ragged_step_advance_native(torch.zeros(1, 2), torch.zeros(1, 2), None, None, None,
+                                              torch.zeros(1), torch.ones(1, dtype=torch.int64),
+                                              torch.zeros(1, dtype=torch.bool), 1)
 
 
 @needs_native
@@ -202,3 +208,117 @@ def test_bad_inputs_are_rejected() -> None:
         step(y, y.clone(), None, hist.transpose(1, 2).contiguous().transpose(1, 2), packed, zeros)
     with pytest.raises(ValueError, match="threads"):
         step(y, y.clone(), None, hist, packed, zeros, threads=0)
+
+
+def _advance_case(stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(step, own stage counts) for 8 samples: starting, finishing at S, finishing at its own count 2 < S,
+    past its own count but below S (stepped, not advanced), parked (-1), past S; then two beyond a batcher's
+    n_active = 6: one at a stage below S (stepped, never advanced), one idle."""
+    step = torch.tensor([0, stages - 1, 1, 3, -1, stages + 2, 1, -1])
+    own = torch.tensor([stages, stages, 2, 2, stages, stages, stages, 0])
+    return step, own
+
+
+def _advance(fn, packed: PackedTable, buffers: dict, step: torch.Tensor, own: torch.Tensor,
+             done_dtype: torch.dtype, n_active: int, **kw) -> tuple[dict, torch.Tensor, torch.Tensor, int]:
+    out = {k: None if v is None else v.clone() for k, v in buffers.items()}
+    step, done = step.clone(), torch.ones(step.shape[0], dtype=done_dtype)  # done: every entry is written
+    finished = fn(out["y"], out["raw"], out["stash"], out["hist"], packed, step, own.clone(), done, n_active,
+                  **kw)
+    return out, step, done, finished
+
+
+@pytest.mark.parametrize("n_active", [0, 6, 8])
+def test_advance_twin_counts_each_sample_to_its_own_stages(n_active: int) -> None:
+    """The torch twin: the step of ragged_step_torch, then the counters (no extension needed)."""
+    packed, table = _case("ipndm", {}, 8, torch.float32)
+    buffers = _cpu_buffers(table, (3, 5), seed=6, dtype=torch.float32)
+    step, own = _advance_case(packed.stages)
+    out, new_step, done, finished = _advance(native.ragged_step_advance_torch, packed, buffers, step, own,
+                                             torch.bool, n_active)
+    ref = _apply(ragged_step_torch, packed, buffers, step)
+    for name, r in ref.items():
+        assert r is None or torch.equal(out[name], r)
+    moved = (torch.arange(8) < n_active) & (step >= 0) & (step < own)
+    assert torch.equal(new_step, step + moved.long())
+    assert torch.equal(done, moved & (step + 1 == own))
+    assert finished == int(done.sum()) == {0: 0, 6: 2, 8: 2}[n_active]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
+def test_native_advance_equals_torch_twin_bit_for_bit(solver: str, opts: dict, dtype: torch.dtype) -> None:
+    """States, history, stash, step, done and the count agree exactly: finished, parked, idle samples and
+    samples beyond n_active; int32/int64 step, bool/uint8 done, 1-2 threads."""
+    packed, table = _case(solver, opts, 8, dtype)
+    step, own = _advance_case(packed.stages)
+    twin, cpp = native.ragged_step_advance_torch, native.ragged_step_advance_native
+    for shape in [(37,), (3, 11, 1009)]:
+        buffers = _cpu_buffers(table, shape, seed=5, dtype=dtype)
+        for n_active in (0, 6, 8):
+            for step_dtype, done_dtype in ((torch.int32, torch.bool), (torch.int64, torch.uint8)):
+                s = step.to(step_dtype)
+                ref = _advance(twin, packed, buffers, s, own, done_dtype, n_active)
+                for threads in (1, 2):
+                    got = _advance(cpp, packed, buffers, s, own, done_dtype, n_active, threads=threads)
+                    for name, r in ref[0].items():
+                        assert r is None or torch.equal(got[0][name], r), name
+                    assert got[1].dtype == step_dtype and torch.equal(got[1], ref[1])
+                    assert got[2].dtype == done_dtype and torch.equal(got[2], ref[2])
+                    assert got[3] == ref[3]
+
+
+@needs_native
+def test_advance_with_rows_the_call_converts() -> None:
+    """Non-contiguous rows are copied for the call (the copy outlives it): results as with the twin."""
+    packed, table = _case("unipc", {"variant": "bh2", "order": 3}, 8, torch.float32)
+    strided = dataclasses.replace(packed, rows=packed.rows.transpose(0, 1).contiguous().transpose(0, 1))
+    assert not strided.rows.is_contiguous()
+    buffers = _cpu_buffers(table, (3, 700), seed=7, dtype=torch.float32)
+    step, own = _advance_case(packed.stages)
+    ref = _advance(native.ragged_step_advance_torch, packed, buffers, step, own, torch.bool, 6)
+    got = _advance(native.ragged_step_advance_native, strided, buffers, step, own, torch.bool, 6)
+    for name, r in ref[0].items():
+        assert r is None or torch.equal(got[0][name], r), name
+    assert torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]) and got[3] == ref[3]
+
+
+def test_advance_rejects_bad_inputs() -> None:
+    """The twin and (where built) the C++ call check the counters alike, before anything changes."""
+    packed, table = _case("ipndm", {}, 2, torch.float32)
+    b = _cpu_buffers(table, (8,), seed=0, dtype=torch.float32)
+    y, hist = b["y"], b["hist"]
+    step, own, done = torch.zeros(2, dtype=torch.int32), torch.full((2,), 3), torch.zeros(2, dtype=torch.bool)
+    cases = [("stages", dict(stages=own.int())), ("stages", dict(stages=own[:1])),
+             ("done", dict(done=done.float())), ("done", dict(done=torch.zeros(3, dtype=torch.bool))),
+             ("n_active", dict(n_active=3)), ("n_active", dict(n_active=-1)),
+             ("step", dict(step=torch.zeros(1, dtype=torch.int32).expand(2))),
+             ("done", dict(done=torch.zeros(2, 2, dtype=torch.bool)[:, 0]))]
+    fns = [native.ragged_step_advance_torch] + [native.ragged_step_advance_native] * native.available()
+    for fn in fns:
+        for match, bad in cases:
+            kw = {"step": step, "stages": own, "done": done, "n_active": 2} | bad
+            with pytest.raises(ValueError, match=match):
+                fn(y, y.clone(), None, hist, packed, **kw)
+    assert torch.equal(step, torch.zeros(2, dtype=torch.int32))  # nothing was advanced
+
+
+@needs_native
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+def test_batcher_native_advance_equals_torch_twin(policy: str) -> None:
+    """A CPU pool served by the C++ advance and by the torch twin: the same samples, stats and step
+    counters, and freed slots hold no stage count."""
+    model = small_mixture()
+    reqs = [Request(seed=i, nfe=(3, 5, 7)[i % 3], solver=("ipndm", "unipc", "dpmpp_2m")[i % 3])
+            for i in range(17)]
+    runs = []
+    for backend in ("native", "torch"):
+        b = ContinuousBatcher(model, (6,), capacity=5, buckets=(2, 5), policy=policy, backend=backend)
+        out = b.run_all(reqs)
+        assert not b.stages.any() and (b.step == -1).all()
+        runs.append((out, b.stats))
+    assert runs[0][1] == runs[1][1]
+    assert runs[0][1]["slot_steps"] == sum(r.nfe for r in reqs)  # each sample stepped once per stage
+    for a, c in zip(runs[0][0], runs[1][0], strict=True):
+        assert torch.equal(a, c)

@@ -1,0 +1,95 @@
+"""Host time per iteration of ``ContinuousBatcher.iterate()`` on CPU: C++ step-and-advance vs its torch twin.
+
+A trivial denoiser (``x * 0.5``) leaves only the batcher's own work: admission, the denoiser call's
+plumbing, the fused step and the slot bookkeeping (``indis.kernels.native.ragged_step_advance_native`` with
+backend ``native``, ``ragged_step_advance_torch`` with backend ``torch``) and retirement. A saturated
+stream of ``--requests`` requests (NFE drawn from 3, 5, 7; iPNDM; EDM grids; one seed each) is served at
+capacity 32 and 64, samples ``(1, 8, 8)``; each iteration is timed alone, the median over ``--reps`` runs of
+the stream is reported (backends interleaved). Build the extension first: ``.ci/build_native.sh``.
+
+Run:  python benchmarks/bench_batcher_host.py [--requests 512] [--reps 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from indis.engine.serving import ContinuousBatcher, Request
+from indis.kernels import native
+
+CAPACITIES = (32, 64)
+BACKENDS = ("native", "torch")
+SHAPE = (1, 8, 8)
+
+
+def trivial(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """A denoiser that costs next to nothing."""
+    return x * 0.5
+
+
+def stream(count: int, seed: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    return [Request(seed=i, nfe=rng.choice((3, 5, 7)), solver="ipndm", schedule="edm") for i in range(count)]
+
+
+def iteration_times(batcher: ContinuousBatcher, requests: list[Request]) -> list[float]:
+    """Serve ``requests`` (all queued at once); µs of each ``iterate()`` call."""
+    for r in requests:
+        batcher.submit(r)
+    out = []
+    while batcher.pending():
+        t0 = time.perf_counter()
+        batcher.iterate(flush=True)
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=5, help="runs of the whole stream per configuration")
+    ap.add_argument("--json", default=None, metavar="PATH")
+    args = ap.parse_args(argv)
+    if not native.available():
+        print(f"indis_native unavailable: {native.REASON}", file=sys.stderr)
+        return 1
+    requests = stream(args.requests)
+    rows = []
+    with torch.no_grad():
+        for capacity in CAPACITIES:
+            batchers = {b: ContinuousBatcher(trivial, SHAPE, capacity=capacity, backend=b) for b in BACKENDS}
+            times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+            for b in BACKENDS:  # warm-up: allocator, cached tables
+                iteration_times(batchers[b], requests[:2 * capacity])
+            for _ in range(args.reps):
+                for b in BACKENDS:
+                    times[b] += iteration_times(batchers[b], requests)
+            p50 = {b: statistics.median(t) for b, t in times.items()}
+            rows.append({"capacity": capacity, "iterations": len(times["native"]) // args.reps,
+                         **{f"{b}_us_p50": p50[b] for b in BACKENDS},
+                         **{f"{b}_us_mean": statistics.fmean(times[b]) for b in BACKENDS},
+                         "torch_over_native": p50["torch"] / p50["native"]})
+    env = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "requests": args.requests, "reps": args.reps, "shape": list(SHAPE), "solver": "ipndm",
+           "schedule": "edm", "nfe": [3, 5, 7]}
+    print(f"host time per iterate() (µs, median), {args.requests} requests, {env['threads']} threads\n")
+    print("| capacity | iterations | native (C++ advance) | torch (twin) | torch / native |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['capacity']} | {r['iterations']} | {r['native_us_p50']:.1f} | {r['torch_us_p50']:.1f} | "
+              f"{r['torch_over_native']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "results": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
