@@ -1,11 +1,12 @@
 """Sampling over per-sample ("ragged") grids: input checks, the torch reference loop, public samplers.
 
 ``sample`` validates everything once, builds the solver's coefficient table (``solvers.build_table``) and
-runs :func:`run_table`, the readable torch reference of the generic update that the fused kernel mirrors.
-The loop performs no host synchronisation: coefficients are device tensors prepared before the first model
-call, and Python only branches on the table's static structure. :func:`run_fused` is the same loop with one
-fused ragged step per stage (``indis.kernels.ragged_step``: Triton on CUDA, its torch reference elsewhere);
-``sample`` picks it on CUDA (``INDIS_KERNELS`` overrides, see ``indis.kernels.ragged_step.backend_for``).
+runs it through :func:`run`: :func:`run_fused` -- one fused ragged step per stage (``indis.kernels``: Triton
+on CUDA, the optional C++ step on CPU) -- or :func:`run_table`, the readable torch reference of the generic
+update that the fused steps mirror (used without a fused backend and whenever gradients must flow;
+``INDIS_KERNELS`` overrides the choice, see ``indis.kernels.ragged_step.backend_for``). Neither loop makes a
+host synchronisation: coefficients are device tensors prepared before the first model call, and Python only
+branches on the table's static structure.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def run_table(plan: Plan, x: Tensor, cond: dict | None = None,
 
 def run_fused(plan: Plan, x: Tensor, cond: dict | None = None,
               callback: Callable[[dict], None] | None = None, backend: str | None = None) -> Tensor:
-    """The sampling loop with one fused ragged step per stage (Triton kernel or its torch reference).
+    """The sampling loop with one fused ragged step per stage (Triton, C++ or the torch reference).
 
     State, stash and history live in preallocated buffers updated in place; the stage index is a device
     tensor the kernel reads (a broadcast view of ``arange(S)``), so the loop issues no host sync and no
