@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +38,6 @@ class _Entry:
     fingerprint: tuple
     graph: torch.cuda.CUDAGraph | None = None
     output: Tensor | None = None
-    cond_keys: tuple[str, ...] = field(default_factory=tuple)
 
 
 class GraphSampler:
@@ -76,8 +75,7 @@ class GraphSampler:
             self.invalidate()  # a parameter's storage was replaced: every graph reads stale memory
             entry = None
         if entry is None:
-            entry = _Entry({k: v.clone() for k, v in inputs.items()}, flags, fingerprint,
-                           cond_keys=tuple(cond))
+            entry = _Entry({k: v.clone() for k, v in inputs.items()}, flags, fingerprint)
             self._cache[key] = entry
             if x.is_cuda:
                 self._capture(entry)
@@ -142,7 +140,7 @@ class GraphSampler:
     def _body(self, entry: _Entry) -> Tensor:
         """Everything one call does, on the entry's static buffers: no host sync, no data-dependent branch."""
         x = entry.inputs["x"]
-        cond = {k: entry.inputs[f"cond.{k}"] for k in entry.cond_keys}
+        cond = {k.removeprefix("cond."): v for k, v in entry.inputs.items() if k.startswith("cond.")}
         if self.predictor is not None:
             schedule = self.predictor(x, cond.get(self.predictor_cond) if self.predictor_cond else None)
             grid, shift, scale = schedule.grid, schedule.shift, schedule.scale

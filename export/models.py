@@ -99,9 +99,6 @@ class ExportSpec:
             out.append(v.to(device=device, dtype=t.dtype))
         return tuple(out)
 
-    def with_batches(self, batch_min: int, batch_opt: int, batch_max: int) -> ExportSpec:
-        return ExportSpec(self.name, self.module, self.inputs, self.outputs, batch_min, batch_opt, batch_max,
-                          self.metadata, self.fixed)
 
 
 class _Denoiser(nn.Module):

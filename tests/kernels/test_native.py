@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from indis.engine.convergence import small_mixture
-from indis.engine.sampling import prepare, run_fused, run_table
+from indis.engine.sampling import run_fused, run_table
 from indis.engine.serving import ContinuousBatcher, Request
 from indis.engine.solvers import SolverTable
 from indis.kernels import native
 from indis.kernels.ragged_step import PackedTable, pack_table, ragged_step_torch
-from tests.engine.test_sampling import _ragged_grids
-from tests.kernels.test_ragged_step import IDS, SOLVER_CASES, _buffers, _table
+from tests.kernels.test_ragged_step import IDS, SOLVER_CASES, _buffers, _table, loop_case
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.float64]
@@ -152,17 +151,7 @@ def test_broadcast_stage_index() -> None:
 def test_fused_loop_with_the_native_step(solver: str, opts: dict, dtype: torch.dtype,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """run_fused with its step swapped for the native one equals run_table (float32: within its rounding)."""
-    model = small_mixture()
-    bsz, steps = 5, 6
-    g = torch.Generator().manual_seed(1)
-    x64 = torch.randn(bsz, 6, generator=g, dtype=torch.float64) * 80.0
-    grids = _ragged_grids(bsz, steps, seed=2)
-    shift = 0.1 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)
-    scale = 1 + 0.05 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)
-
-    def plan(x: torch.Tensor):
-        return prepare(model, x, grids, solver, shift=shift, scale=scale, **opts)
-
+    x64, plan = loop_case(solver, opts, torch.device("cpu"))
     calls = []
 
     def step(y, raw, stash, hist, packed, stage, backend=None) -> None:

@@ -107,21 +107,27 @@ def test_first_stage_reads_no_unwritten_slot(solver: str, opts: dict) -> None:
         assert torch.isfinite(out["y"]).all(), fn.__name__
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
-def test_fused_loop_matches_the_reference_loop(solver: str, opts: dict, dtype: torch.dtype) -> None:
-    """Whole sampling runs: fused loop (kernel) vs run_table in float64 and in the low-precision dtype."""
-    model = small_mixture().to(DEV)
+def loop_case(solver: str, opts: dict, device: torch.device = DEV):
+    """A whole ragged sampling run: float64 x_T and ``plan(x)`` (per-sample grids, shift, scale)."""
+    model = small_mixture().to(device)
     bsz, steps = 5, 6
     g = torch.Generator().manual_seed(1)
-    x64 = (torch.randn(bsz, 6, generator=g, dtype=torch.float64) * 80.0).to(DEV)
-    grids = _ragged_grids(bsz, steps, seed=2).to(DEV)
-    shift = (0.1 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)).to(DEV)
-    scale = (1 + 0.05 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)).to(DEV)
+    x64 = (torch.randn(bsz, 6, generator=g, dtype=torch.float64) * 80.0).to(device)
+    grids = _ragged_grids(bsz, steps, seed=2).to(device)
+    shift = (0.1 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)).to(device)
+    scale = (1 + 0.05 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)).to(device)
 
     def plan(x: torch.Tensor):
         return prepare(model, x, grids, solver, shift=shift, scale=scale, **opts)
 
+    return x64, plan
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
+def test_fused_loop_matches_the_reference_loop(solver: str, opts: dict, dtype: torch.dtype) -> None:
+    """Whole sampling runs: fused loop (kernel) vs run_table in float64 and in the low-precision dtype."""
+    x64, plan = loop_case(solver, opts)
     x = x64.to(dtype)
     ref = run_table(plan(x64), x64)
     torch_lowp = run_table(plan(x), x)
