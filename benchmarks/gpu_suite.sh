@@ -54,8 +54,8 @@ for name in $STAGES; do
     tests) stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs $TESTS ;;
     kernel) stage kernel 150 "$PY" benchmarks/bench_ragged_step.py --json "$WORK/kernel.json" ;;
     e2e) stage e2e 200 "$PY" benchmarks/bench_sampling_e2e.py --json "$WORK/e2e.json" ;;
-    serving) stage serving 200 "$PY" benchmarks/bench_serving.py --device cuda --requests 512 --capacity 64 \
-      --rate inf,2000 --json "$WORK/serving.json" ;;
+    serving) stage serving 240 "$PY" benchmarks/bench_serving.py --device cuda --requests 1024 --capacity 64 \
+      --rate inf,2000 --json "$WORK/serving.json" ;;  # default streams: uniform {3,5,7}, allocator mix
     export)  # torch / torch.compile / onnxruntime (CUDA provider, TensorRT: only where installed; says so)
       stage export 240 "$PY" benchmarks/bench_export_backends.py --device cuda --json "$WORK/export.json" ;;
     nvtx)  # NVTX ranges as Nsight Systems sees them (skipped where nsys is not installed)

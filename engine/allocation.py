@@ -116,13 +116,15 @@ def first_output(model: Callable[..., Tensor], x_T: Tensor, sigma_max: float = 8
 
 
 def curve(errors: Tensor, chosen: Callable[[float], Tensor], nfes: Sequence[int],
-          budgets: Sequence[float]) -> list[tuple[float, float]]:
-    """(actual mean NFE, mean true error) of an allocation rule at each budget."""
+          budgets: Sequence[float]) -> list[tuple[float, float, list[float]]]:
+    """(actual mean NFE, mean true error, share of samples at each NFE) of an allocation rule at each
+    budget."""
     cost = torch.tensor(nfes, dtype=errors.dtype)
     out = []
     for b in budgets:
         pick = chosen(b)
-        out.append((float(cost[pick].mean()), float(errors[torch.arange(len(pick)), pick].mean())))
+        share = torch.bincount(pick, minlength=len(nfes)).double().div(len(pick)).tolist()
+        out.append((float(cost[pick].mean()), float(errors[torch.arange(len(pick)), pick].mean()), share))
     return out
 
 
@@ -192,7 +194,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines.append(f"| {b:g} | {bm:.5f} | " + " | ".join(cells) + f" | {oracle[i][1]:.5f} "
                      f"({100 * (oracle[i][1] / bm - 1):+.1f} %) |")
     gap = max(abs(v[i][0] - b) for v in (*learned.values(), oracle) for i, b in enumerate(budgets))
-    lines += ["", f"Every allocation meets its budget: max |mean NFE - budget| = {gap:.3f}."]
+    lines += ["", f"Every allocation meets its budget: max |mean NFE - budget| = {gap:.3f}.", "",
+              "Share of samples at NFE " + " / ".join(map(str, nfes)) + " (a request stream for "
+              "`benchmarks/bench_serving.py --nfe " + ",".join(f"{n}:SHARE" for n in nfes) + "`):", "",
+              f"| budget (mean NFE) | {' | '.join(f'allocator on {n}' for n in names)} | oracle allocation |",
+              "|---" * (2 + len(names)) + "|"]
+    for i, b in enumerate(budgets):
+        shares = [" / ".join(f"{v:.2f}" for v in c[i][2]) for c in (*learned.values(), oracle)]
+        lines.append(f"| {b:g} | " + " | ".join(shares) + " |")
     text = "\n".join(lines)
     print(text)
     if a.out:

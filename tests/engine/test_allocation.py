@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from indis.engine.allocation import allocate, blind_mix, fit_error_predictor
+from indis.engine.allocation import allocate, blind_mix, curve, fit_error_predictor
 
 NFES = [3, 5, 7]
 
@@ -40,6 +40,15 @@ def test_blind_mix_interpolates_the_fixed_nfe_errors() -> None:
     errors = torch.tensor([[0.4, 0.2, 0.1], [0.2, 0.1, 0.05]])
     assert blind_mix(errors, NFES, 4.0) == pytest.approx((0.3 + 0.15) / 2)
     assert blind_mix(errors, NFES, 7.0) == pytest.approx(0.075)
+
+
+def test_curve_reports_cost_error_and_the_nfe_mix() -> None:
+    errors = torch.tensor([[0.4, 0.2, 0.1], [0.2, 0.1, 0.05], [0.3, 0.1, 0.01], [0.2, 0.2, 0.2]],
+                          dtype=torch.float64)
+    picks = {4.0: torch.tensor([0, 1, 2, 0]), 5.5: torch.tensor([1, 1, 2, 2])}
+    got = curve(errors, picks.__getitem__, NFES, list(picks))
+    assert got[0] == (4.5, pytest.approx((0.4 + 0.1 + 0.01 + 0.2) / 4), [0.5, 0.25, 0.25])
+    assert got[1] == (6.0, pytest.approx((0.2 + 0.1 + 0.01 + 0.2) / 4), [0.0, 0.5, 0.5])
 
 
 def test_error_predictor_learns_a_planted_relation() -> None:
