@@ -113,8 +113,9 @@ def serve(policy: str, requests: list[Request], arrivals: list[float], capacity:
             model.seconds / st["iterations"] * 1e3, "results": [f.result().cpu() for f in futures]}
 
 
-# The NFE shares the allocator on x_T chose at an average budget of 4 NFE (benchmarks/results/allocation.md,
-# `python -m indis.engine.allocation`): the request stream an NFE-allocating server sees.
+# The NFE shares the allocator on x_T chose at an average budget of 4 NFE on the digits UNet
+# (benchmarks/results/allocation/digits-unet.md, `python -m indis.engine.allocation`): the request stream an
+# NFE-allocating server sees.
 ALLOCATOR_BUDGET_4 = "3:0.63,5:0.23,7:0.13"
 
 

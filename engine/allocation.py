@@ -2,20 +2,23 @@
 
 An :class:`ErrorPredictor` reads an image-shaped input -- the initial noise x_T, or the denoiser's first
 output D(x_T; sigma_max), which every schedule starting at sigma_max without a shift computes anyway
-(otherwise it costs one extra evaluation) -- and predicts the sample's log teacher error at each NFE of a set
+(otherwise it costs one extra evaluation) -- and, for a conditional model, the class label, and predicts
+the sample's log teacher error at each NFE of a set
 (e.g. {3, 5, 7}, each with its own schedule). :func:`allocate` then picks per-sample NFEs that meet an
 average-NFE budget with the least predicted error: a Lagrangian choice ``argmin_k err_k + lam * nfe_k`` per
 sample with ``lam`` found by bisection, the budget's remainder spent on the best marginal upgrades. Ragged NFE
 costs nothing extra in indis: finished samples leave the batch (``indis.engine.serving``).
 
-``python -m indis.engine.allocation`` measures it on the digits UNet with the shipped INDIS heads at NFE
-3/5/7: quality against average NFE for the allocator, the oracle allocation (true errors: the headroom), the
-fixed NFEs and the blind mix of fixed NFEs at the same average cost, on held-out seeds.
+``python -m indis.engine.allocation [--testbed digits-unet|digits-unet-gits|digits-dit|digits-gmm]`` measures
+it with that testbed's INDIS heads at NFE 3/5/7: quality against average NFE for the allocator, the oracle
+allocation (true errors: the headroom), the fixed NFEs and the blind mix of fixed NFEs at the same average
+cost, on held-out seeds (for the class-conditional DiT also an allocation from the class label alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,37 +29,46 @@ from torch import Tensor, nn
 
 
 class ErrorPredictor(nn.Module):
-    """Input ``[B, C, H, W]`` (x_T or D(x_T; sigma_max)) -> predicted log teacher error ``[B, K]``."""
+    """Input ``[B, C, H, W]`` (x_T or D(x_T; sigma_max)) and, for a conditional model, the class label
+    ``[B]`` -> predicted log teacher error ``[B, K]``."""
 
-    def __init__(self, shape: Sequence[int], nfes: Sequence[int], *, input_scale: float, pool: int = 8,
-                 hidden: int = 128) -> None:
+    def __init__(self, shape: Sequence[int], nfes: Sequence[int], *, input_scale: float, num_classes: int = 0,
+                 pool: int = 8, hidden: int = 128) -> None:
         super().__init__()
         self.shape, self.nfes, self.input_scale, self.pool = tuple(shape), tuple(nfes), input_scale, pool
-        features = shape[0] * pool * pool
-        self.net = nn.Sequential(nn.Linear(features + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+        self.num_classes = num_classes
+        features = shape[0] * pool * pool + 1 + num_classes
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
                                  nn.SiLU(), nn.Linear(hidden, len(nfes)))
 
-    def forward(self, x_T: Tensor) -> Tensor:
+    def forward(self, x_T: Tensor, labels: Tensor | None = None) -> Tensor:
+        if (labels is None) != (self.num_classes == 0):
+            wanted = "class labels" if self.num_classes else "no labels"
+            raise ValueError(f"this predictor takes {wanted}")
         eps = x_T.float() * self.input_scale
         h, w = self.shape[1:]
         pooled = F.adaptive_avg_pool2d(eps, self.pool) * math.sqrt(h * w / self.pool ** 2)
         norm = eps.flatten(1).pow(2).mean(1, keepdim=True)  # the input's energy, a cheap global statistic
-        return self.net(torch.cat([pooled.flatten(1), norm], dim=1))
+        parts = [pooled.flatten(1), norm]
+        if labels is not None:
+            parts.append(F.one_hot(labels.long(), self.num_classes).float())
+        return self.net(torch.cat(parts, dim=1))
 
 
 def fit_error_predictor(x_T: Tensor, errors: Tensor, nfes: Sequence[int], *, input_scale: float,
-                        steps: int = 600, lr: float = 3e-3, weight_decay: float = 1e-3, seed: int = 0,
+                        labels: Tensor | None = None, num_classes: int = 0, steps: int = 600,
+                        lr: float = 3e-3, weight_decay: float = 1e-3, seed: int = 0,
                         **head: int) -> ErrorPredictor:
-    """Regress log errors ``[M, K]`` on x_T (full batch Adam; small data, small head)."""
+    """Regress log errors ``[M, K]`` on x_T (and labels; full batch Adam; small data, small head)."""
     torch.manual_seed(seed)
-    model = ErrorPredictor(x_T.shape[1:], nfes, input_scale=input_scale, **head)
+    model = ErrorPredictor(x_T.shape[1:], nfes, input_scale=input_scale, num_classes=num_classes, **head)
     target = errors.clamp_min(1e-12).log().float()
     with torch.no_grad():
         model.net[-1].bias.copy_(target.mean(0))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
         opt.zero_grad()
-        loss = F.mse_loss(model(x_T), target)
+        loss = F.mse_loss(model(x_T, labels), target)
         loss.backward()
         opt.step()
     return model.eval()
@@ -92,9 +104,10 @@ def allocate(scores: Tensor, nfes: Sequence[int], budget: float, iters: int = 60
 
 
 def per_sample_errors(model: Callable[..., Tensor], x_T: Tensor, x0: Tensor,
-                      schedules: dict[int, Callable[[Tensor], object]], solver: str,
-                      batch_size: int = 256) -> Tensor:
-    """Teacher MSE of every sample at every NFE ``[M, K]`` (schedules: NFE -> x_T -> grid or Schedule)."""
+                      schedules: dict[int, Callable[[Tensor, Tensor | None], object]], solver: str,
+                      labels: Tensor | None = None, batch_size: int = 256) -> Tensor:
+    """Teacher MSE of every sample at every NFE ``[M, K]`` (schedules: NFE -> (x_T, labels) -> grid or
+    Schedule)."""
     from .sampling import sample
 
     cols = []
@@ -102,17 +115,23 @@ def per_sample_errors(model: Callable[..., Tensor], x_T: Tensor, x0: Tensor,
         outs = []
         with torch.no_grad():
             for a in range(0, len(x_T), batch_size):
-                x = x_T[a:a + batch_size]
-                outs.append(sample(model, x, schedule(x), solver))
+                x, c = x_T[a:a + batch_size], None if labels is None else labels[a:a + batch_size]
+                outs.append(sample(model, x, schedule(x, c), solver,
+                                   cond=None if c is None else {"class_labels": c}))
         cols.append((torch.cat(outs) - x0).flatten(1).pow(2).mean(1))
     return torch.stack(cols, dim=1)
 
 
-def first_output(model: Callable[..., Tensor], x_T: Tensor, sigma_max: float = 80.0,
-                 batch_size: int = 512) -> Tensor:
+def first_output(model: Callable[..., Tensor], x_T: Tensor, labels: Tensor | None = None,
+                 sigma_max: float = 80.0, batch_size: int = 512) -> Tensor:
     """The denoiser's output at the grid's first point, D(x_T; sigma_max)."""
+    outs = []
     with torch.no_grad():
-        return torch.cat([model(x, torch.full((len(x),), sigma_max)) for x in x_T.split(batch_size)])
+        for a in range(0, len(x_T), batch_size):
+            x = x_T[a:a + batch_size]
+            cond = {} if labels is None else {"class_labels": labels[a:a + batch_size]}
+            outs.append(model(x, torch.full((len(x),), sigma_max), **cond))
+    return torch.cat(outs)
 
 
 def curve(errors: Tensor, chosen: Callable[[float], Tensor], nfes: Sequence[int],
@@ -129,72 +148,97 @@ def curve(errors: Tensor, chosen: Callable[[float], Tensor], nfes: Sequence[int]
 
 
 def blind_mix(errors: Tensor, nfes: Sequence[int], budget: float) -> float:
-    """Mean error of the best x_T-blind strategy at this average cost: a mix of the two neighbouring fixed
-    NFEs in the proportions that meet the budget (linear interpolation of the fixed-NFE errors)."""
+    """Mean error of the best x_T-blind strategy with mean NFE at most ``budget``: one fixed NFE, or a random
+    mix of two in the proportions that spend the budget (the lower convex hull of the fixed-NFE errors; with
+    a convex curve decreasing in NFE, the two neighbouring NFEs)."""
     means = errors.mean(0).tolist()
-    for (n0, e0), (n1, e1) in zip(zip(nfes, means, strict=True), zip(nfes[1:], means[1:], strict=True),
-                                  strict=False):
-        if n0 <= budget <= n1:
-            t = (budget - n0) / (n1 - n0)
-            return (1 - t) * e0 + t * e1
-    raise ValueError(f"budget {budget} outside {nfes}")
+    best = min((e for n, e in zip(nfes, means, strict=True) if n <= budget), default=math.inf)
+    for i, j in itertools.combinations(range(len(nfes)), 2):
+        lo, hi = sorted((nfes[i], nfes[j]))
+        if lo < budget < hi:
+            t = (budget - lo) / (hi - lo)
+            e_lo, e_hi = (means[i], means[j]) if nfes[i] < nfes[j] else (means[j], means[i])
+            best = min(best, (1 - t) * e_lo + t * e_hi)
+    if math.isinf(best):
+        raise ValueError(f"budget {budget} is below every NFE in {nfes}")
+    return best
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .digits import load_backbone
-    from .predictor import Predictor
-    from .teacher import TeacherCache
+    from .quality import TESTBEDS, load_heads
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--testbed", default="digits-unet",
+                    choices=("digits-unet", "digits-unet-gits", "digits-dit", "digits-gmm"))
     ap.add_argument("--train", type=int, default=2048, help="seeds to fit the error predictor on")
     ap.add_argument("--test", type=int, default=1024, help="held-out seeds")
     ap.add_argument("--nfes", default="3,5,7")
-    ap.add_argument("--heads", default=str(Path(__file__).parent / "weights" / "indis"))
+    ap.add_argument("--heads", default=None, help="directory of the INDIS heads (default: the shipped ones "
+                    "for digits-unet, benchmarks/results/quality/heads for the others)")
     ap.add_argument("--cache", default=".indis-cache/teacher")
     ap.add_argument("--out", default=None, help="write the table (markdown) here too")
     a = ap.parse_args(argv)
     nfes = [int(v) for v in a.nfes.split(",")]
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    model = load_backbone("unet")
-    heads = {n: Predictor.load(Path(a.heads) / f"digits-unet_ipndm_nfe{n}_phi.safetensors") for n in nfes}
-    cache = TeacherCache(a.cache, backbone="digits-unet", shape=(1, 8, 8), sigma_min=0.002, sigma_max=80.0)
+    tb = TESTBEDS[a.testbed]()
+    heads_dir = Path(a.heads) if a.heads else (
+        Path(__file__).parent / "weights" / "indis" if tb.name == "digits-unet"
+        else Path("benchmarks/results/quality/heads"))
+    model = tb.load()
+    heads = {}
+    for n in nfes:
+        loaded = load_heads(heads_dir, tb, n)
+        if loaded is None:
+            raise FileNotFoundError(f"no INDIS heads for {tb.name} NFE {n} under {heads_dir} "
+                                    f"(python -m indis.engine.quality --testbeds {tb.name})")
+        heads[n] = loaded["phi"]
+    cache = tb.tuning_setup(model, nfes[0], a.cache).cache()
     train_seeds, test_seeds = range(1 << 19, (1 << 19) + a.train), range(1 << 20, (1 << 20) + a.test)
     data = {}
     for name, seeds in (("train", train_seeds), ("test", test_seeds)):
         cache.build(model, seeds)
         d = cache.load(seeds)
-        schedules = {n: (lambda x, phi=heads[n]: phi(x).detach()) for n in nfes}
-        data[name] = (d.x_T, per_sample_errors(model, d.x_T, d.x0, schedules, "ipndm"))
-    e_tr, e_te = data["train"][1], data["test"][1]
+        schedules = {n: (lambda x, c, phi=heads[n]: phi(x, c).detach()) for n in nfes}
+        data[name] = (d.x_T, d.labels, per_sample_errors(model, d.x_T, d.x0, schedules, tb.solver, d.labels))
+    (x_tr, l_tr, e_tr), (x_te, l_te, e_te) = data["train"], data["test"]
     budgets = [b / 2 for b in range(2 * nfes[0] + 1, 2 * nfes[-1])]
-    inputs = {"x_T": (lambda x: x, 1 / 80.0), "D(x_T; sigma_max)": (lambda x: first_output(model, x), 1.0)}
+    inputs = {"x_T": (lambda x, c: x, 1 / tb.sigma_max),
+              "D(x_T; sigma_max)": (lambda x, c: first_output(model, x, c, tb.sigma_max), 1.0)}
     learned, corr = {}, {}
     for name, (feature, scale) in inputs.items():
-        phi = fit_error_predictor(feature(data["train"][0]), e_tr, nfes, input_scale=scale)
+        phi = fit_error_predictor(feature(x_tr, l_tr), e_tr, nfes, input_scale=scale, labels=l_tr,
+                                  num_classes=tb.num_classes)
         with torch.no_grad():
-            pred = phi(feature(data["test"][0])).double()
+            pred = phi(feature(x_te, l_te), l_te).double()
         corr[name] = [float(torch.corrcoef(torch.stack([pred[:, k], e_te[:, k].log()]))[0, 1])
                       for k in range(len(nfes))]
         learned[name] = curve(e_te, lambda b, pred=pred: allocate(pred.exp(), nfes, b), nfes, budgets)
+    if l_tr is not None:  # the class alone: each class's mean error over the fitting seeds
+        means = torch.stack([e_tr[l_tr == k].mean(0) for k in range(tb.num_classes)])
+        learned["the class label alone"] = curve(e_te, lambda b: allocate(means[l_te], nfes, b), nfes,
+                                                 budgets)
     oracle = curve(e_te, lambda b: allocate(e_te, nfes, b), nfes, budgets)
-    lines = [f"# Instance-aware NFE allocation: digits UNet, INDIS heads at NFE {nfes} (iPNDM), "
+    label_note = " (and the class label)" if l_tr is not None else ""
+    lines = [f"# Instance-aware NFE allocation: {tb.name}, INDIS heads at NFE {nfes} ({tb.solver}), "
              f"{a.train} fitting seeds, {a.test} held-out seeds, teacher MSE", "",
              "Fixed NFE, mean teacher MSE: " + ", ".join(f"NFE {n}: {float(e_te[:, k].mean()):.5f}"
                                                         for k, n in enumerate(nfes)), ""]
     for name, c in corr.items():
-        lines.append(f"Error predictor on {name}: correlation of predicted and true log error (held out): "
-                     + ", ".join(f"NFE {n}: {v:.2f}" for n, v in zip(nfes, c, strict=True)))
-    names = list(inputs)
+        lines.append(f"Error predictor on {name}{label_note}: correlation of predicted and true log error "
+                     "(held out): " + ", ".join(f"NFE {n}: {v:.2f}" for n, v in zip(nfes, c, strict=True)))
+    names = list(learned)
     header = " | ".join(f"allocator on {n} (vs blind)" for n in names)
-    lines += ["", f"| budget (mean NFE) | blind mix of fixed NFEs | {header} | oracle allocation |",
+    lines += ["", f"| budget (mean NFE) | best blind mix of fixed NFEs | {header} | oracle allocation |",
               "|---" * (3 + len(names)) + "|"]
     for i, b in enumerate(budgets):
         bm = blind_mix(e_te, nfes, b)
         cells = [f"{learned[n][i][1]:.5f} ({100 * (learned[n][i][1] / bm - 1):+.1f} %)" for n in names]
         lines.append(f"| {b:g} | {bm:.5f} | " + " | ".join(cells) + f" | {oracle[i][1]:.5f} "
                      f"({100 * (oracle[i][1] / bm - 1):+.1f} %) |")
-    gap = max(abs(v[i][0] - b) for v in (*learned.values(), oracle) for i, b in enumerate(budgets))
-    lines += ["", f"Every allocation meets its budget: max |mean NFE - budget| = {gap:.3f}.", "",
+    over = max(v[i][0] - b for v in (*learned.values(), oracle) for i, b in enumerate(budgets))
+    unspent = max(b - v[i][0] for v in (*learned.values(), oracle) for i, b in enumerate(budgets))
+    lines += ["", f"No allocation exceeds its budget (max mean NFE - budget: {over:+.3f}); the most budget "
+              f"left unspent (where more steps do not lower the predicted error): {unspent:.3f} NFE.", "",
               "Share of samples at NFE " + " / ".join(map(str, nfes)) + " (a request stream for "
               "`benchmarks/bench_serving.py --nfe " + ",".join(f"{n}:SHARE" for n in nfes) + "`):", "",
               f"| budget (mean NFE) | {' | '.join(f'allocator on {n}' for n in names)} | oracle allocation |",

@@ -36,10 +36,17 @@ def test_allocation_sends_hard_samples_to_more_steps() -> None:
         allocate(errors, NFES, 8.0)
 
 
-def test_blind_mix_interpolates_the_fixed_nfe_errors() -> None:
+def test_blind_mix_is_the_lower_hull_of_the_fixed_nfe_errors() -> None:
     errors = torch.tensor([[0.4, 0.2, 0.1], [0.2, 0.1, 0.05]])
     assert blind_mix(errors, NFES, 4.0) == pytest.approx((0.3 + 0.15) / 2)
     assert blind_mix(errors, NFES, 7.0) == pytest.approx(0.075)
+    # a non-convex curve (NFE 5 barely better than 3): mixing 3 and 7 beats the neighbours 3 and 5
+    errors = torch.tensor([[0.30, 0.29, 0.01]])
+    assert blind_mix(errors, NFES, 4.0) == pytest.approx(0.75 * 0.30 + 0.25 * 0.01)
+    # more steps that do not help: the blind strategy may leave budget unspent
+    assert blind_mix(torch.tensor([[0.3, 0.1, 0.2]]), NFES, 6.0) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="budget"):
+        blind_mix(errors, NFES, 2.0)
 
 
 def test_curve_reports_cost_error_and_the_nfe_mix() -> None:
@@ -63,3 +70,22 @@ def test_error_predictor_learns_a_planted_relation() -> None:
         pred = phi(x[768:])
     corr = torch.corrcoef(torch.stack([pred[:, 1], errors[768:, 1].log()]))[0, 1]
     assert corr > 0.9
+
+
+def test_error_predictor_reads_the_class_label() -> None:
+    """Errors set by the class alone are learned from the label; a label-less predictor refuses labels."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1024, 1, 8, 8, generator=g) * 80
+    labels = torch.randint(0, 10, (1024,), generator=g)
+    errors = (0.01 * (1 + labels.double()))[:, None] * torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64)
+    phi = fit_error_predictor(x[:768], errors[:768], NFES, input_scale=1 / 80, labels=labels[:768],
+                              num_classes=10, steps=300)
+    with torch.no_grad():
+        pred = phi(x[768:], labels[768:])
+    corr = torch.corrcoef(torch.stack([pred[:, 0], errors[768:, 0].log()]))[0, 1]
+    assert corr > 0.95
+    with pytest.raises(ValueError, match="class labels"):
+        phi(x[:4])
+    blind = fit_error_predictor(x[:64], errors[:64], NFES, input_scale=1 / 80, steps=5)
+    with pytest.raises(ValueError, match="no labels"):
+        blind(x[:4], labels[:4])
