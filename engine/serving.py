@@ -132,6 +132,7 @@ class ContinuousBatcher:
         self.stats = {"iterations": 0, "admitted": 0, "completed": 0, "failed": 0, "cancelled": 0,
                       "slot_steps": 0, "padded_steps": 0}
         self._tables: dict[tuple, tuple[Tensor, Tensor, int]] = {}  # heuristic schedules: one table each
+        self._cancel_seen = False  # set by a live future's done-callback when it is cancelled
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -254,7 +255,15 @@ class ContinuousBatcher:
                 done.append(i)
         return stepped, done, just
 
+    def _note_cancel(self, fut: Future) -> None:
+        if fut.cancelled():
+            self._cancel_seen = True
+
     def _drop_cancelled(self) -> None:
+        """Free the slots of cancelled futures (scans the pool only after a cancellation was seen)."""
+        if not self._cancel_seen:
+            return
+        self._cancel_seen = False  # cleared before the scan: a cancel during it is seen next time
         gone = [i for i, live in enumerate(self.live) if live.future.cancelled()]
         self.stats["cancelled"] += len(gone)
         self._release(gone, deliver=False)
@@ -420,4 +429,5 @@ class ContinuousBatcher:
             self.cond[k][slots] = torch.tensor(vals, device=self.device)
         for _, fut, _ in members:
             self.live.append(_Live(fut, s))
+            fut.add_done_callback(self._note_cancel)  # runs at once if it was cancelled meanwhile
         self.stats["admitted"] += g
