@@ -327,13 +327,16 @@ class ContinuousBatcher:
             key = (req.solver, req.nfe, tuple(sorted(req.solver_opts.items())), item[2] is not None,
                    item[1] if isinstance(item[1], tuple) else None)
             groups.setdefault(key, []).append((req, fut, item))
+        ready = []
         for (solver, _, opts, _, _), members in groups.items():
             try:
-                self._place(solver, dict(opts), members)
+                ready.append((members, *self._group_table(solver, dict(opts), members)))
             except Exception as e:  # noqa: BLE001 - e.g. a solver option error: the group fails
                 for _, fut, _ in members:
                     self.stats["failed"] += 1
                     fut.set_exception(e if isinstance(e, ValueError) else ValueError(str(e)))
+        if ready:
+            self._place(ready)
 
     def _prepare(self, req: Request) -> tuple[Tensor, Tensor | tuple, Tensor | None, Tensor | None,
                                               dict[str, int]]:
@@ -388,8 +391,9 @@ class ContinuousBatcher:
 
     def _table(self, solver: str, opts: dict, grids: Tensor, shift: Tensor | None,
                scale: Tensor | None) -> tuple[Tensor, Tensor, int]:
-        """Coefficient rows ``[g, S, R]`` laid out for the pool (history padded to MAX_HISTORY), the network
-        times ``[g, S]`` and S, for ``g`` grids of one solver."""
+        """Coefficient rows ``[g, max_stages, R]`` laid out for the pool (history padded to MAX_HISTORY,
+        rows past the S stages zero), the network times ``[g, max_stages]`` and S, for ``g`` grids of one
+        solver."""
         table = build_table(solver, grids, self.den.family, prediction=self.den.prediction, shift=shift,
                             scale=scale, **opts)
         if table.history > MAX_HISTORY or table.nfe > self.max_stages:
@@ -399,35 +403,39 @@ class ContinuousBatcher:
             raise ValueError("shift on a VP/flow model (a rescaled network input) is not served here")
         g, s, w = grids.shape[0], table.nfe, 3 + table.history
         wide = 3 + MAX_HISTORY
-        rows = torch.zeros(g, s, 2 + 2 * wide, dtype=torch.float64)
-        rows[..., :2] = table.conv
-        rows[..., 2:2 + w] = table.coef[:, :, 0]
-        rows[..., 2 + wide:2 + wide + w] = table.coef[:, :, 1]
-        time = self.den.time(table.sigma_eval).to(self.device, self.dtype)
-        return rows.to(self.device, self.rows.dtype), time, s
+        rows = torch.zeros(g, self.max_stages, 2 + 2 * wide, dtype=torch.float64)
+        rows[:, :s, :2] = table.conv
+        rows[:, :s, 2:2 + w] = table.coef[:, :, 0]
+        rows[:, :s, 2 + wide:2 + wide + w] = table.coef[:, :, 1]
+        time = torch.zeros(g, self.max_stages, dtype=self.dtype)
+        time[:, :s] = self.den.time(table.sigma_eval).to(self.dtype)
+        return rows.to(self.device, self.rows.dtype), time.to(self.device), s
 
-    def _place(self, solver: str, opts: dict, members: list) -> None:
-        """Write a group's tables (cached or built together) and states into the next free slots."""
+    def _group_table(self, solver: str, opts: dict, members: list) -> tuple[Tensor, Tensor, int]:
+        """A group's tables: the cached heuristic one (expanded) or theirs, built together."""
         first = members[0][2][1]
         if isinstance(first, tuple):  # a cached heuristic table, shared by the whole group
             rows, time, s = self._tables[first]
-            rows, time = rows.expand(len(members), -1, -1), time.expand(len(members), -1)
-        else:
-            stack = [torch.stack([m[2][k] for m in members]) if members[0][2][k] is not None else None
-                     for k in (1, 2, 3)]
-            rows, time, s = self._table(solver, opts, *stack)
+            return rows.expand(len(members), -1, -1), time.expand(len(members), -1), s
+        stack = [torch.stack([m[2][k] for m in members]) if members[0][2][k] is not None else None
+                 for k in (1, 2, 3)]
+        return self._table(solver, opts, *stack)
+
+    def _place(self, ready: list[tuple[list, Tensor, Tensor, int]]) -> None:
+        """Write the admitted groups' states and tables into the next free slots: one write per buffer."""
+        members = [m for group, *_ in ready for m in group]
+        stages = [s for group, _, _, s in ready for _ in group]
         g = len(members)
         slots = slice(len(self.live), len(self.live) + g)
         self.y[slots] = torch.stack([m[2][0] for m in members]).to(self.device, self.dtype)
-        self.rows[slots] = 0
-        self.rows[slots, :s] = rows
-        self.time[slots, :s] = time
+        for buf, k in ((self.rows, 1), (self.time, 2)):
+            parts = [r[k] for r in ready]
+            buf[slots] = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.step[slots] = 0
-        self.stages[slots] = s
+        self.stages[slots] = torch.tensor(stages)
         for k, (lo, _) in self.conditions.items():
-            vals = [m[2][4].get(k, lo) for m in members]
-            self.cond[k][slots] = torch.tensor(vals, device=self.device)
-        for _, fut, _ in members:
+            self.cond[k][slots] = torch.tensor([m[2][4].get(k, lo) for m in members], device=self.device)
+        for (_, fut, _), s in zip(members, stages, strict=True):
             self.live.append(_Live(fut, s))
             fut.add_done_callback(self._note_cancel)  # runs at once if it was cancelled meanwhile
         self.stats["admitted"] += g
