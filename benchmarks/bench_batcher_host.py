@@ -1,8 +1,9 @@
-"""Host time per iteration of ``ContinuousBatcher.iterate()`` on CPU: C++ step-and-advance vs its torch twin.
+"""Host time per iteration of ``ContinuousBatcher.iterate()`` on CPU: the C++ calls vs their torch twins.
 
 A trivial denoiser (``x * 0.5``) leaves only the batcher's own work: admission, the denoiser call's
-plumbing, the fused step and the slot bookkeeping (``indis.kernels.native.ragged_step_advance_native`` with
-backend ``native``, ``ragged_step_advance_torch`` with backend ``torch``) and retirement. A saturated
+plumbing, the fused step and the slot bookkeeping, and retirement. Backend ``native``: the step and the
+counters in one C++ call (``indis.kernels.native.ragged_step_advance_native``) and the retirement's pool
+compaction in another (``SlotCompactor``); backend ``torch``: their torch twins. A saturated
 stream of ``--requests`` requests (NFE drawn from 3, 5, 7; iPNDM; EDM grids; one seed each) is served at
 capacity 32 and 64, samples ``(1, 8, 8)``; each iteration is timed alone, the median over ``--reps`` runs of
 the stream is reported (backends interleaved). Build the extension first: ``.ci/build_native.sh``.
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
            "requests": args.requests, "reps": args.reps, "shape": list(SHAPE), "solver": "ipndm",
            "schedule": "edm", "nfe": [3, 5, 7]}
     print(f"host time per iterate() (µs, median), {args.requests} requests, {env['threads']} threads\n")
-    print("| capacity | iterations | native (C++ advance) | torch (twin) | torch / native |")
+    print("| capacity | iterations | native (C++ calls) | torch (twins) | torch / native |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['capacity']} | {r['iterations']} | {r['native_us_p50']:.1f} | {r['torch_us_p50']:.1f} | "

@@ -14,8 +14,9 @@ shift/scale) and its stage counter ``step`` -- a device tensor, read by the fuse
 
 On a CPU pool steps 3 and 4's bookkeeping are one call: ``indis.kernels.native.ragged_step_advance_native``
 (C++, when the backend resolves to ``native``) or its torch twin steps the slots, advances each slot's stage
-counter up to its own stage count (``stages``) and flags the finished slots (``done``). On a device pool the
-host keeps its own copy of the counters (no device-to-host reads).
+counter up to its own stage count (``stages``) and flags the finished slots (``done``); the compaction of
+step 4 is one more (``SlotCompactor``; elsewhere one torch gather per buffer). On a device pool
+the host keeps its own copy of the counters (no device-to-host reads).
 
 Results equal running each request alone (the per-sample table and update are the same; the denoiser must
 treat samples independently). ``policy="static"`` is the baseline a server without ragged solvers has: it
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from indis.kernels.native import ragged_step_advance_native, ragged_step_advance_torch
+from indis.kernels.native import SlotCompactor, ragged_step_advance_native, ragged_step_advance_torch
 from indis.kernels.ragged_step import PackedTable, backend_for, fused, ragged_step
 
 from .families import Denoiser, as_denoiser
@@ -133,6 +134,10 @@ class ContinuousBatcher:
                       "slot_steps": 0, "padded_steps": 0}
         self._tables: dict[tuple, tuple[Tensor, Tensor, int]] = {}  # heuristic schedules: one table each
         self._cancel_seen = False  # set by a live future's done-callback when it is cancelled
+        self._compact = SlotCompactor(
+            [(self.y, 0), (self.stash, 0), (self.hist, 1), (self.rows, 0), (self.time, 0), (self.step, 0),
+             (self.stages, 0), *((v, 0) for v in self.cond.values())],
+            native=self._host_advance() is ragged_step_advance_native)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -291,12 +296,7 @@ class ContinuousBatcher:
         keep = [i for i in range(n) if i not in drop]
         m = len(keep)
         if keep != list(range(m)):
-            idx = torch.tensor(keep)
-            self.stages[:m] = self.stages[idx]
-            idx = idx.to(self.device)
-            for buf in (self.y, self.stash, self.rows, self.time, self.step, *self.cond.values()):
-                buf[:m] = buf[idx]
-            self.hist[:, :m] = self.hist[:, idx]
+            self._compact(keep)
         self.live = [self.live[i] for i in keep]
         self.y[m:n].zero_()
         self.step[m:n] = -1

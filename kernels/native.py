@@ -5,6 +5,8 @@ float32 results: the C++ sums in the reference's order without fused multiply-ad
 sample, threaded over samples and chunks. Storage is float32 (or float64, computed in float64) on the CPU.
 :func:`ragged_step_advance_native` also does a continuous batcher's per-iteration bookkeeping in the same
 call (each sample's stage counter and finished flag); :func:`ragged_step_advance_torch` is its torch twin.
+:class:`SlotCompactor` moves a batcher's surviving slots to the front of all its per-slot buffers in one
+C++ call (or one torch gather per buffer).
 The extension is built by ``.ci/build_native.sh`` (``pip install --no-build-isolation ./native``); without
 it :func:`available` is False, :data:`REASON` says why, and nothing else in indis changes.
 """
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from indis.kernels.ragged_step import PackedTable, _check, ragged_step_torch
 
-API_VERSION = 2  # must equal indis_native.API_VERSION (the argument lists of its two functions)
+API_VERSION = 3  # must equal indis_native.API_VERSION (the argument lists of its functions)
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -120,3 +122,54 @@ def ragged_step_advance_torch(y: Tensor, raw: Tensor, stash: Tensor | None, hist
     done.zero_()
     done[:n_active] = advance & (live == counts)
     return int(done.sum())
+
+
+def _slot_rows(t: Tensor, dim: int) -> tuple[int, int, int, int, int]:
+    """(address, outer count, outer stride, slot stride, row bytes) of the slots of ``t`` along ``dim``."""
+    if not t.is_cpu:
+        raise ValueError(f"the native compaction moves CPU tensors; got one on {t.device}")
+    row = t.select(dim, 0)
+    row = row.select(0, 0) if dim == 1 else row
+    if not row.is_contiguous():
+        raise ValueError("each slot's data must be contiguous (the dims after the slot axis)")
+    size = t.element_size()
+    row_bytes = row.numel() * size
+    if t.stride(dim) * size < row_bytes:
+        raise ValueError("slots overlap: the slot stride is smaller than a slot's data")
+    outer, outer_stride = (1, 0) if dim == 0 else (t.shape[0], t.stride(0) * size)
+    return t.data_ptr(), outer, outer_stride, t.stride(dim) * size, row_bytes
+
+
+class SlotCompactor:
+    """Moves a batcher's surviving slots to the front of its fixed per-slot buffers ``(tensor, slot axis 0
+    or 1)``, in order: ``t.narrow(axis, 0, m)[:] = t.index_select(axis, keep)`` for every buffer.
+
+    The buffers are validated once; each call is then one C++ call (``native=True``, CPU tensors: a few µs)
+    or one gather per buffer in torch (any device). ``keep``: strictly increasing slot indices.
+    """
+
+    def __init__(self, buffers: list[tuple[Tensor, int]], native: bool) -> None:
+        if not buffers:
+            raise ValueError("no buffers to compact")
+        self.buffers, self.native = list(buffers), native
+        for t, d in self.buffers:
+            if d not in (0, 1) or d >= t.dim():
+                raise ValueError(f"the slot axis must be 0 or 1 of the tensor, not {d} of a {t.dim()}-d one")
+        self.slots = min(t.shape[d] for t, d in self.buffers)
+        if native:
+            if _native is None:
+                raise RuntimeError(REASON)
+            self._layout = [_slot_rows(t, d) for t, d in self.buffers]
+
+    def __call__(self, keep: list[int]) -> None:
+        if self.native:  # checks keep itself (increasing, in range)
+            _native.compact_slots(self._layout, keep, self.slots)
+            return
+        if any(a >= b for a, b in zip(keep, keep[1:], strict=False)) or (
+                keep and not 0 <= keep[0] <= keep[-1] < self.slots):
+            raise ValueError(f"keep must be strictly increasing slot indices in [0, {self.slots})")
+        idx = {torch.device("cpu"): torch.tensor(keep, dtype=torch.int64)}
+        for t, d in self.buffers:
+            if t.device not in idx:
+                idx[t.device] = idx[torch.device("cpu")].to(t.device)
+            t.narrow(d, 0, len(keep)).copy_(t.index_select(d, idx[t.device]))

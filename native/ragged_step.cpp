@@ -13,6 +13,11 @@
 // step, step[b] += 1 for each sample b < n_active with 0 <= step[b] < stage_counts[b] (its own stage count;
 // the step itself keeps the table's S as its bound), and done[b] = whether step[b] reached stage_counts[b].
 //
+// `compact_slots` moves a batcher's surviving slots to the front of its per-slot buffers in one call: for
+// each buffer (address, outer count and stride, slot stride, row bytes) and each outer index, row i <- row
+// keep[i], keep strictly increasing (so keep[i] >= i and forward copies never overwrite a row still to be
+// read).
+//
 // Python passes raw addresses, sizes and strides (kernels/native.py validates the tensors), so the module
 // does not link libtorch. Each sample's elements are processed in tiles: a tile's inputs are combined into
 // small local accumulators (one vectorised loop per output) and written back after every read of the tile,
@@ -20,12 +25,15 @@
 // split over threads (OpenMP, else std::thread).
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -33,7 +41,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kApiVersion = 2;
+constexpr int kApiVersion = 3;
 constexpr int kMaxHistory = 13;             // inputs per output: y, stash, h and up to 13 history slots
 constexpr int kMaxInputs = 3 + kMaxHistory;
 constexpr int64_t kTile = 512;              // elements combined at a time (accumulators stay in L1)
@@ -279,6 +287,29 @@ int64_t ragged_step_advance(uintptr_t y, uintptr_t raw, uintptr_t stash, uintptr
   return finished;
 }
 
+// One buffer of compact_slots: `outer` blocks `outer_stride` bytes apart, each holding slots `slot_stride`
+// bytes apart whose first `row_bytes` bytes are the slot's data.
+using SlotBuffer = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t>;
+
+void compact_slots(const std::vector<SlotBuffer>& buffers, const std::vector<int64_t>& keep, int64_t slots) {
+  const int64_t m = static_cast<int64_t>(keep.size());
+  for (int64_t i = 0; i < m; ++i) {
+    if (keep[i] >= slots || keep[i] < i || (i > 0 && keep[i] <= keep[i - 1]))
+      throw std::invalid_argument("keep must be strictly increasing slot indices in [0, " +
+                                  std::to_string(slots) + ")");
+  }
+  for (const auto& [addr, outer, outer_stride, slot_stride, row_bytes] : buffers) {
+    if (!addr) throw std::invalid_argument("a buffer address is null");
+    char* base = reinterpret_cast<char*>(addr);
+    for (int64_t o = 0; o < outer; ++o) {
+      char* block = base + o * outer_stride;
+      for (int64_t i = 0; i < m; ++i) {
+        if (keep[i] != i) std::memcpy(block + i * slot_stride, block + keep[i] * slot_stride, row_bytes);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(indis_native, m) {
@@ -303,4 +334,7 @@ PYBIND11_MODULE(indis_native, m) {
         py::arg("slot_stride"), py::arg("stages"), py::arg("history"), py::arg("uses_stash"),
         py::arg("float_bits"), py::arg("threads"), py::arg("stage_counts"), py::arg("done"),
         py::arg("n_active"));
+  m.def("compact_slots", &compact_slots, py::call_guard<py::gil_scoped_release>(),
+        "Move slots keep (increasing, < slots) to the front of every buffer, in order (raw addresses).",
+        py::arg("buffers"), py::arg("keep"), py::arg("slots"));
 }

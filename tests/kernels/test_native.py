@@ -311,3 +311,46 @@ def test_batcher_native_advance_equals_torch_twin(policy: str) -> None:
     assert runs[0][1]["slot_steps"] == sum(r.nfe for r in reqs)  # each sample stepped once per stage
     for a, c in zip(runs[0][0], runs[1][0], strict=True):
         assert torch.equal(a, c)
+
+
+def _slot_buffers(seed: int) -> list[tuple[torch.Tensor, int]]:
+    """A pool's per-slot buffers (7 slots): float32 states, history with the slot on axis 1 (a strided
+    slice of a wider pool), float64 rows, int32 / int64 counters."""
+    g = torch.Generator().manual_seed(seed)
+    wide_hist = torch.randn(3, 9, 2, 4, generator=g)
+    return [(torch.randn(7, 2, 4, generator=g), 0), (wide_hist[:, :7], 1),
+            (torch.randn(7, 5, 6, generator=g, dtype=torch.float64), 0),
+            (torch.randint(-1, 9, (7,), generator=g, dtype=torch.int32), 0),
+            (torch.randint(0, 9, (7,), generator=g), 0)]
+
+
+@pytest.mark.parametrize("use_native", [False, pytest.param(True, marks=needs_native)])
+@pytest.mark.parametrize("keep", [[1, 2, 4, 6], [0, 1, 5], [6], [], [0, 1, 2]])
+def test_slot_compactor_moves_the_kept_slots_to_the_front(use_native: bool, keep: list[int]) -> None:
+    buffers = _slot_buffers(seed=len(keep))
+    before = [t.clone() for t, _ in buffers]
+    wide_before = buffers[1][0]._base.clone()
+    native.SlotCompactor(buffers, native=use_native)(keep)
+    idx = torch.tensor(keep, dtype=torch.int64)
+    for (t, d), old in zip(buffers, before, strict=True):
+        m = len(keep)
+        assert torch.equal(t.narrow(d, 0, m), old.index_select(d, idx))
+        assert torch.equal(t.narrow(d, m, t.shape[d] - m), old.narrow(d, m, t.shape[d] - m))  # tail kept
+    assert torch.equal(buffers[1][0]._base[:, 7:], wide_before[:, 7:])  # the pool beyond the slice untouched
+
+
+@pytest.mark.parametrize("use_native", [False, pytest.param(True, marks=needs_native)])
+def test_slot_compactor_rejects_bad_input(use_native: bool) -> None:
+    buffers = _slot_buffers(seed=0)
+    compact = native.SlotCompactor(buffers, native=use_native)
+    before = [t.clone() for t, _ in buffers]
+    for keep in ([2, 1], [1, 1], [0, 7], [-1, 2]):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            compact(keep)
+    for (t, _), old in zip(buffers, before, strict=True):
+        assert torch.equal(t, old)  # nothing moved
+    if use_native:
+        with pytest.raises(ValueError, match="contiguous"):
+            native.SlotCompactor([(torch.zeros(4, 6)[:, ::2], 0)], native=True)
+        with pytest.raises(ValueError, match="slot axis"):
+            native.SlotCompactor([(torch.zeros(4), 1)], native=True)
