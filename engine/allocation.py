@@ -204,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     budgets = [b / 2 for b in range(2 * nfes[0] + 1, 2 * nfes[-1])]
     inputs = {"x_T": (lambda x, c: x, 1 / tb.sigma_max),
               "D(x_T; sigma_max)": (lambda x, c: first_output(model, x, c, tb.sigma_max), 1.0)}
-    learned, corr = {}, {}
+    rules, corr = {}, {}  # allocation rule: budget -> per-sample NFE index
     for name, (feature, scale) in inputs.items():
         phi = fit_error_predictor(feature(x_tr, l_tr), e_tr, nfes, input_scale=scale, labels=l_tr,
                                   num_classes=tb.num_classes)
@@ -212,11 +212,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             pred = phi(feature(x_te, l_te), l_te).double()
         corr[name] = [float(torch.corrcoef(torch.stack([pred[:, k], e_te[:, k].log()]))[0, 1])
                       for k in range(len(nfes))]
-        learned[name] = curve(e_te, lambda b, pred=pred: allocate(pred.exp(), nfes, b), nfes, budgets)
+        scores = pred.exp()
+        rules[name] = lambda b, scores=scores: allocate(scores, nfes, b)
     if l_tr is not None:  # the class alone: each class's mean error over the fitting seeds
         means = torch.stack([e_tr[l_tr == k].mean(0) for k in range(tb.num_classes)])
-        learned["the class label alone"] = curve(e_te, lambda b: allocate(means[l_te], nfes, b), nfes,
-                                                 budgets)
+        rules["the class label alone"] = lambda b: allocate(means[l_te], nfes, b)
+    learned = {name: curve(e_te, rule, nfes, budgets) for name, rule in rules.items()}
     oracle = curve(e_te, lambda b: allocate(e_te, nfes, b), nfes, budgets)
     label_note = " (and the class label)" if l_tr is not None else ""
     lines = [f"# Instance-aware NFE allocation: {tb.name}, INDIS heads at NFE {nfes} ({tb.solver}), "
@@ -249,9 +250,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        rules["oracle allocation"] = lambda b: allocate(e_te, nfes, b)
+        plot_curves(out.with_suffix(".png"), tb.name, e_te, nfes, rules)
     return 0
+
+
+def plot_curves(path: Path, title: str, errors: Tensor, nfes: Sequence[int],
+                rules: dict[str, Callable[[float], Tensor]], step: float = 0.25) -> Path | None:
+    """Mean error against mean NFE: the fixed NFEs, the best blind mix and each allocation rule (budgets
+    ``nfes[0]..nfes[-1]`` every ``step``); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'indis[plot]')")
+        return None
+    budgets = [nfes[0] + step * i for i in range(round((nfes[-1] - nfes[0]) / step) + 1)]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(nfes, errors.mean(0).tolist(), "ks", label="fixed NFE")
+    ax.plot(budgets, [blind_mix(errors, nfes, b) for b in budgets], "k--", lw=1, label="best blind mix")
+    for name, rule in rules.items():
+        points = curve(errors, rule, nfes, budgets)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".",
+                label=name if name.startswith("oracle") else f"allocator on {name}")
+    ax.set(title=f"NFE allocation, {title} (held-out seeds)", xlabel="mean NFE", ylabel="mean teacher MSE",
+           yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
