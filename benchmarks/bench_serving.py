@@ -13,8 +13,10 @@ the two policies' samples (the same per-sample computation, so "equal quality" i
 Each stream's header gives the ceiling of the saturated ratio: the static policy's iterations (each batch of
 ``--capacity`` consecutive requests runs to its longest NFE) over the fewest iterations any policy needs
 (total NFE / capacity). Where every iteration costs the same (saturated, one bucket -- the default here) the
-samples/s ratio cannot exceed it by more than noise; the ratio line gives the share of it reached. Each row is
-the median of ``--repeats`` runs, the two policies alternating (every repeat's samples/s is in the JSON).
+samples/s ratio cannot exceed it but by noise (one repeat on a shared 2-core machine: about +-10 %). The
+policies alternate within each of ``--repeats`` repeats; each policy's row is its median-throughput run, the
+ratio line the median of the per-repeat (paired) ratios with their range and the share of the ceiling. Every
+repeat's numbers are in the JSON.
 
 Run:  python benchmarks/bench_serving.py [--requests 1024] [--capacity 32] [--nfe 3,5,7 ...]
       [--rate inf,300,600]
@@ -59,7 +61,7 @@ def parse_mix(spec: str) -> tuple[list[int], list[float]]:
         nfe, _, weight = part.partition(":")
         nfes.append(int(nfe))
         weights.append(float(weight) if weight else 1.0)
-    if min(weights) < 0 or sum(weights) <= 0:
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--nfe {spec!r}: weights must be non-negative with a positive sum")
     return nfes, [w / sum(weights) for w in weights]
 
@@ -127,18 +129,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"(3:0.6,5:0.2,7:0.2); repeat for several streams (default: 3,5,7 and "
                     f"{ALLOCATOR_BUDGET_4}, the x_T allocator's mix at budget 4)")
     ap.add_argument("--rate", default="inf,300,600", help="Poisson arrival rates (requests/s), comma list")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per policy (alternating); median shown")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per policy (alternating); median shown")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--buckets", default=None, help="batch-size buckets, e.g. 8,16,32 (default: the capacity "
                     "only -- on CPU a changing batch shape costs oneDNN more than the padding saves)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = {"torch": torch.__version__, "threads": args.threads, "python": sys.version.split()[0],
            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    out: dict = {"env": env, "requests": args.requests, "capacity": args.capacity, "streams": []}
+    out: dict = {"env": env, "args": vars(args), "streams": []}
     buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else (args.capacity,)
     print(f"# Continuous vs static batching: digits UNet, iPNDM, EDM grids, {args.requests} requests per "
           "stream, "
@@ -165,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.repeats):  # alternating, so a slow spell of a shared machine hits both
                 for p, got in tries.items():
                     got.append(serve(p, requests, arrivals, args.capacity, buckets, device))
-            runs = {p: sorted(got, key=lambda r: r["samples_per_s"])[len(got) // 2]
+            runs = {p: sorted(got, key=lambda r: r["samples_per_s"])[(len(got) - 1) // 2]
                     for p, got in tries.items()}
+            paired = [c["samples_per_s"] / s["samples_per_s"]
+                      for c, s in zip(tries["continuous"], tries["static"], strict=True)]
             label = "all at t=0" if math.isinf(rate) else f"Poisson {rate:g}/s"
             for p, r in runs.items():
                 print(f"| {label} | {p} | {r['samples_per_s']:.0f} | {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / "
@@ -175,13 +181,14 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             diff = max(float((a - b).abs().max()) for a, b in zip(runs["continuous"].pop("results"),
                                                                   runs["static"].pop("results"), strict=True))
-            ratio = runs["continuous"]["samples_per_s"] / runs["static"]["samples_per_s"]
-            share = f" ({ratio / ceiling:.0%} of the ceiling)" if math.isinf(rate) else ""
-            print(f"| {label} | continuous / static | {ratio:.2f}x{share} | | | | | "
-                  f"max sample difference {diff:.1e} |")
-            spread = {p: [r["samples_per_s"] for r in got] for p, got in tries.items()}
-            stream["runs"][label] = {**runs, "throughput_ratio": ratio, "max_sample_difference": diff,
-                                     "samples_per_s_of_every_repeat": spread}
+            ratio = statistics.median(paired)
+            share = f"; {ratio / ceiling:.0%} of the ceiling" if math.isinf(rate) else ""
+            print(f"| {label} | continuous / static | {ratio:.2f}x ({min(paired):.2f}-{max(paired):.2f}"
+                  f"{share}) | | | | | max sample difference {diff:.1e} |")
+            spread = {p: [{k: v for k, v in r.items() if k != "results"} for r in got]
+                      for p, got in tries.items()}
+            stream["runs"][label] = {**runs, "throughput_ratio": ratio, "paired_ratios": paired,
+                                     "max_sample_difference": diff, "every_repeat": spread}
         out["streams"].append(stream)
     if args.json:
         with open(args.json, "w") as fh:

@@ -51,7 +51,10 @@ class ErrorPredictor(nn.Module):
         norm = eps.flatten(1).pow(2).mean(1, keepdim=True)  # the input's energy, a cheap global statistic
         parts = [pooled.flatten(1), norm]
         if labels is not None:
-            parts.append(F.one_hot(labels.long(), self.num_classes).float())
+            labels = labels.long()
+            if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+                raise ValueError(f"class labels must lie in [0, {self.num_classes})")
+            parts.append(F.one_hot(labels, self.num_classes).float())
         return self.net(torch.cat(parts, dim=1))
 
 
@@ -165,7 +168,7 @@ def blind_mix(errors: Tensor, nfes: Sequence[int], budget: float) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .quality import TESTBEDS, load_heads
+    from .quality import TESTBEDS, load_phi
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--testbed", default="digits-unet",
@@ -174,24 +177,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--test", type=int, default=1024, help="held-out seeds")
     ap.add_argument("--nfes", default="3,5,7")
     ap.add_argument("--heads", default=None, help="directory of the INDIS heads (default: the shipped ones "
-                    "for digits-unet, benchmarks/results/quality/heads for the others)")
+                    "for digits-unet, benchmarks/results/quality/heads -- relative to the working directory, "
+                    "the repository root -- for the others)")
     ap.add_argument("--cache", default=".indis-cache/teacher")
     ap.add_argument("--out", default=None, help="write the table (markdown) here too")
     a = ap.parse_args(argv)
     nfes = [int(v) for v in a.nfes.split(",")]
+    if len(nfes) < 2 or nfes != sorted(set(nfes)):
+        ap.error(f"--nfes {a.nfes}: give at least two NFEs in increasing order")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     tb = TESTBEDS[a.testbed]()
     heads_dir = Path(a.heads) if a.heads else (
         Path(__file__).parent / "weights" / "indis" if tb.name == "digits-unet"
         else Path("benchmarks/results/quality/heads"))
     model = tb.load()
-    heads = {}
-    for n in nfes:
-        loaded = load_heads(heads_dir, tb, n)
-        if loaded is None:
-            raise FileNotFoundError(f"no INDIS heads for {tb.name} NFE {n} under {heads_dir} "
-                                    f"(python -m indis.engine.quality --testbeds {tb.name})")
-        heads[n] = loaded["phi"]
+    heads = {n: load_phi(heads_dir, tb, n) for n in nfes}
     cache = tb.tuning_setup(model, nfes[0], a.cache).cache()
     train_seeds, test_seeds = range(1 << 19, (1 << 19) + a.train), range(1 << 20, (1 << 20) + a.test)
     data = {}
@@ -215,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = pred.exp()
         rules[name] = lambda b, scores=scores: allocate(scores, nfes, b)
     if l_tr is not None:  # the class alone: each class's mean error over the fitting seeds
+        if len(set(l_tr.tolist())) < tb.num_classes:
+            raise ValueError(f"some class has no fitting seed; use more than {a.train} (--train)")
         means = torch.stack([e_tr[l_tr == k].mean(0) for k in range(tb.num_classes)])
         rules["the class label alone"] = lambda b: allocate(means[l_te], nfes, b)
     learned = {name: curve(e_te, rule, nfes, budgets) for name, rule in rules.items()}
@@ -238,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"({100 * (oracle[i][1] / bm - 1):+.1f} %) |")
     over = max(v[i][0] - b for v in (*learned.values(), oracle) for i, b in enumerate(budgets))
     unspent = max(b - v[i][0] for v in (*learned.values(), oracle) for i, b in enumerate(budgets))
-    lines += ["", f"No allocation exceeds its budget (max mean NFE - budget: {over:+.3f}); the most budget "
+    verdict = "No allocation exceeds its budget" if over <= 1e-9 else "SOME ALLOCATION EXCEEDS ITS BUDGET"
+    lines += ["", f"{verdict} (max mean NFE - budget: {over:+.3f}); the most budget "
               f"left unspent (where more steps do not lower the predicted error): {unspent:.3f} NFE.", "",
               "Share of samples at NFE " + " / ".join(map(str, nfes)) + " (a request stream for "
               "`benchmarks/bench_serving.py --nfe " + ",".join(f"{n}:SHARE" for n in nfes) + "`):", "",

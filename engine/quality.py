@@ -337,6 +337,14 @@ def _head_stem(tb: Testbed, nfe: int) -> str:
     return f"{tb.name}_{tb.solver}_nfe{nfe}"
 
 
+def load_phi(heads_dir: Path, tb: Testbed, nfe: int) -> Predictor:
+    """The INDIS head :func:`run_cell` saved for ``tb`` at ``nfe`` (checked against NFE, solver, backbone)."""
+    path = Path(heads_dir) / f"{_head_stem(tb, nfe)}_phi.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"no INDIS head {path} (python -m indis.engine.quality --testbeds {tb.name})")
+    return Predictor.load(path, nfe=nfe, solver=tb.solver, backbone=tb.name).eval()
+
+
 def _save_heads(heads_dir: Path, tb: Testbed, nfe: int, phi: Predictor, blind: Predictor, noss: Predictor,
                 ld3: Schedule, rows: dict) -> None:
     heads_dir.mkdir(parents=True, exist_ok=True)

@@ -274,8 +274,9 @@ class ContinuousBatcher:
         self._release(gone, deliver=False)
 
     def _release(self, gone: list[int], error: Exception | None = None, deliver: bool = True) -> None:
-        """Deliver the results (or ``error``) of slots ``gone``, then compact the pool: one gather per buffer
-        moves the remaining slots to the front, the freed tail is cleared."""
+        """Deliver the results (or ``error``) of slots ``gone``, then compact the pool (``SlotCompactor``:
+        one C++ call on a CPU pool with the native backend, else one gather per buffer) so the remaining slots
+        are at the front, and clear the freed tail."""
         if not gone:
             return
         n = len(self.live)
@@ -336,7 +337,11 @@ class ContinuousBatcher:
                     self.stats["failed"] += 1
                     fut.set_exception(e if isinstance(e, ValueError) else ValueError(str(e)))
         if ready:
-            self._place(ready)
+            try:
+                self._place(ready)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory: these fail, the loop goes on
+                log.warning("placing %d admitted requests failed: %s", sum(len(r[0]) for r in ready), e)
+                self._unplace(ready, e)
 
     def _prepare(self, req: Request) -> tuple[Tensor, Tensor | tuple, Tensor | None, Tensor | None,
                                               dict[str, int]]:
@@ -420,6 +425,20 @@ class ContinuousBatcher:
         stack = [torch.stack([m[2][k] for m in members]) if members[0][2][k] is not None else None
                  for k in (1, 2, 3)]
         return self._table(solver, opts, *stack)
+
+    def _unplace(self, ready: list[tuple[list, Tensor, Tensor, int]], error: Exception) -> None:
+        """A failed placement (``_place`` adds to ``live`` only after its writes): its requests fail with
+        ``error`` and the slots it may have half-written are freed."""
+        n, g = len(self.live), sum(len(r[0]) for r in ready)
+        self.step[n:n + g] = -1
+        self.stages[n:n + g] = 0
+        for members, *_ in ready:
+            for _, fut, _ in members:
+                self.stats["failed"] += 1
+                try:
+                    fut.set_exception(RuntimeError(f"admission failed: {type(error).__name__}: {error}"))
+                except InvalidStateError:  # cancelled meanwhile
+                    self.stats["cancelled"] += 1
 
     def _place(self, ready: list[tuple[list, Tensor, Tensor, int]]) -> None:
         """Write the admitted groups' states and tables into the next free slots: one write per buffer."""

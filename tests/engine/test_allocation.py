@@ -86,6 +86,8 @@ def test_error_predictor_reads_the_class_label() -> None:
     assert corr > 0.95
     with pytest.raises(ValueError, match="class labels"):
         phi(x[:4])
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        phi(x[:2], torch.tensor([-1, 3]))
     blind = fit_error_predictor(x[:64], errors[:64], NFES, input_scale=1 / 80, steps=5)
     with pytest.raises(ValueError, match="no labels"):
         blind(x[:4], labels[:4])

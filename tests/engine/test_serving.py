@@ -132,6 +132,8 @@ def test_cancel_waiting_and_in_flight() -> None:
     futures = [b.submit(r) for r in reqs]
     b.iterate()                        # 3 in flight
     assert futures[1].cancel() and futures[7].cancel()
+    b.iterate()                        # the in-flight cancel frees its slot at once, not when it would finish
+    assert b.stats["cancelled"] == 1 and all(live.future is not futures[1] for live in b.live)
     while b.pending():
         b.iterate(flush=True)
     assert futures[1].cancelled() and futures[7].cancelled()
@@ -139,6 +141,33 @@ def test_cancel_waiting_and_in_flight() -> None:
         if i not in (1, 7):
             torch.testing.assert_close(f.result(), _alone(reqs[i]), rtol=1e-10, atol=1e-10)
     assert b.stats["cancelled"] == 2 and not b.live
+
+
+def test_failed_placement_fails_those_requests_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error while writing admitted requests into the pool (e.g. out of memory) fails them, frees the
+    slots and the server goes on."""
+    b = _batcher(capacity=4)
+    reqs = [_request(i) for i in range(10)]
+    futures = [b.submit(r) for r in reqs]
+    b.iterate()
+    real, calls = ContinuousBatcher._place, {"n": 0}
+
+    def flaky(self, ready):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected")
+        return real(self, ready)
+
+    monkeypatch.setattr(ContinuousBatcher, "_place", flaky)
+    while b.pending():
+        b.iterate(flush=True)
+    failed = [f for f in futures if f.exception() is not None]
+    assert failed and all("admission failed: RuntimeError: injected" in str(f.exception()) for f in failed)
+    assert b.stats["failed"] == len(failed) and b.stats["completed"] == len(reqs) - len(failed)
+    for r, f in zip(reqs, futures, strict=True):
+        if f.exception() is None:
+            torch.testing.assert_close(f.result(), _alone(r), rtol=1e-10, atol=1e-10)
+    assert not b.live and (b.step == -1).all()
 
 
 def test_background_thread_front_and_bounded_queue() -> None:
