@@ -144,8 +144,9 @@ class SlotCompactor:
     """Moves a batcher's surviving slots to the front of its fixed per-slot buffers ``(tensor, slot axis 0
     or 1)``, in order: ``t.narrow(axis, 0, m)[:] = t.index_select(axis, keep)`` for every buffer.
 
-    The buffers are validated once; each call is then one C++ call (``native=True``, CPU tensors: a few µs)
-    or one gather per buffer in torch (any device). ``keep``: strictly increasing slot indices.
+    The buffers are validated once and their addresses kept, so they must not be reallocated afterwards; each
+    call is then one C++ call (``native=True``, CPU tensors) or one gather per buffer in torch (any device).
+    ``keep``: strictly increasing slot indices.
     """
 
     def __init__(self, buffers: list[tuple[Tensor, int]], native: bool) -> None:
