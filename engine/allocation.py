@@ -77,13 +77,9 @@ def fit_error_predictor(x_T: Tensor, errors: Tensor, nfes: Sequence[int], *, inp
     return model.eval()
 
 
-def allocate(scores: Tensor, nfes: Sequence[int], budget: float, iters: int = 60) -> Tensor:
-    """Per-sample index into ``nfes`` minimising ``sum scores[i, k]`` with mean NFE <= ``budget``.
-
-    ``scores`` are (predicted or true) errors ``[B, K]`` in linear units. Lagrangian relaxation: for a price
-    ``lam`` each sample takes ``argmin_k scores + lam * nfe_k``; bisection finds the cheapest price within
-    budget, then leftover budget buys the upgrades with the best error reduction per extra NFE.
-    """
+def price_for_budget(scores: Tensor, nfes: Sequence[int], budget: float, iters: int = 60) -> float:
+    """The cheapest price ``lam`` (error per NFE) at which ``argmin_k scores[i, k] + lam * nfe_k`` keeps the
+    mean NFE of ``scores`` ``[B, K]`` (linear errors) within ``budget`` (bisection)."""
     cost = torch.tensor(nfes, dtype=scores.dtype)
     if not min(nfes) <= budget <= max(nfes):
         raise ValueError(f"budget {budget} must lie in [{min(nfes)}, {max(nfes)}]")
@@ -92,7 +88,45 @@ def allocate(scores: Tensor, nfes: Sequence[int], budget: float, iters: int = 60
         lam = (lo + hi) / 2
         pick = (scores + lam * cost).argmin(1)
         lo, hi = (lo, lam) if cost[pick].mean() <= budget else (lam, hi)
-    pick = (scores + hi * cost).argmin(1)
+    return hi
+
+
+class NFEChooser:
+    """Instance-aware NFE choice for a request stream (beyond the INDIS paper), one admission at a time.
+
+    ``scores(x_T [B, ...], labels [B] or None) -> predicted errors [B, K]`` (linear units; e.g. an
+    :class:`ErrorPredictor`'s ``exp``). Each sample takes ``argmin_k scores_k + lam * nfes[k]``. The price
+    ``lam`` starts at the one that meets ``budget`` on a calibration set (:func:`price_for_budget`) and then
+    follows the stream by dual ascent -- multiplied by ``exp(rate * (chosen mean NFE - budget) / span)`` after
+    each call -- so the mean NFE over many requests tracks the budget without seeing them all at once (unlike
+    :func:`allocate`).
+    """
+
+    def __init__(self, scores: Callable[[Tensor, Tensor | None], Tensor], nfes: Sequence[int], budget: float,
+                 calibration: Tensor, rate: float = 0.05) -> None:
+        self.scores, self.nfes, self.budget, self.rate = scores, tuple(nfes), budget, rate
+        self.price = max(price_for_budget(calibration, nfes, budget), 1e-12)
+        self.span = max(nfes) - min(nfes)
+        self._cost = torch.tensor(nfes, dtype=torch.float64)
+
+    def __call__(self, x_T: Tensor, labels: Tensor | None = None) -> list[int]:
+        with torch.no_grad():
+            scores = self.scores(x_T, labels).double()
+        pick = (scores + self.price * self._cost).argmin(1)
+        chosen = self._cost[pick]
+        self.price *= math.exp(self.rate * len(pick) * float(chosen.mean() - self.budget) / self.span)
+        return [self.nfes[k] for k in pick.tolist()]
+
+
+def allocate(scores: Tensor, nfes: Sequence[int], budget: float, iters: int = 60) -> Tensor:
+    """Per-sample index into ``nfes`` minimising ``sum scores[i, k]`` with mean NFE <= ``budget``.
+
+    ``scores`` are (predicted or true) errors ``[B, K]`` in linear units. Lagrangian relaxation: for a price
+    ``lam`` each sample takes ``argmin_k scores + lam * nfe_k``; bisection finds the cheapest price within
+    budget, then leftover budget buys the upgrades with the best error reduction per extra NFE.
+    """
+    cost = torch.tensor(nfes, dtype=scores.dtype)
+    pick = (scores + price_for_budget(scores, nfes, budget, iters) * cost).argmin(1)
     spare = budget * len(pick) - float(cost[pick].sum())
     while True:  # greedy upgrades within the remaining budget
         extra = cost[None, :] - cost[pick][:, None]
@@ -204,22 +238,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     budgets = [b / 2 for b in range(2 * nfes[0] + 1, 2 * nfes[-1])]
     inputs = {"x_T": (lambda x, c: x, 1 / tb.sigma_max),
               "D(x_T; sigma_max)": (lambda x, c: first_output(model, x, c, tb.sigma_max), 1.0)}
-    rules, corr = {}, {}  # allocation rule: budget -> per-sample NFE index
+    predicted, corr = {}, {}  # input -> predicted errors (calibration = fitting seeds, held-out seeds)
     for name, (feature, scale) in inputs.items():
         phi = fit_error_predictor(feature(x_tr, l_tr), e_tr, nfes, input_scale=scale, labels=l_tr,
                                   num_classes=tb.num_classes)
         with torch.no_grad():
-            pred = phi(feature(x_te, l_te), l_te).double()
-        corr[name] = [float(torch.corrcoef(torch.stack([pred[:, k], e_te[:, k].log()]))[0, 1])
+            cal, test = (phi(feature(x, c), c).double().exp() for x, c in ((x_tr, l_tr), (x_te, l_te)))
+        predicted[name] = (cal, test)
+        corr[name] = [float(torch.corrcoef(torch.stack([test[:, k].log(), e_te[:, k].log()]))[0, 1])
                       for k in range(len(nfes))]
-        scores = pred.exp()
-        rules[name] = lambda b, scores=scores: allocate(scores, nfes, b)
     if l_tr is not None:  # the class alone: each class's mean error over the fitting seeds
         if len(set(l_tr.tolist())) < tb.num_classes:
             raise ValueError(f"some class has no fitting seed; use more than {a.train} (--train)")
         means = torch.stack([e_tr[l_tr == k].mean(0) for k in range(tb.num_classes)])
-        rules["the class label alone"] = lambda b: allocate(means[l_te], nfes, b)
+        predicted["the class label alone"] = (means[l_tr], means[l_te])
+    rules = {name: (lambda b, s=test: allocate(s, nfes, b)) for name, (_, test) in predicted.items()}
     learned = {name: curve(e_te, rule, nfes, budgets) for name, rule in rules.items()}
+    online = {name: online_curve(e_te, test, cal, nfes, budgets) for name, (cal, test) in predicted.items()}
     oracle = curve(e_te, lambda b: allocate(e_te, nfes, b), nfes, budgets)
     label_note = " (and the class label)" if l_tr is not None else ""
     lines = [f"# Instance-aware NFE allocation: {tb.name}, INDIS heads at NFE {nfes} ({tb.solver}), "
@@ -250,6 +285,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, b in enumerate(budgets):
         shares = [" / ".join(f"{v:.2f}" for v in c[i][2]) for c in (*learned.values(), oracle)]
         lines.append(f"| {b:g} | " + " | ".join(shares) + " |")
+    lines += ["", f"Online (`NFEChooser`): the held-out seeds arrive {ONLINE_CHUNK} at a time, the price "
+              "starts where the fitting seeds meet the budget and follows the stream; mean NFE reached: mean "
+              "error (vs the best blind mix at that mean NFE):", "",
+              f"| budget (mean NFE) | {' | '.join(f'allocator on {n}' for n in names)} |",
+              "|---" * (1 + len(names)) + "|"]
+    for i, b in enumerate(budgets):
+        cells = [f"{c[i][0]:.2f}: {c[i][1]:.5f} "
+                 f"({100 * (c[i][1] / blind_mix(e_te, nfes, c[i][0]) - 1):+.1f} %)" for c in online.values()]
+        lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
     if a.out:
@@ -259,6 +303,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         rules["oracle allocation"] = lambda b: allocate(e_te, nfes, b)
         plot_curves(out.with_suffix(".png"), tb.name, e_te, nfes, rules)
     return 0
+
+
+ONLINE_CHUNK = 8  # requests admitted together in the online simulation
+
+
+def online_curve(errors: Tensor, scores: Tensor, calibration: Tensor, nfes: Sequence[int],
+                 budgets: Sequence[float], chunk: int = ONLINE_CHUNK) -> list[tuple[float, float]]:
+    """(mean NFE reached, mean true error) of an :class:`NFEChooser` fed the predicted ``scores`` of a stream
+    ``chunk`` samples at a time, its price calibrated on ``calibration``, at each budget."""
+    out = []
+    for b in budgets:
+        chooser = NFEChooser(lambda s, _: s, nfes, b, calibration)
+        picks = [nfes.index(n) for block in scores.split(chunk) for n in chooser(block)]
+        idx = torch.tensor(picks)
+        out.append((float(torch.tensor(nfes, dtype=torch.float64)[idx].mean()),
+                    float(errors[torch.arange(len(idx)), idx].mean())))
+    return out
 
 
 def plot_curves(path: Path, title: str, errors: Tensor, nfes: Sequence[int],

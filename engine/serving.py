@@ -35,7 +35,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -43,6 +43,7 @@ from torch import Tensor
 from indis.kernels.native import SlotCompactor, ragged_step_advance_native, ragged_step_advance_torch
 from indis.kernels.ragged_step import PackedTable, backend_for, fused, ragged_step
 
+from .allocation import NFEChooser
 from .families import Denoiser, as_denoiser
 from .sampling import check_grid
 from .schedules import HEURISTICS, Schedule, get_sigmas
@@ -60,12 +61,14 @@ class Request:
     ``x_T`` (``[*shape]``, already at the grid's first noise level) or ``seed`` (``x_T = sigma_max *
     noise_from_seeds(seed)``); ``schedule``: a heuristic name (``edm``, ``logsnr``, ...), ``"predictor"``
     (the batcher's INDIS predictor for this NFE and solver), an explicit ``[N+1]`` grid or a
-    :class:`Schedule`; ``cond``: per-sample condition values (e.g. ``{"class_labels": 3}``).
+    :class:`Schedule`; ``cond``: per-sample condition values (e.g. ``{"class_labels": 3}``). ``nfe="auto"``:
+    the batcher's :class:`~indis.engine.allocation.NFEChooser` picks it from x_T (and the condition) at
+    admission; the future then carries it as ``future.nfe``.
     """
 
     x_T: Tensor | None = None
     seed: int | None = None
-    nfe: int = 5
+    nfe: int | str = 5
     solver: str = "ipndm"
     schedule: str | Tensor | Schedule = "edm"
     cond: dict[str, int] = field(default_factory=dict)
@@ -94,12 +97,14 @@ class ContinuousBatcher:
     ``conditions``: the condition inputs the model takes and their valid integer range ``(low, high)``
     (values outside fail the request alone; an idle slot holds ``low``), e.g. ``{"class_labels": (-1, 10)}``.
     ``predictors``: ``{(nfe, solver): phi}`` with ``phi(x_T[B], cond) -> Schedule`` for
-    ``schedule="predictor"`` (``predictor_cond`` names the condition it reads).
+    ``schedule="predictor"`` (``predictor_cond`` names the condition it reads; an NFE ``chooser`` reads it
+    too, for requests with ``nfe="auto"``).
     """
 
     def __init__(self, model: Callable[..., Tensor] | Denoiser, shape: Sequence[int], *, capacity: int = 32,
                  buckets: Sequence[int] | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0,
                  predictors: dict[tuple[int, str], Callable] | None = None, predictor_cond: str | None = None,
+                 chooser: NFEChooser | None = None,
                  conditions: dict[str, tuple[int, int]] | None = None, max_stages: int = 16,
                  max_waiting: int = 100_000, policy: str = "continuous", device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, backend: str | None = None) -> None:
@@ -111,7 +116,7 @@ class ContinuousBatcher:
         if self.buckets[-1] != capacity or self.buckets[0] < 1:
             raise ValueError(f"buckets {self.buckets} must be positive and end at the capacity {capacity}")
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
-        self.predictors, self.predictor_cond = dict(predictors or {}), predictor_cond
+        self.predictors, self.predictor_cond, self.chooser = dict(predictors or {}), predictor_cond, chooser
         self.conditions = dict(conditions or {})
         self.max_stages, self.max_waiting, self.policy = max_stages, max_waiting, policy
         self.device, self.dtype, self.backend = torch.device(device), dtype, backend
@@ -320,6 +325,7 @@ class ContinuousBatcher:
         groups: dict[tuple, list] = {}
         for req, fut in batch:
             try:
+                req = self._choose_nfe(req, fut) if req.nfe == "auto" else req
                 item = self._prepare(req)
             except Exception as e:  # noqa: BLE001 - bad inputs fail this request alone
                 self.stats["failed"] += 1
@@ -343,19 +349,35 @@ class ContinuousBatcher:
                 log.warning("placing %d admitted requests failed: %s", sum(len(r[0]) for r in ready), e)
                 self._unplace(ready, e)
 
+    def _initial_state(self, req: Request) -> Tensor:
+        """The request's validated x_T (given, or sigma_max * its seed's noise), float64 on the CPU."""
+        if (req.x_T is None) == (req.seed is None):
+            raise ValueError("give exactly one of x_T and seed")
+        if req.x_T is None:
+            return noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0] * self.sigma_max
+        x = torch.as_tensor(req.x_T).detach().to("cpu", torch.float64)
+        if tuple(x.shape) != self.shape:
+            raise ValueError(f"x_T has shape {tuple(x.shape)}, this batcher serves {self.shape}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x_T contains NaN or inf")
+        return x
+
+    def _choose_nfe(self, req: Request, fut: Future) -> Request:
+        """``req`` with the NFE the chooser picks from its x_T (and condition), also set as ``fut.nfe``."""
+        if self.chooser is None:
+            raise ValueError("nfe='auto' needs a batcher built with an NFE chooser (chooser=NFEChooser(...))")
+        x = self._initial_state(req)
+        c = req.cond.get(self.predictor_cond) if self.predictor_cond else None
+        if c is not None and not isinstance(c, int):
+            raise ValueError(f"condition {self.predictor_cond}={c!r} must be an int")
+        fut.nfe = self.chooser(x.to(self.device, torch.float32)[None],
+                               None if c is None else torch.tensor([c], device=self.device))[0]
+        return replace(req, nfe=fut.nfe)
+
     def _prepare(self, req: Request) -> tuple[Tensor, Tensor | tuple, Tensor | None, Tensor | None,
                                               dict[str, int]]:
         """Validate one request: (x_T, grid [N+1] or a cached table's key, shift, scale, cond) in float64."""
-        if (req.x_T is None) == (req.seed is None):
-            raise ValueError("give exactly one of x_T and seed")
-        if req.x_T is not None:
-            x = torch.as_tensor(req.x_T).detach().to("cpu", torch.float64)
-            if tuple(x.shape) != self.shape:
-                raise ValueError(f"x_T has shape {tuple(x.shape)}, this batcher serves {self.shape}")
-            if not torch.isfinite(x).all():
-                raise ValueError("x_T contains NaN or inf")
-        else:
-            x = noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0] * self.sigma_max
+        x = self._initial_state(req)
         for k, v in req.cond.items():
             if k not in self.conditions:
                 raise ValueError(f"unknown condition {k!r}; this batcher takes {sorted(self.conditions)}")

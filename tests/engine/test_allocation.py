@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from indis.engine.allocation import allocate, blind_mix, curve, fit_error_predictor
+from indis.engine.allocation import NFEChooser, allocate, blind_mix, curve, fit_error_predictor
 
 NFES = [3, 5, 7]
 
@@ -91,3 +91,24 @@ def test_error_predictor_reads_the_class_label() -> None:
     blind = fit_error_predictor(x[:64], errors[:64], NFES, input_scale=1 / 80, steps=5)
     with pytest.raises(ValueError, match="no labels"):
         blind(x[:4], labels[:4])
+
+
+@pytest.mark.parametrize("budget", [3.5, 5.0, 6.2])
+def test_online_chooser_tracks_the_budget_and_matches_the_offline_allocation(budget: float) -> None:
+    """A stream of 2048 samples, 8 per call: the running mean NFE meets the budget (the price adapts even when
+    the stream is harder than the calibration set), and the choices mostly agree with :func:`allocate`
+    seeing all of it at once."""
+    g = torch.Generator().manual_seed(3)
+    def planted(n: int, hardness: float) -> torch.Tensor:
+        base = torch.rand(n, 1, generator=g, dtype=torch.float64) * hardness + 0.05
+        steepness = 1 + torch.rand(n, 1, generator=g)
+        return base * torch.tensor([1.0, 0.45, 0.15], dtype=torch.float64) ** steepness
+    calibration, stream = planted(512, 1.0), planted(2048, 1.6)
+    chooser = NFEChooser(lambda s, _: s, NFES, budget, calibration)
+    picks = torch.tensor([NFES.index(n) for block in stream.split(8) for n in chooser(block)])
+    mean_nfe = float(torch.tensor(NFES, dtype=torch.float64)[picks].mean())
+    assert abs(mean_nfe - budget) < 0.05
+    offline = allocate(stream, NFES, budget)
+    assert float((picks == offline).double().mean()) > 0.8
+    err = float(stream[torch.arange(len(picks)), picks].mean())
+    assert err < blind_mix(stream, NFES, mean_nfe)  # beats every fixed-NFE strategy at its cost

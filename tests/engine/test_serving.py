@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import indis
+from indis.engine.allocation import NFEChooser
 from indis.engine.convergence import small_mixture
 from indis.engine.serving import ContinuousBatcher, Request
 from indis.engine.teacher import noise_from_seeds
@@ -168,6 +169,31 @@ def test_failed_placement_fails_those_requests_only(monkeypatch: pytest.MonkeyPa
         if f.exception() is None:
             torch.testing.assert_close(f.result(), _alone(r), rtol=1e-10, atol=1e-10)
     assert not b.live and (b.step == -1).all()
+
+
+def test_auto_nfe_requests_take_the_choosers_nfe() -> None:
+    """nfe='auto': the chooser picks each NFE from x_T and the label at admission (recorded on the future);
+    the sample equals running the request alone at that NFE; without a chooser the request fails alone."""
+    def scores(x_T: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:  # energy and label matter
+        hard = x_T.flatten(1).pow(2).mean(1, keepdim=True) / 6400 + 0.1 * labels.clamp(min=0)[:, None]
+        return hard * torch.tensor([1.0, 0.4, 0.1], dtype=torch.float64)
+
+    calibration = scores(torch.randn(256, 6, dtype=torch.float64) * 80, torch.arange(256) % 10)
+    chooser = NFEChooser(scores, (3, 5, 7), 5.0, calibration)
+    b = _batcher(capacity=4, chooser=chooser, predictor_cond="class_labels")
+    reqs = [Request(seed=i, nfe="auto", solver="ipndm", cond={"class_labels": i % 10}) for i in range(24)]
+    futures = [b.submit(r) for r in reqs]
+    no_chooser = _batcher(capacity=4)
+    bare = no_chooser.submit(Request(seed=1, nfe="auto"))
+    no_chooser.iterate(flush=True)
+    while b.pending():
+        b.iterate(flush=True)
+    nfes = [f.nfe for f in futures]
+    assert set(nfes) <= {3, 5, 7} and len(set(nfes)) > 1
+    for r, f in zip(reqs, futures, strict=True):
+        torch.testing.assert_close(f.result(), _alone(Request(seed=r.seed, nfe=f.nfe, cond=r.cond)),
+                                   rtol=1e-10, atol=1e-10)
+    assert isinstance(bare.exception(timeout=0), ValueError) and "chooser" in str(bare.exception(timeout=0))
 
 
 def test_background_thread_front_and_bounded_queue() -> None:
