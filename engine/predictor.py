@@ -7,7 +7,8 @@ Every head maps its input to one raw vector per sample, ``[logits (N+1) | o_shif
   descending, endpoints exactly ``sigma_max`` / ``sigma_min`` for any logits (a trailing 0 with
   ``final_zero``);
 * time shift ``dtau_n = b_shift * tanh(o/2)`` in log-sigma units (the network sees ``sigma_n * exp(dtau_n)``);
-* output scale ``gamma_n = 1 + b_scale * tanh(o/2)`` (multiplies the denoised x0).
+* output scale ``gamma_n = 1 + b_scale * tanh(o/2)`` on that call's noise prediction (the corrected call
+  ``eps_hat_n = gamma_n * eps_theta(x_n, tau_n + dtau_n)``, defined in ``indis.engine.solvers``).
 
 Each head's raw vector is ``base + residual``: ``base`` (float64) starts at the raw vector of the ``init``
 heuristic grid with zero shift/scale outputs, and the residual layer starts at weight 0, so at initialisation
@@ -38,7 +39,14 @@ from .profiling import nvtx_range
 from .schedules import Schedule, Space, get_sigmas, grid_from_logits, logits_from_grid
 from .solvers import SOLVERS
 
-FORMAT = "indis-predictor/1"
+FORMAT = "indis-predictor/2"
+#: Formats this version refuses, with the reason a user reads.
+RETIRED_FORMATS = {
+    "indis-predictor/1": "it was tuned when the output scale gamma multiplied the denoised x0; gamma now "
+                         "scales the noise prediction, eps_hat = gamma * eps_theta(x_n, tau_n + dtau_n) (the "
+                         "paper's definition), so its shift and scale would act differently -- re-tune it "
+                         "(indis fit)",
+}
 HEURISTICS = ("edm", "logsnr", "uniform_t", "time_quadratic")
 
 
@@ -295,10 +303,13 @@ class Predictor(_Head):
             raise ValueError(f"{path} is not a readable safetensors predictor checkpoint ({e})") from e
         try:
             meta = json.loads(header["indis"])
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-            config = PredictorConfig.from_json(meta["config"])
+            fmt = meta.get("format")
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} has no valid indis predictor metadata ({e})") from e
+        check_format(fmt, str(path))
+        try:
+            config = PredictorConfig.from_json(meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} has no valid indis predictor metadata ({e})") from e
         if _checksum(tensors) != meta.get("checksum"):
             raise ValueError(f"{path} is corrupt: its tensors do not match the checksum in its metadata")
@@ -334,6 +345,17 @@ class PerInstanceSchedule(_Head):
         return self.delta[index]
 
 
+def check_format(fmt: object, what: str) -> None:
+    """Refuse a predictor file of another format than :data:`FORMAT`, saying why."""
+    if fmt == FORMAT:
+        return
+    if fmt is None:
+        raise ValueError(f"{what} has no valid indis predictor metadata (no format field)")
+    if fmt in RETIRED_FORMATS:
+        raise ValueError(f"{what} is an {fmt} predictor, which this version refuses: {RETIRED_FORMATS[fmt]}")
+    raise ValueError(f"{what} has predictor format {fmt!r}, expected {FORMAT!r}")
+
+
 def _checksum(tensors: dict[str, Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
@@ -343,4 +365,4 @@ def _checksum(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-__all__ = ["HEURISTICS", "PerInstanceSchedule", "Predictor", "PredictorConfig", "ScheduleConfig"]
+__all__ = ["FORMAT", "HEURISTICS", "PerInstanceSchedule", "Predictor", "PredictorConfig", "ScheduleConfig"]

@@ -242,8 +242,9 @@ def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | 
     flow network, in which case ``x`` and the result are in that family's coordinate (a flow model's
     ``x_t``, so a start at t = 1 -- sigma = inf -- is allowed). ``sigmas`` is ``[N+1]`` or ``[B, N+1]``,
     descending, optionally ending at 0, or a ``Schedule`` from an INDIS predictor. ``shift`` / ``scale``
-    are INDIS's per-step evaluation shift (the network sees ``sigma_n * exp(shift_n)``) and output scale
-    (x0 multiplied by ``scale_n``), ``[N]`` or ``[B, N]``. ``solver_opts``: ``order``, ``frame``,
+    are INDIS's per-step time shift and noise-prediction scale, ``[N]`` or ``[B, N]``: the network is
+    called at ``sigma_n * exp(shift_n)`` and its eps there, times ``scale_n``, drives the step on the
+    unshifted grid (``solvers`` module docstring). ``solver_opts``: ``order``, ``frame``,
     ``variant`` (UniPC bh1/bh2), ``corrector``, ``disable_corrector``, ``lower_order_final`` -- see
     ``solvers.build_table``. ``backend``: ``"triton"`` (fused kernel, the default on CUDA), ``"native"``
     (the C++ fused step, the default on CPU where it is built) or ``"torch"`` (the reference loop);

@@ -182,7 +182,8 @@ def logits_from_grid(sigmas: Tensor, space: Space = "lambda", family: NoiseFamil
 class Schedule:
     """A per-sample INDIS schedule: ``grid`` ``[B, N+1]`` (or shared ``[N+1]``) descending sigmas, the
     evaluation ``shift`` ``[B, N]`` (log-sigma units: the network sees ``sigma_n * exp(shift_n)``) and the
-    output ``scale`` ``[B, N]`` (multiplies the denoised x0). ``indis.sample`` accepts it as ``sigmas``."""
+    output ``scale`` ``[B, N]`` (multiplies that call's noise prediction; ``indis.engine.solvers`` defines the
+    corrected call). ``indis.sample`` accepts it as ``sigmas``."""
 
     grid: Tensor
     shift: Tensor | None = None

@@ -12,12 +12,25 @@ first). It calls the network once and does one generic linear update::
     push h onto the history
 
 Every coefficient is a per-sample tensor computed here once, in float64, from the sample's own grid, the
-INDIS per-step evaluation shift (``sigma_eval = sigma_n * exp(shift_n)``, used only for the network call)
-and output scale (the denoised x0 is multiplied by ``scale_n``), the model's prediction type (eps / x0 / v /
-flow velocity, folded into ``conv``) and the change of variables between the family's state and the frame a
-solver is defined in. The torch reference (``sampling.run_table``) and the fused kernel consume the same
-table. ``support`` records which inputs each row uses (structure only, never values) so the reference path
-skips structural zeros without looking at tensor values.
+INDIS per-step shift and scale, the model's prediction type (eps / x0 / v / flow velocity, folded into
+``conv``) and the change of variables between the family's state and the frame a solver is defined in.
+
+**INDIS's corrected network call** (Yuan et al. 2026):
+``eps_hat_n = gamma_n * eps_theta(x_n, tau_n + dtau_n)``. The time shift ``dtau_n`` (``shift``, log-sigma
+units) moves only the network's evaluation point, ``sigma_eval = sigma_n * exp(dtau_n)``; the network sees the
+same point x_n (in VE terms; in the family's coordinate its input is ``in_scale = alpha(sigma_eval) /
+alpha(sigma_n)`` times the state). The noise prediction of that call -- ``eps = (x - D(x, sigma_eval)) /
+sigma_eval`` for a VE x0 denoiser D, the same quantity as an eps model's output or a flow model's
+``x_t + (1 - t) v`` -- is multiplied by the output scale ``gamma_n`` (``scale``), and the solver steps on the
+*unshifted* grid with it: a data-prediction solver sees ``x0_hat = x_n - sigma_n * eps_hat = (1 - k) x_n +
+k D`` with ``k = gamma_n * exp(-dtau_n)``, a derivative solver ``(x_n - x0_hat) / sigma_n = eps_hat``. (Taking
+D itself as x0_hat would step with ``exp(dtau_n)`` times that eps.) Both fold into ``conv``: no extra work per
+step. A step from sigma = inf (a flow model's t = 1, where eps is the state itself) is neither shifted nor
+scaled.
+
+The torch reference (``sampling.run_table``) and the fused kernel consume the same table. ``support`` records
+which inputs each row uses (structure only, never values) so the reference path skips structural zeros
+without looking at tensor values.
 
 Solvers (the paper each follows, and which variable it integrates):
 
@@ -365,7 +378,8 @@ def build_table(solver: str, grid: Tensor, family: NoiseFamily, *, prediction: P
                 infinite_start: bool | None = None, check_finite: bool = True) -> SolverTable:
     """Coefficient table of ``solver`` for a validated ``[B, N+1]`` grid (float64 math, float64 result).
 
-    ``shift`` / ``scale`` are ``[B, N]`` (per step; both evaluations of a Heun step share them). ``order``
+    ``shift`` / ``scale`` are INDIS's ``dtau`` / ``gamma``, ``[B, N]`` (per step; both evaluations of a Heun
+    step share them; see the module docstring for the corrected call). ``order``
     applies to ipndm/ipndm_v (1..4, default 4) and unipc (1..3, default 2, like diffusers); the default is
     capped at the number of steps, an explicit order above it is an error. ``variant`` is UniPC's
     ``bh1``/``bh2``. ``lower_order_final`` follows diffusers (DPM-Solver++: last steps of grids shorter than
@@ -428,23 +442,30 @@ def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Predic
         return torch.stack([t[:, getattr(st, index)] for st in stages], dim=1)
 
     sigma_n = per_stage(grid, "point")                                     # [B, S]
-    sigma_eval = sigma_n if shift is None else sigma_n * torch.exp(per_stage(shift.to(grid), "step"))
-    alpha_eval = family.alpha(sigma_eval)
-    same = sigma_eval == sigma_n  # no shift (also sigma = inf, where the alpha ratio is 0/0)
-    in_scale = torch.where(same, torch.ones_like(sigma_n), alpha_eval / family.alpha(sigma_n))
-    a, b = raw_to_x0(prediction, family, sigma_eval)                        # x0 = a * x_eval + b * raw
+    dtau = torch.zeros_like(sigma_n) if shift is None else per_stage(shift.to(grid), "step")
+    sigma_eval = sigma_n * torch.exp(dtau)
+    alpha_n = family.alpha(sigma_n)
+    start = torch.isinf(sigma_n)  # a flow model's t = 1: eps is the state itself, nothing to shift or scale
+    same = (sigma_eval == sigma_n) | start  # no shift (also sigma = inf, where the alpha ratio is 0/0)
+    alpha_safe = torch.where(start, torch.ones_like(alpha_n), alpha_n)
+    in_scale = torch.where(same, torch.ones_like(sigma_n), family.alpha(sigma_eval) / alpha_safe)
+    a, b = raw_to_x0(prediction, family, sigma_eval)                        # D = a * x_eval + b * raw
     gamma = torch.ones_like(sigma_n) if scale is None else per_stage(scale.to(grid), "step")
+    # eps_hat = gamma (x - D) / sigma_eval; x0_hat = x - sigma_n eps_hat = (1 - k) x + k D, VE x = y / alpha_n
+    k = torch.where(start, torch.ones_like(gamma), gamma * torch.exp(-dtau))
+    x_weight = torch.where(start, torch.zeros_like(k), (1 - k) / alpha_safe)
     p = torch.stack([st.p if st.p is not None else torch.zeros_like(st.q) for st in stages], dim=1)
     q = torch.stack([st.q for st in stages], dim=1)
-    conv = torch.stack([p + q * gamma * a * in_scale, q * gamma * b], dim=-1)
+    conv = torch.stack([p + q * (x_weight + k * a * in_scale), q * k * b], dim=-1)
     zero = grid.new_zeros(bsz)
     rows = [(st.y_row, st.stash_row or {}) for st in stages]
     entries = [row.get(i, zero) for pair in rows for row in pair for i in range(width)]
     coef = torch.stack([v.expand(bsz) if isinstance(v, Tensor) else zero + v for v in entries], dim=1)
     coef = coef.reshape(bsz, len(stages), 2, width)
     support = [(tuple(sorted(y_row)), tuple(sorted(s_row))) for y_row, s_row in rows]
-    uses_state = tuple(st.p is not None or prediction != "x0" for st in stages)
-    scales_raw = tuple(st.p is not None or prediction != "x0" or scale is not None for st in stages)
+    corrected = shift is not None or scale is not None
+    uses_state = tuple(st.p is not None or prediction != "x0" or corrected for st in stages)
+    scales_raw = tuple(st.p is not None or prediction != "x0" or corrected for st in stages)
     scaled_input = shift is not None and not isinstance(family, VE)
     if check_finite:
         bad = ~torch.isfinite(conv).all(-1).all(-1) | ~torch.isfinite(coef).flatten(1).all(-1)

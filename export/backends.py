@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from indis.engine.predictor import check_format
 from indis.engine.schedules import Schedule
 
 log = logging.getLogger("indis.export")
@@ -54,6 +55,8 @@ class ExportedPredictor:
     def __init__(self, runner) -> None:
         if runner.metadata and runner.metadata.get("kind") != "predictor":
             raise ValueError(f"not an exported INDIS predictor (kind={runner.metadata.get('kind')!r})")
+        if runner.metadata:
+            check_format(runner.metadata.get("format", "indis-predictor/1"), "this exported predictor")
         self.runner = runner
 
     def __call__(self, x_T: Tensor, cond: Tensor | None = None) -> Schedule:

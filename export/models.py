@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from indis.engine.predictor import Predictor
+from indis.engine.predictor import FORMAT, Predictor
 
 BATCH = "batch"
 
@@ -187,7 +187,7 @@ def predictor_spec(predictor: Predictor, *, name: str = "predictor", batch_min: 
     c = predictor.config
     n = c.schedule.nfe
     inputs = [TensorSpec("x_T", (BATCH, *c.shape), torch.float32)]
-    meta = {"kind": "predictor", "nfe": str(n), "solver": c.solver, "backbone": c.backbone,
+    meta = {"kind": "predictor", "format": FORMAT, "nfe": str(n), "solver": c.solver, "backbone": c.backbone,
             "final_zero": str(c.schedule.final_zero), "input_std": str(c.schedule.sigma_max)}
     if c.num_classes:
         inputs.append(TensorSpec("class_labels", (BATCH,), torch.int64))

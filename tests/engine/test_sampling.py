@@ -75,7 +75,7 @@ def test_ipndm_v_equals_ipndm_on_uniform_frame_grid() -> None:
                                rtol=1e-12, atol=1e-12)
 
 
-def test_shift_changes_only_the_network_time_and_scale_multiplies_x0() -> None:
+def test_shift_changes_the_network_time_and_scale_multiplies_eps() -> None:
     calls = []
 
     def model(x, sigma):
@@ -88,11 +88,10 @@ def test_shift_changes_only_the_network_time_and_scale_multiplies_x0() -> None:
     out = indis.sample(model, x, sig, "euler", shift=shift)
     assert torch.allclose(calls[0], sig[0] * torch.exp(shift[:, 0]))
     assert torch.allclose(calls[1], sig[1] * torch.exp(shift[:, 1]))
-    # Euler step with x0 = 0.5 x and x0 scaled by gamma: x' = r x + (1 - r) gamma 0.5 x.
+    # Euler step with D = 0.5 x, eps = 0.5 x / sigma scaled by gamma: x' = x + (sigma' - sigma) gamma eps.
     scale = torch.tensor([1.2, 0.9], dtype=torch.float64)
     y = indis.sample(model, x[:1], sig[:2], "euler", scale=scale[:1])
-    r = sig[1] / sig[0]
-    torch.testing.assert_close(y, x[:1] * (r + (1 - r) * 1.2 * 0.5))
+    torch.testing.assert_close(y, x[:1] + (sig[1] - sig[0]) * 1.2 * 0.5 * x[:1] / sig[0])
     assert out.shape == x.shape
 
 

@@ -92,3 +92,14 @@ def test_continuous_batcher_serves_exported_models(exported: dict, kind: str) ->
             outs[name] = torch.stack(batcher.run_all(reqs))
     assert outs["torch"].abs().max() > 0.5  # real samples, not zeros
     torch.testing.assert_close(outs["onnxruntime"], outs["torch"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_predictor_exported_under_the_old_scale_definition_is_refused(exported: dict) -> None:
+    runner = OrtModel(exported["dir"] / "phi.onnx")
+    assert runner.metadata["format"] == "indis-predictor/2"
+    ExportedPredictor(runner)
+    for old in ({k: v for k, v in runner.metadata.items() if k != "format"},
+                {**runner.metadata, "format": "indis-predictor/1"}):
+        runner.metadata = old
+        with pytest.raises(ValueError, match="denoised x0"):
+            ExportedPredictor(runner)
