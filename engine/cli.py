@@ -21,20 +21,27 @@ HELD_OUT = 1 << 20  # first held-out seed: never used for tuning (train/val seed
 
 
 def _fit(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from .digits import load_backbone
-    from .tuning import FitConfig, fit_predictor
+    from .tuning import PHI_FIT, fit_predictor
 
     model = load_backbone(args.backbone)
+    overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size))
+                 if v is not None}
     phi = fit_predictor(model, nfe=args.nfe, solver=args.solver, shape=(1, 8, 8), sigma_min=0.002,
                         sigma_max=80.0, backbone=f"digits-{args.backbone}", pool=args.pool,
                         hidden=args.hidden,
                         shift_bound=args.shift_bound, scale_bound=args.scale_bound, num_train=args.num_train,
                         num_val=args.num_val, cache_dir=args.cache,
-                        fit_config=FitConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size))
+                        fit_config=replace(PHI_FIT, **overrides) if overrides else None)
+    print(f"start: {phi.start['chosen']} (teacher MSE of each candidate on the tuning seeds: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in phi.start["candidates"].items()) + ")")
     for stage, r in zip(("blind", "phi"), phi.fit_results, strict=False):
         print(f"{stage}: validation teacher MSE {r.init_val:.5g} -> {r.best_val:.5g} "
               f"(best step {r.best_step}, {r.wall_s:.0f} s)")
-    phi.save(args.out, fit=[r.__dict__ | {"history": r.history[-1:]} for r in phi.fit_results])
+    phi.save(args.out, fit=[r.__dict__ | {"history": r.history[-1:]} for r in phi.fit_results],
+             start=phi.start)
     print(f"wrote {args.out}")
 
 
@@ -124,10 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--shift-bound", type=float, default=0.1)
     f.add_argument("--scale-bound", type=float, default=0.05)
     f.add_argument("--num-train", type=int, default=1024)
-    f.add_argument("--num-val", type=int, default=256)
-    f.add_argument("--steps", type=int, default=400)
-    f.add_argument("--batch-size", type=int, default=64)
-    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--num-val", type=int, default=512)
+    f.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps of each stage (default: tuning.BLIND_FIT / PHI_FIT)")
+    f.add_argument("--batch-size", type=int, default=None)
+    f.add_argument("--lr", type=float, default=None, help="phi's learning rate (the blind stage's is "
+                   "at least tuning.BLIND_FIT.lr)")
     f.add_argument("--cache", default=".indis-cache/teacher")
     f.add_argument("--out", default="phi.safetensors")
     e = sub.add_parser("eval", help="compare a predictor checkpoint with the heuristics on held-out seeds")

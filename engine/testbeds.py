@@ -8,6 +8,7 @@ is a callable ``model(x, sigma, **cond) -> x0_hat`` with ``x`` of shape ``[B, *s
   ``E[x0 | x0 + sigma * eps = x]`` (the ideal denoiser), computed in float64.
 * :func:`tree_mixture` -- the 2-D recursive "tree" mixture of NVlabs/edm2 ``toy_example.py`` (``gt``).
 * :func:`digits_mixture` -- isotropic components on the sklearn 8x8 digits (optionally upsampled).
+* :func:`random_mixture` -- a seeded random anisotropic mixture (e.g. 16-D), for tuning studies.
 * :func:`reference_solve` -- a tight-tolerance DOP853 solve of the probability-flow ODE.
 """
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from scipy.integrate import DOP853
 from torch import Tensor
 
-__all__ = ["GaussianMixture", "tree_mixture", "digits_mixture", "reference_solve"]
+__all__ = ["GaussianMixture", "digits_mixture", "random_mixture", "reference_solve", "tree_mixture"]
 
 _LOG_2PI = math.log(2.0 * math.pi)
 # Full-covariance path materialises [B, K, D] tensors; split the batch so one chunk stays around 64 MiB.
@@ -339,6 +340,20 @@ def digits_mixture(size: int = 8, n_images: int | None = None, variance: float =
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     return GaussianMixture(images.reshape(images.shape[0], -1), float(variance), component_class=labels,
                            shape=(1, size, size))
+
+
+def random_mixture(dim: int = 16, components: int = 8, seed: int = 0) -> GaussianMixture:
+    """A random anisotropic mixture on ``R^dim``: N(0, I) means, full covariances with random orientation
+    and eigenvalues log-uniform in [1e-3, 1e-1], weights uniform in [0.5, 1.5] (normalised). ``seed`` picks
+    the mixture, so studies can tune defaults on some mixtures and check them on others."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(components, dim, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(components, dim, dim, generator=g, dtype=torch.float64))
+    log_lam = torch.empty(components, dim, dtype=torch.float64).uniform_(math.log(1e-3), math.log(1e-1),
+                                                                          generator=g)
+    cov = q @ torch.diag_embed(log_lam.exp()) @ q.transpose(1, 2)
+    weights = torch.rand(components, generator=g, dtype=torch.float64) + 0.5
+    return GaussianMixture(means, cov, weights=weights)
 
 
 def reference_solve(

@@ -19,20 +19,22 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .predictor import PerInstanceSchedule, Predictor, PredictorConfig, ScheduleConfig
+from .families import FAMILIES, NoiseFamily, as_denoiser, get_family, raw_to_x0
+from .predictor import HEURISTICS, PerInstanceSchedule, Predictor, PredictorConfig, ScheduleConfig
 from .sampling import sample
-from .schedules import Schedule
+from .schedules import Schedule, get_sigmas
 from .teacher import TeacherCache, TeacherSpec, TuningData
 
 Loss = Literal["l2", "l1", "huber"]
 DEFAULT_TEACHER = TeacherSpec()  # iPNDM, 30 EDM steps
+INITS = ("auto", *HEURISTICS)
 
 
 @dataclass
@@ -54,6 +56,12 @@ class FitConfig:
     soft_radius: float | None = None  # default 0.001 * d / N^2
     seed: int = 0
     progress: bool = True
+
+
+#: Default optimisation of phi's stage and of the blind stage before it (chosen from the convergence curves
+#: of ``benchmarks/indis_convergence.py``).
+PHI_FIT = FitConfig(steps=600, batch_size=64, lr=1e-3, val_every=25)
+BLIND_FIT = FitConfig(steps=600, batch_size=64, lr=3e-2, val_every=25)
 
 
 @dataclass
@@ -228,7 +236,7 @@ class TuningSetup:
     num_classes: int = 0
     teacher: TeacherSpec = DEFAULT_TEACHER
     num_train: int = 1024
-    num_val: int = 256
+    num_val: int = 512
     cache_dir: str = ".indis-cache/teacher"
     shard_size: int = 256
     dtype: torch.dtype = torch.float32
@@ -256,43 +264,106 @@ class TuningSetup:
 
 
 def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tuple[int, ...],
-                  sigma_min: float, sigma_max: float, family: str = "ve", space: str = "lambda",
-                  init: str = "edm", final_zero: bool = False, shift_bound: float = 0.1,
+                  sigma_min: float, sigma_max: float, family: str | None = None, space: str = "lambda",
+                  init: str = "auto", final_zero: bool = False, shift_bound: float = 0.1,
                   scale_bound: float = 0.05, num_classes: int = 0, backbone: str = "", hidden: int = 128,
                   depth: int = 2, pool: int | None = None, blind: bool = False, staged: bool = True,
-                  teacher: TeacherSpec = DEFAULT_TEACHER, num_train: int = 1024, num_val: int = 256,
+                  teacher: TeacherSpec = DEFAULT_TEACHER, num_train: int = 1024, num_val: int = 512,
                   cache_dir: str = ".indis-cache/teacher", fit_config: FitConfig | None = None,
                   blind_config: FitConfig | None = None, data: tuple[TuningData, TuningData] | None = None,
-                  init_grid: Tensor | None = None, **solver_opts) -> Predictor:
+                  init_grid: Tensor | None = None, shrink: bool = True, **solver_opts) -> Predictor:
     """Tune an INDIS predictor phi(x_T, c) for ``model`` at ``nfe`` steps of ``solver``.
 
-    With ``staged`` (default) the blind schedule (grid, Δτ, γ without instance input; per class when the
-    predictor is conditional) is tuned first and phi starts from it exactly, so phi can only improve on the
-    best blind schedule its tuning finds. phi's initial weights are drawn from ``fit_config.seed``.
-    ``init_grid`` ``[N+1]`` (e.g. a GITS grid) replaces the ``init`` heuristic as the start. The returned
-    predictor carries ``fit_results`` (blind stage, phi stage) and ``blind`` (the tuned blind head,
-    or None).
+    The start: ``init="auto"`` (default) is the best global grid found cheaply on the tuning seeds
+    (:func:`start_grid`: GITS and the four heuristics, measured on the teacher); a heuristic name starts from
+    that heuristic; ``init_grid`` ``[N+1]`` from a given grid. With ``staged`` (default) the blind schedule
+    (grid, Δτ, γ without instance input; per class when the predictor is conditional) is tuned from there
+    first (``blind_config``; default :data:`BLIND_FIT`, or ``fit_config`` at the blind learning rate when
+    that is given) and phi (``fit_config``, default :data:`PHI_FIT`) starts from it exactly, so phi can only
+    improve on the best blind schedule its tuning finds. phi's initial weights are drawn from
+    ``fit_config.seed``. With ``shrink`` (default) an unconditional phi's instance part is then shrunk
+    toward its mean schedule by the factor that validates best (:func:`shrink_toward_mean`). ``family``
+    defaults to the model's own (a :class:`Denoiser`'s family, VE for a plain callable); a different one is
+    refused. The returned predictor carries ``start`` (the start grid, the candidates' teacher MSE and the
+    shrink factor), ``fit_results`` (blind stage, phi stage) and ``blind`` (the tuned blind head, or None).
     """
-    sc = ScheduleConfig(nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max, family=family, space=space,
-                        init=init, final_zero=final_zero, shift_bound=shift_bound, scale_bound=scale_bound)
+    sc, setup, (train, val), base, start = _prepare(
+        model, nfe=nfe, solver=solver, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, family=family,
+        space=space, init=init, final_zero=final_zero, shift_bound=shift_bound, scale_bound=scale_bound,
+        num_classes=num_classes, backbone=backbone, teacher=teacher, num_train=num_train, num_val=num_val,
+        cache_dir=cache_dir, data=data, init_grid=init_grid, solver_opts=solver_opts)
     pc = PredictorConfig(sc, solver, tuple(shape), backbone=backbone, hidden=hidden, depth=depth, pool=pool,
                          blind=blind, num_classes=num_classes)
-    setup = TuningSetup(model, sc, solver, tuple(shape), backbone, num_classes, teacher, num_train, num_val,
-                        cache_dir, solver_opts=solver_opts)
-    train, val = data if data is not None else setup.data()
-    cfg = fit_config or FitConfig()
-    base = None if init_grid is None else sc.raw_from_grid(init_grid)
+    cfg = fit_config or PHI_FIT
     results = []
     blind_head = None
     if staged and not blind:
         blind_head = Predictor(PredictorConfig(**{**pc.__dict__, "blind": True}), base=base)
-        results.append(fit(blind_head, model, train, val, solver, blind_config or _blind_config(cfg),
+        results.append(fit(blind_head, model, train, val, solver, blind_config or _blind_config(fit_config),
                            **solver_opts))
     head = phi_from_blind(pc, blind_head, cfg.seed, base)
     results.append(fit(head, model, train, val, solver, cfg, **solver_opts))
-    head.fit_results = results
+    if shrink and val is not None:
+        start["shrink"] = shrink_toward_mean(head, model, train, val, solver, **solver_opts)
+    head.fit_results, head.start = results, start
     object.__setattr__(head, "blind", blind_head)  # a plain attribute, not a submodule in the checkpoint
     return head.eval()
+
+
+SHRINK_FACTORS = (1.0, 0.5, 0.0)
+
+
+@torch.no_grad()
+def shrink_toward_mean(head: Predictor, model: Callable[..., Tensor], train: TuningData, val: TuningData,
+                       solver: str, factors: tuple[float, ...] = SHRINK_FACTORS, **solver_opts) -> float:
+    """Shrink an unconditional phi toward its own mean schedule: ``raw(x) -> m + a (raw(x) - m)``, with m the
+    mean raw output over the tuning seeds ``train`` and ``a`` the factor in ``factors`` with the lowest
+    validation loss (the first on ties; ``a = 0`` leaves one global schedule). Folded into the weights
+    exactly (``out`` scaled by ``a``, ``base`` moved by ``(1 - a)`` times the mean residual), so the head
+    keeps its form. Returns ``a``; a conditional or blind head is left as it is (returns 1).
+
+    phi's instance part is fitted to the tuning seeds; where it does not generalise, its mean -- a global
+    schedule the phi stage found -- validates better than phi itself."""
+    c = head.config
+    if head.out is None or c.blind or c.num_classes or c.cond_dim:
+        return 1.0
+    mean_res = torch.cat([head.residual(train.x_T[i:i + 512], None, None).to(torch.float64)
+                          for i in range(0, len(train), 512)]).mean(0)
+    base, weight = head.base.detach().clone(), head.out.weight.detach().clone()
+    losses = {}
+    for a in factors:
+        head.base.copy_(base + (1 - a) * mean_res)
+        head.out.weight.copy_(weight * a)
+        losses[a] = float(evaluate(head, model, val, solver, **solver_opts).mean())
+    best = min(losses, key=losses.get)
+    head.base.copy_(base + (1 - best) * mean_res)
+    head.out.weight.copy_(weight * best)
+    return best
+
+
+def _prepare(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tuple[int, ...], sigma_min: float,
+             sigma_max: float, family: str | None, space: str, init: str, final_zero: bool,
+             shift_bound: float, scale_bound: float, num_classes: int, backbone: str, teacher: TeacherSpec,
+             num_train: int, num_val: int, cache_dir: str, data: tuple[TuningData, TuningData] | None,
+             init_grid: Tensor | None, solver_opts: dict):
+    """What every tuning entry point does first: the schedule config (family from the model), the tuning
+    data (teacher cache) and the start (``init``/``init_grid``) as a raw base vector."""
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is unknown; choose one of {INITS}")
+    sc = ScheduleConfig(nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max, family=model_family(model, family),
+                        space=space, init="edm" if init == "auto" else init, final_zero=final_zero,
+                        shift_bound=shift_bound, scale_bound=scale_bound)
+    setup = TuningSetup(model, sc, solver, tuple(shape), backbone, num_classes, teacher, num_train, num_val,
+                        cache_dir, solver_opts=solver_opts)
+    train, val = data if data is not None else setup.data()
+    if init_grid is not None:
+        start = {"chosen": "init_grid", "candidates": {}}
+    elif init == "auto":
+        init_grid, start = start_grid(model, train, sc, solver, **solver_opts)
+    else:
+        init_grid, start = sc.init_grid(), {"chosen": f"heuristic {init}", "candidates": {}}
+    start["grid"] = torch.as_tensor(init_grid, dtype=torch.float64).tolist()
+    return sc, setup, (train, val), sc.raw_from_grid(init_grid), start
 
 
 def phi_from_blind(config: PredictorConfig, blind: Predictor | None, seed: int = 0,
@@ -310,13 +381,14 @@ def phi_from_blind(config: PredictorConfig, blind: Predictor | None, seed: int =
     return head
 
 
-def _blind_config(cfg: FitConfig) -> FitConfig:
-    return FitConfig(**{**cfg.__dict__, "lr": max(cfg.lr, 1e-2), "weight_decay": 0.0})
+def _blind_config(phi: FitConfig | None) -> FitConfig:
+    """The blind stage's default: :data:`BLIND_FIT`, or phi's settings at the blind stage's learning rate."""
+    return BLIND_FIT if phi is None else replace(phi, lr=max(phi.lr, BLIND_FIT.lr), weight_decay=0.0)
 
 
 def fit_global(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tuple[int, ...],
-               sigma_min: float, sigma_max: float, family: str = "ve", space: str = "lambda",
-               init: str = "edm", final_zero: bool = False, shift_bound: float = 0.1, num_classes: int = 0,
+               sigma_min: float, sigma_max: float, family: str | None = None, space: str = "lambda",
+               init: str = "auto", final_zero: bool = False, shift_bound: float = 0.1, num_classes: int = 0,
                backbone: str = "", teacher: TeacherSpec = DEFAULT_TEACHER, num_train: int = 50,
                num_val: int = 50,
                cache_dir: str = ".indis-cache/teacher", fit_config: FitConfig | None = None,
@@ -324,66 +396,124 @@ def fit_global(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tu
                **solver_opts) -> Schedule:
     """LD3-global (Tong et al., ICLR 2025): one grid of N+1 logits plus decoupled evaluation offsets (the
     shift), tuned with the soft teacher and RMSprop(lr 0.005) on 50 + 50 samples (its published defaults);
-    from ``init_grid`` if given, else from the ``init`` heuristic.
+    started like :func:`fit_predictor` (``init="auto"``: the best of GITS and the heuristics on the tuning
+    seeds; a heuristic name; or ``init_grid``).
 
     Returns a shared :class:`Schedule` (grid ``[N+1]``, shift ``[N]``) that ``indis.sample`` accepts.
     """
-    sc = ScheduleConfig(nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max, family=family, space=space,
-                        init=init, final_zero=final_zero, shift_bound=shift_bound, scale_bound=0.0)
+    sc, setup, (train, val), base, start = _prepare(
+        model, nfe=nfe, solver=solver, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, family=family,
+        space=space, init=init, final_zero=final_zero, shift_bound=shift_bound, scale_bound=0.0,
+        num_classes=num_classes, backbone=backbone, teacher=teacher, num_train=num_train, num_val=num_val,
+        cache_dir=cache_dir, data=data, init_grid=init_grid, solver_opts=solver_opts)
     pc = PredictorConfig(sc, solver, tuple(shape), backbone=backbone, blind=True)
-    setup = TuningSetup(model, sc, solver, tuple(shape), backbone, num_classes, teacher, num_train, num_val,
-                        cache_dir, solver_opts=solver_opts)
-    train, val = data if data is not None else setup.data()
     cfg = fit_config or FitConfig(steps=300, batch_size=num_train, lr=0.005, optimizer="rmsprop",
                                   soft_teacher=True, clip=None, patience=10**9)
-    head = Predictor(pc, base=None if init_grid is None else sc.raw_from_grid(init_grid))
+    head = Predictor(pc, base=base)
     result = fit(head, model, train, val, solver, cfg, **solver_opts)
     s = head(train.x_T[:1]).detach()
     out = Schedule(s.grid[0], s.shift[0] if shift_bound else None, None)
     object.__setattr__(out, "fit_result", result)
+    object.__setattr__(out, "start", start)
     return out
 
 
 @torch.no_grad()
 def fit_gits(model: Callable[..., Tensor], x_T: Tensor, *, nfe: int, sigma_min: float, sigma_max: float,
-             fine_steps: int = 60, labels: Tensor | None = None) -> Tensor:
+             fine_steps: int = 60, labels: Tensor | None = None, final_zero: bool = False) -> Tensor:
     """GITS (Chen et al., ICML 2024) by dynamic programming: the ``[N+1]`` subset of a fine EDM grid whose
     summed one-step (Euler) errors against a fine teacher trajectory of ``x_T`` are smallest.
 
-    The trajectory is iPNDM on ``fine_steps`` EDM steps; the cost of a coarse step i -> j is the mean squared
-    distance between the Euler step from the trajectory's state at sigma_i and its state at sigma_j. For
-    k-diffusion-convention (VE) models, whose state is x0 + sigma * eps.
+    The trajectory is iPNDM on ``fine_steps`` EDM steps (uniform in the family's t when ``sigma_max`` is
+    inf); the cost of a coarse step i -> j is the mean squared distance, in VE units (the family's state
+    divided by its alpha at sigma_j), between the exact-exponential Euler (DDIM) step from the trajectory's
+    state at sigma_i and its state at sigma_j -- so the grid does not depend on the family a model is
+    wrapped in. Works for any :class:`~indis.engine.families.Denoiser` (VE, VP, flow; ``x_T`` in its
+    coordinate). With ``final_zero`` the grid passes through ``sigma_min`` and ends with a step to 0.
     """
-    if not 1 <= nfe <= fine_steps:
-        raise ValueError(f"need 1 <= nfe <= fine_steps, got nfe={nfe}, fine_steps={fine_steps}")
-    from .schedules import get_sigmas
-
-    fine = get_sigmas("edm", fine_steps, sigma_min, sigma_max, device=x_T.device)
-    states, denoised = [x_T], []
+    if not 1 + final_zero <= nfe <= fine_steps:
+        raise ValueError(f"need {1 + final_zero} <= nfe <= fine_steps, got nfe={nfe}, "
+                         f"fine_steps={fine_steps}")
+    den = as_denoiser(model)
+    fam = den.family
+    kind = "uniform_t" if math.isinf(sigma_max) else "edm"
+    fine = get_sigmas(kind, fine_steps, sigma_min, sigma_max, family=fam, device=x_T.device)
+    states, x0s = [x_T], []
+    a, b = raw_to_x0(den.prediction, fam, fine)
 
     def record(d: dict) -> None:
+        i = len(x0s)
+        x0s.append(a[i] * states[i] + b[i] * d["raw"])
         states.append(d["x"])
-        denoised.append(d["raw"])
 
-    sample(model, x_T, fine, "ipndm", cond=None if labels is None else {"class_labels": labels},
+    sample(den, x_T, fine, "ipndm", cond=None if labels is None else {"class_labels": labels},
            callback=record)
+    alpha, s = fam.alpha(fine), fam.s(fine)
     k = fine_steps + 1
     cost = torch.full((k, k), math.inf, dtype=torch.float64)
     for i in range(fine_steps):
-        x, d = states[i].double(), denoised[i].double()
-        slope = (x - d) / fine[i]
+        y, x0 = states[i].double(), x0s[i].double()
         for j in range(i + 1, k):
-            cost[i, j] = (x + (fine[j] - fine[i]) * slope - states[j].double()).square().mean()
-    best = torch.full((nfe + 1, k), math.inf, dtype=torch.float64)  # best[n, j]: n steps from 0 to j
-    back = torch.zeros((nfe + 1, k), dtype=torch.long)
+            ratio = s[j] / s[i]
+            step = ratio * y + (alpha[j] - alpha[i] * ratio) * x0
+            cost[i, j] = ((step - states[j].double()) / alpha[j]).square().mean()
+    steps = nfe - final_zero
+    best = torch.full((steps + 1, k), math.inf, dtype=torch.float64)  # best[n, j]: n steps from 0 to j
+    back = torch.zeros((steps + 1, k), dtype=torch.long)
     best[0, 0] = 0.0
-    for n in range(1, nfe + 1):
+    for n in range(1, steps + 1):
         total = best[n - 1].unsqueeze(1) + cost  # [i, j]
         best[n], back[n] = total.min(0)
     path = [k - 1]
-    for n in range(nfe, 0, -1):
+    for n in range(steps, 0, -1):
         path.append(int(back[n, path[-1]]))
-    return fine[torch.tensor(path[::-1])]
+    grid = fine[torch.tensor(path[::-1], device=fine.device)]
+    return torch.cat([grid, grid.new_zeros(1)]) if final_zero else grid
+
+
+@torch.no_grad()
+def start_grid(model: Callable[..., Tensor], data: TuningData, schedule: ScheduleConfig, solver: str,
+               samples: int = 256, **solver_opts) -> tuple[Tensor, dict]:
+    """The best global grid found cheaply on tuning seeds: GITS (:func:`fit_gits`) and the four heuristics,
+    each measured by the teacher MSE of ``solver`` on the first ``samples`` seeds of ``data``.
+
+    Returns the ``[N+1]`` grid and ``{"chosen": name, "candidates": {name: teacher MSE}}``.
+    """
+    d = data.subset(torch.arange(min(samples, len(data))))
+    sc = schedule
+    grids = {f"heuristic {h}": ScheduleConfig(**{**sc.__dict__, "init": h}).init_grid() for h in HEURISTICS}
+    grids["GITS"] = fit_gits(model, d.x_T, nfe=sc.nfe, sigma_min=sc.sigma_min, sigma_max=sc.sigma_max,
+                             labels=d.labels, final_zero=sc.final_zero).cpu()
+    cond = None if d.labels is None else {"class_labels": d.labels}
+    scores = {name: float(sample_loss(sample(model, d.x_T, g.to(d.x_T.device), solver, cond=cond,
+                                             **solver_opts), d.x0, "l2").mean())
+              for name, g in grids.items()}
+    chosen = min(scores, key=scores.get)
+    return grids[chosen], {"chosen": chosen, "candidates": scores}
+
+
+def model_family(model: Callable[..., Tensor], family: str | None = None) -> str:
+    """The noise family's name of ``model`` (a :class:`Denoiser`'s own, VE for a plain callable), checked
+    against an explicit ``family``: a tuned head must start teacher and student from the model's x_T scale."""
+    fam = as_denoiser(model).family
+    name = next((n for n in FAMILIES if _same_family(get_family(n), fam)), None)
+    if family is not None:
+        if not _same_family(get_family(family), fam):
+            raise ValueError(f"family={family!r} does not match the model's noise family {fam!r}: teacher "
+                             "and student would start from the wrong x_T scale; leave family unset to use "
+                             "the model's")
+        return family
+    if name is None:
+        raise ValueError(f"the model's noise family {fam!r} has no registered name ({sorted(FAMILIES)}), "
+                         "so a tuned head could not record it; wrap the network with one of those families")
+    return name
+
+
+def _same_family(a: NoiseFamily, b: NoiseFamily) -> bool:
+    if type(a) is not type(b) or a.sigma_range != b.sigma_range:
+        return False
+    t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
+    return bool(torch.allclose(a.sigma(t), b.sigma(t), rtol=1e-12, atol=0))
 
 
 def fit_oracle(model: Callable[..., Tensor], data: TuningData, config: PredictorConfig,
@@ -396,5 +526,6 @@ def fit_oracle(model: Callable[..., Tensor], data: TuningData, config: Predictor
     return head
 
 
-__all__ = ["FitConfig", "FitResult", "TuningSetup", "evaluate", "fit", "fit_gits", "fit_global", "fit_oracle",
-           "fit_predictor", "phi_from_blind", "sample_loss", "unroll"]
+__all__ = ["BLIND_FIT", "PHI_FIT", "FitConfig", "FitResult", "TuningSetup", "evaluate", "fit", "fit_gits",
+           "fit_global", "fit_oracle", "fit_predictor", "model_family", "phi_from_blind", "sample_loss",
+           "shrink_toward_mean", "start_grid", "unroll"]
