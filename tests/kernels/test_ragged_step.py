@@ -27,6 +27,9 @@ from tests.engine.test_sampling import IDS, SOLVER_CASES, _flow_velocity, _ragge
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # relative to max |reference|
+# The Triton interpreter casts float32 -> bfloat16 by truncation (measured: twice round-to-nearest's mean error,
+# all toward zero), which a whole sampling run accumulates; compiled kernels round to nearest.
+LOOP_SLACK = {torch.bfloat16: 4 if DEV.type == "cpu" else 2}
 
 
 def _identity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -114,8 +117,9 @@ def loop_case(solver: str, opts: dict, device: torch.device = DEV):
     g = torch.Generator().manual_seed(1)
     x64 = (torch.randn(bsz, 6, generator=g, dtype=torch.float64) * 80.0).to(device)
     grids = _ragged_grids(bsz, steps, seed=2).to(device)
-    shift = (0.1 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)).to(device)
-    scale = (1 + 0.05 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)).to(device)
+    # within the predictor's bounds (|dtau| < 0.1, |gamma - 1| < 0.05), as a tuned head's would be
+    shift = (0.1 * torch.tanh(torch.randn(bsz, steps, generator=g, dtype=torch.float64))).to(device)
+    scale = (1 + 0.05 * torch.tanh(torch.randn(bsz, steps, generator=g, dtype=torch.float64))).to(device)
 
     def plan(x: torch.Tensor):
         return prepare(model, x, grids, solver, shift=shift, scale=scale, **opts)
@@ -133,7 +137,8 @@ def test_fused_loop_matches_the_reference_loop(solver: str, opts: dict, dtype: t
     torch_lowp = run_table(plan(x), x)
     fused = run_fused(plan(x), x, backend="triton")
     err_k, err_t = (fused.double() - ref).abs().max(), (torch_lowp.double() - ref).abs().max()
-    assert err_k <= 2 * err_t + ATOL[dtype] * ref.abs().max(), f"kernel {err_k:.3g} vs torch {err_t:.3g}"
+    slack = LOOP_SLACK.get(dtype, 2)
+    assert err_k <= slack * err_t + ATOL[dtype] * ref.abs().max(), f"kernel {err_k:.3g} vs torch {err_t:.3g}"
     fused_ref = run_fused(plan(x64), x64, backend="torch")  # the kernel's reference, ring buffer and all
     torch.testing.assert_close(fused_ref, ref, rtol=1e-12, atol=1e-12)
 
