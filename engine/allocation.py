@@ -9,7 +9,7 @@ average-NFE budget with the least predicted error: a Lagrangian choice ``argmin_
 sample with ``lam`` found by bisection, the budget's remainder spent on the best marginal upgrades. Ragged NFE
 costs nothing extra in indis: finished samples leave the batch (``indis.engine.serving``).
 
-``python -m indis.engine.allocation [--testbed digits-unet|digits-unet-gits|digits-dit|digits-gmm]`` measures
+``python -m indis.engine.allocation [--testbed digits-unet|digits-dit|digits-gmm]`` measures
 it with that testbed's INDIS heads at NFE 3/5/7: quality against average NFE for the allocator, the oracle
 allocation (true errors: the headroom), the fixed NFEs and the blind mix of fixed NFEs at the same average
 cost, on held-out seeds (for the class-conditional DiT also an allocation from the class label alone).
@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--testbed", default="digits-unet",
-                    choices=("digits-unet", "digits-unet-gits", "digits-dit", "digits-gmm"))
+                    choices=("digits-unet", "digits-dit", "digits-gmm"))
     ap.add_argument("--train", type=int, default=2048, help="seeds to fit the error predictor on")
     ap.add_argument("--test", type=int, default=1024, help="held-out seeds")
     ap.add_argument("--nfes", default="3,5,7")

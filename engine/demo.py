@@ -7,12 +7,14 @@ and LD3-global, tuned by ``python -m indis.engine.quality --testbeds digits-unet
 is missing it tunes one on the spot with ``--fit-steps`` optimiser steps per stage. It also computes phi's
 mean schedule and the GITS grid (dynamic programming, a few seconds). Every method then samples
 the same held-out seeds; the demo prints teacher MSE / PSNR and the Fréchet distances (digits-classifier
-features) to the 30-step iPNDM teacher and to the data, and writes the plots and the table to ``--out``.
+features) to the 30-step iPNDM teacher and to the data, writes the plots and the table to ``--out`` and
+ends with a verdict per NFE: whether INDIS phi beats every global schedule, and the global ones ranked.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,24 +33,36 @@ from .quality import (
     plots,
 )
 from .schedules import Schedule
-from .tuning import FitConfig, fit_gits, fit_global, fit_predictor
+from .tuning import fit_gits, fit_global, fit_predictor
 
 
 def _tune(bench: Bench, steps: int) -> dict:
-    """Quick heads for a missing NFE (same recipe as the quality command, fewer steps)."""
+    """Quick heads for a missing NFE (same recipe as the quality command, ``steps`` per stage)."""
     tb, nfe = bench.tb, bench.nfe
     bench.log(f"no shipped heads: tuning phi, its blind ablation and LD3 ({steps} steps per stage)")
     data = bench.setup.data()
     common = dict(nfe=nfe, solver=tb.solver, shape=tb.shape, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max,
                   backbone=tb.name, data=data)
-    cfg = FitConfig(steps=steps, batch_size=64, lr=1e-3)
-    phi = fit_predictor(bench.model, **common, pool=tb.pool, fit_config=cfg)
-    noss = fit_predictor(bench.model, **common, pool=tb.pool, fit_config=cfg, shift_bound=0.0,
-                         scale_bound=0.0)
-    ld3 = fit_global(bench.model, **common, fit_config=FitConfig(**{**tb.ld3.__dict__, "steps": steps,
-                                                                      "progress": True}))
-    blind, _ = blind_ablation(phi, bench.model, data, tb)
+    phi_cfg, blind_cfg = replace(tb.phi, steps=steps), replace(tb.blind, steps=steps)
+    phi = fit_predictor(bench.model, **common, pool=tb.pool, fit_config=phi_cfg, blind_config=blind_cfg)
+    noss = fit_predictor(bench.model, **common, pool=tb.pool, fit_config=phi_cfg, blind_config=blind_cfg,
+                         shift_bound=0.0, scale_bound=0.0)
+    ld3 = fit_global(bench.model, **common, fit_config=replace(tb.ld3, steps=steps, progress=True))
+    blind, _ = blind_ablation(phi, bench.model, data, replace(tb, phi=phi_cfg))
     return {"phi": phi, "blind": blind, "phi_noss": noss, "ld3": _fixed(ld3)}
+
+
+def verdict(record: dict) -> str:
+    """One plain line: does INDIS phi beat every global schedule of the cell on held-out teacher MSE?"""
+    rows = record["rows"]
+    glob = sorted((r["mse"], name) for name, r in rows.items() if r["kind"] == "global")
+    best_mse, best = glob[0]
+    phi = rows["INDIS phi"]["mse"]
+    ranking = ", ".join(f"{name} {mse:.4g}" for mse, name in glob)
+    outcome = "WINS" if phi < best_mse else "LOSES"
+    head = (f"NFE {record['nfe']}: INDIS phi {outcome}: teacher MSE {phi:.4g}, "
+            f"{100 * (phi / best_mse - 1):+.1f} % against the best global schedule ({best}, {best_mse:.4g})")
+    return f"{head}. Global schedules, best first: {ranking}."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     for f in plots(records, out):
         print(f"wrote {f}")
+    print("\n".join(["", "Verdict (held-out teacher MSE; global schedules: the heuristics, AYS, LD3-global, "
+                      "GITS, phi's blind ablation and phi's own mean schedule):", *map(verdict, records)]))
     return 0
 
 

@@ -4,15 +4,16 @@
 
 Testbeds (``TESTBEDS``): the 2-D tree mixture of the paper's synthetic study (class A, Euler, NFE 3, exact
 ODE end points; ``tree`` with sigma_max 80, ``tree-s5`` with 5), the shipped digits UNet (unconditional) and
-DiT (class-conditional; phi reads the label) against their 30-step iPNDM teachers (``digits-unet-gits``: the
-UNet with LD3, the blind head and phi started from the GITS grid instead of EDM), and the image-shaped exact
-mixture on the digits against the exact ODE solution (scipy DOP853). Methods per NFE: the four heuristics,
-LD3-global, phi's blind ablation (one grid + Δτ + γ, no instance input, tuned for as many steps as phi's two
-stages), phi, phi without shift/scale (the paper's second ablation); then, added by :func:`add_controls`,
-GITS (dynamic programming over a fine grid) and phi's mean schedule (phi's raw output averaged over the tuning
-noise: one global schedule, the control for instance-awareness); on the tree also the per-instance oracles
-(an exhaustive pure-grid search over both interior points, and Adam-fitted schedules with phi's Δτ/γ
-capacity). "Best global" is the best of every global schedule.
+DiT (class-conditional; phi reads the label) against their 30-step iPNDM teachers, and the image-shaped exact
+mixture on the digits against the exact ODE solution (scipy DOP853). Every tuned head starts where
+``fit_predictor`` starts by default: the best of GITS and the four heuristics on the tuning seeds. Methods per
+NFE: the four heuristics, AYS (its SVD table stretched onto the testbed's range), LD3-global, phi's blind
+ablation (one grid + Δτ + γ, no instance input, tuned for as many steps as phi's two stages), phi, phi
+without shift/scale (the paper's second ablation); then, added by :func:`add_controls`, GITS (dynamic
+programming over a fine grid) and phi's mean schedule (phi's raw output averaged over the tuning noise: one
+global schedule, the control for instance-awareness); on the tree also the per-instance oracles (an
+exhaustive pure-grid search over both interior points, and Adam-fitted schedules with phi's Δτ/γ capacity).
+"Best global" is the best of every global schedule.
 
 Every (testbed, NFE) cell is written to ``DIR/cells/<testbed>_nfe<N>.json`` as soon as it is done and skipped
 when present (``--force`` recomputes), so an interrupted run resumes. The tuned heads land in ``DIR/heads``;
@@ -37,13 +38,27 @@ from torch import Tensor, nn
 
 from .predictor import HEURISTICS, Predictor, PredictorConfig, ScheduleConfig
 from .sampling import sample
-from .schedules import Schedule
+from .schedules import Schedule, get_sigmas
 from .teacher import TeacherSpec, TuningData
-from .tuning import FitConfig, TuningSetup, fit, fit_gits, fit_global, fit_oracle, fit_predictor, sample_loss
+from .tuning import (
+    BLIND_FIT,
+    PHI_FIT,
+    FitConfig,
+    TuningSetup,
+    fit,
+    fit_gits,
+    fit_global,
+    fit_oracle,
+    fit_predictor,
+    sample_loss,
+)
 
 HELD_OUT = 1 << 20                    # first held-out seed (tuning seeds start at 0)
 SHIPPED = Path(__file__).resolve().parent / "weights" / "indis"
 EXACT = TeacherSpec(solver="exact")
+MEAN_ROW = "phi's mean schedule (global)"
+AYS_ROW = "AYS (SVD table, stretched)"
+GITS_ROW = "GITS (dynamic programming)"
 ScheduleFn = Callable[[Tensor, "Tensor | None"], Schedule]
 # LD3's optimiser (RMSprop 0.005, soft teacher, batch 50), drawing its batches from the shared tuning seeds
 LD3_CONFIG = FitConfig(steps=150, batch_size=50, lr=0.005, optimizer="rmsprop", soft_teacher=True, clip=None,
@@ -69,11 +84,10 @@ class Testbed:
     images: bool = True               # FD and PSNR apply
     shard_size: int = 256
     num_train: int = 1024
-    num_val: int = 256
+    num_val: int = 512
     pool: int | None = 2
-    init_gits: bool = False           # start LD3, the blind head and phi from the GITS grid, not EDM
-    phi: FitConfig = field(default_factory=lambda: FitConfig(steps=300, batch_size=64, lr=1e-3,
-                                                             progress=False))
+    phi: FitConfig = field(default_factory=lambda: replace(PHI_FIT, progress=False))
+    blind: FitConfig = field(default_factory=lambda: replace(BLIND_FIT, progress=False))
     ld3: FitConfig = field(default_factory=lambda: LD3_CONFIG)
 
     def schedule(self, nfe: int, **kw) -> ScheduleConfig:
@@ -91,8 +105,8 @@ def _tree(sigma_max: float) -> Testbed:
 
     return Testbed(f"tree-s{sigma_max:g}" if sigma_max != 80 else "tree", lambda: tree_mixture(0), (2,),
                    sigma_max, solver="euler", nfes=(3,), teacher=EXACT, dtype=torch.float64, images=False,
-                   shard_size=128, pool=None,
-                   phi=FitConfig(steps=600, batch_size=256, lr=1e-3, val_every=25, progress=False),
+                   shard_size=128, pool=None, phi=replace(PHI_FIT, batch_size=256, progress=False),
+                   blind=replace(BLIND_FIT, batch_size=256, progress=False),
                    ld3=replace(LD3_CONFIG, steps=300))
 
 
@@ -112,7 +126,6 @@ def _digits_gmm() -> Testbed:
 TESTBEDS: dict[str, Callable[[], Testbed]] = {
     "tree": lambda: _tree(80.0), "tree-s5": lambda: _tree(5.0), "digits-unet": lambda: _digits("unet"),
     "digits-dit": lambda: _digits("dit"), "digits-gmm": _digits_gmm,
-    "digits-unet-gits": lambda: replace(_digits("unet"), name="digits-unet-gits", init_gits=True),
 }
 
 
@@ -220,8 +233,13 @@ class Bench:
                           "best_global": _grids(self.fns[best], self.held)}, **extra}
 
     def heuristics(self) -> None:
+        """The four heuristics and AYS (its SVD table, the one EDM-VE table, stretched in log sigma onto
+        this testbed's range: AYS defines no table for these backbones)."""
+        tb = self.tb
         for h in HEURISTICS:
-            self.measure(f"heuristic {h}", _heuristic(self.tb, self.nfe, h), "global")
+            self.measure(f"heuristic {h}", _heuristic(tb, self.nfe, h), "global")
+        ays = get_sigmas("ays", self.nfe, tb.sigma_min, tb.sigma_max, table="svd")
+        self.measure(AYS_ROW, _fixed(Schedule(ays)), "global")
 
 
 def blind_ablation(phi: Predictor, model: nn.Module, data: tuple[TuningData, TuningData],
@@ -234,8 +252,6 @@ def blind_ablation(phi: Predictor, model: nn.Module, data: tuple[TuningData, Tun
     return blind.eval(), phi.fit_results[0].wall_s + more.wall_s
 
 
-MEAN_ROW = "phi's mean schedule (global)"
-GITS_ROW = "GITS (dynamic programming)"
 
 
 @torch.no_grad()
@@ -290,24 +306,22 @@ def run_cell(tb: Testbed, nfe: int, *, samples: int, cache_dir: str, heads_dir: 
     train_eval = train.subset(torch.arange(min(len(train), samples)))
     common = dict(nfe=nfe, solver=tb.solver, shape=tb.shape, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max,
                   num_classes=tb.num_classes, backbone=tb.name, data=(train, val))
-    if tb.init_gits:
-        common["init_grid"] = fit_gits(model, train.x_T[:256], nfe=nfe, sigma_min=tb.sigma_min,
-                                       sigma_max=tb.sigma_max,
-                                       labels=None if train.labels is None else train.labels[:256])
     bench.heuristics()
     t = time.perf_counter()
     ld3 = fit_global(model, **common, fit_config=tb.ld3)
     bench.measure("LD3-global", _fixed(ld3), "global", time.perf_counter() - t)
     t = time.perf_counter()
-    phi = fit_predictor(model, **common, pool=tb.pool, fit_config=tb.phi)
+    phi = fit_predictor(model, **common, pool=tb.pool, fit_config=tb.phi, blind_config=tb.blind)
     wall_phi = time.perf_counter() - t
     blind, blind_s = blind_ablation(phi, model, (train, val), tb)
     bench.measure("phi blind (ablation)", blind, "global", blind_s, train_eval)
     bench.measure("INDIS phi", phi, "indis", wall_phi, train_eval)
     t = time.perf_counter()
-    noss = fit_predictor(model, **common, pool=tb.pool, fit_config=tb.phi, shift_bound=0.0, scale_bound=0.0)
+    noss = fit_predictor(model, **common, pool=tb.pool, fit_config=tb.phi, blind_config=tb.blind,
+                         shift_bound=0.0, scale_bound=0.0)
     bench.measure("INDIS phi, no shift/scale", noss, "ablation", time.perf_counter() - t, train_eval)
     extra: dict = {"train": len(train), "val": len(val), "threads": torch.get_num_threads(),
+                   "start": phi.start,
                    "phi_fit": [r.__dict__ | {"history": []} for r in phi.fit_results]}
     if not tb.images and nfe == 3:
         log("exhaustive pure-grid search and per-instance oracles")
@@ -400,8 +414,8 @@ def teacher_fd_to_data(tb: Testbed, record: dict, cache_dir: str) -> float:
 def markdown(records: list[dict], teacher_fd: dict[str, float] | None = None) -> str:
     """One table per testbed (methods x NFE) plus a summary of INDIS against the best global method;
     ``teacher_fd``: the teacher's own FD to data per testbed (a reference line under its table)."""
-    lines = ["## Summary: INDIS phi vs the best global schedule (heuristics, LD3-global, GITS, phi's blind "
-             "ablation, phi's own mean schedule; on the tree also the exhaustive best grid)", "",
+    lines = ["## Summary: INDIS phi vs the best global schedule (heuristics, AYS, LD3-global, GITS, phi's "
+             "blind ablation, phi's own mean schedule; on the tree also the exhaustive best grid)", "",
              "| testbed | NFE | held-out seeds | best global (teacher MSE) | teacher MSE | FD to teacher | "
              "FD to data | teacher MSE vs blind ablation only |", "|---|---|---|---|---|---|---|---|"]
     for r in records:

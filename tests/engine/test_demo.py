@@ -30,3 +30,15 @@ def test_demo_with_shipped_heads(tmp_path: Path) -> None:
 def test_demo_tunes_missing_heads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _run(tmp_path, "--heads", str(tmp_path / "none"), "--fit-steps", "2")
     assert "no shipped heads" in capsys.readouterr().out
+
+
+def test_verdict_says_plainly_which_schedule_wins() -> None:
+    rows = {"GITS (dynamic programming)": {"mse": 0.02, "kind": "global"},
+            "heuristic edm": {"mse": 0.05, "kind": "global"},
+            "INDIS phi": {"mse": 0.015, "kind": "indis"},
+            "INDIS phi, no shift/scale": {"mse": 0.001, "kind": "ablation"}}
+    won = demo.verdict({"nfe": 3, "rows": rows})
+    assert "INDIS phi WINS" in won and "-25.0 %" in won and "(GITS (dynamic programming), 0.02)" in won
+    assert won.index("GITS") < won.index("heuristic edm")  # global schedules ranked, best first
+    rows["INDIS phi"]["mse"] = 0.03
+    assert "INDIS phi LOSES: teacher MSE 0.03, +50.0 %" in demo.verdict({"nfe": 5, "rows": rows})

@@ -10,6 +10,7 @@ import torch
 
 from indis.engine.predictor import Predictor
 from indis.engine.quality import (
+    AYS_ROW,
     GITS_ROW,
     MEAN_ROW,
     Testbed,
@@ -37,6 +38,7 @@ def toy_mixture() -> GaussianMixture:
 TOY = Testbed("toy", toy_mixture, (2,), 10.0, solver="euler", nfes=(3,), teacher=TeacherSpec("ipndm", 40),
               dtype=torch.float64, images=False, shard_size=32, num_train=64, num_val=32, pool=None,
               phi=FitConfig(steps=6, batch_size=32, lr=1e-2, val_every=3, progress=False),
+              blind=FitConfig(steps=6, batch_size=32, lr=3e-2, val_every=3, progress=False),
               ld3=FitConfig(steps=4, batch_size=16, lr=0.005, optimizer="rmsprop", soft_teacher=True,
                             clip=None, progress=False))
 
@@ -53,7 +55,7 @@ def test_cell_measures_every_method_on_the_same_held_out_seeds(toy_cell) -> None
     record, root = toy_cell
     rows = record["rows"]
     expected = {"heuristic edm", "heuristic logsnr", "heuristic uniform_t", "heuristic time_quadratic",
-                "LD3-global", "phi blind (ablation)", "INDIS phi", "INDIS phi, no shift/scale",
+                AYS_ROW, "LD3-global", "phi blind (ablation)", "INDIS phi", "INDIS phi, no shift/scale",
                 "best pure grid (exhaustive)", "oracle pure grid (exhaustive)", "oracle phi-capacity (Adam)"}
     assert set(rows) == expected
     assert all(math.isfinite(r["mse"]) and r["mse"] > 0 for r in rows.values())
@@ -74,6 +76,9 @@ def test_cell_measures_every_method_on_the_same_held_out_seeds(toy_cell) -> None
     assert rows["oracle phi-capacity (Adam)"]["mse"] <= rows["phi blind (ablation)"]["mse"] * (1 + 1e-9)
     assert rows["oracle pure grid (exhaustive)"]["mse"] <= rows["best pure grid (exhaustive)"]["mse"]
     assert len(record["grids"]["phi"]) == 24 and len(record["grids"]["phi"][0]) == 4
+    # every tuned head started where fit_predictor starts by default: the best candidate on tuning seeds
+    cands = record["start"]["candidates"]
+    assert record["start"]["chosen"] == min(cands, key=cands.get) and "GITS" in cands
     json.dumps(record)  # the cell is JSON-able as written to disk
 
 
