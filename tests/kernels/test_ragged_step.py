@@ -27,8 +27,8 @@ from tests.engine.test_sampling import IDS, SOLVER_CASES, _flow_velocity, _ragge
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # relative to max |reference|
-# The Triton interpreter casts float32 -> bfloat16 by truncation (measured: twice round-to-nearest's mean error,
-# all toward zero), which a whole sampling run accumulates; compiled kernels round to nearest.
+# The Triton interpreter casts float32 -> bfloat16 by truncation (measured: twice round-to-nearest's mean
+# error, all toward zero), which a whole sampling run accumulates; compiled kernels round to nearest.
 LOOP_SLACK = {torch.bfloat16: 4 if DEV.type == "cpu" else 2}
 
 
