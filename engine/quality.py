@@ -404,11 +404,15 @@ def gain(record: dict, metric: str = "mse") -> float:
 
 
 def teacher_fd_to_data(tb: Testbed, record: dict, cache_dir: str) -> float:
-    """FD between the teacher end points of a cell's held-out seeds and the data: the floor for FD to data."""
+    """FD between the teacher end points of a cell's held-out seeds and the data: the floor for FD to data
+    (teacher shards the cache lacks are computed first)."""
     from .digits import fd_to_data
 
-    cache = tb.tuning_setup(None, record["nfe"], cache_dir).cache()
-    return fd_to_data(cache.load(range(*record["held_out_seeds"])).x0)
+    model = tb.load()
+    cache = tb.tuning_setup(model, record["nfe"], cache_dir).cache()
+    seeds = range(*record["held_out_seeds"])
+    cache.build(model, seeds, progress=False)
+    return fd_to_data(cache.load(seeds).x0)
 
 
 def markdown(records: list[dict], teacher_fd: dict[str, float] | None = None) -> str:
