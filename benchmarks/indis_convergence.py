@@ -27,15 +27,8 @@ from pathlib import Path
 import torch
 
 from indis.engine.predictor import Predictor, PredictorConfig
-from indis.engine.quality import EXACT, TESTBEDS, Testbed
-from indis.engine.testbeds import random_mixture
+from indis.engine.quality import TESTBEDS, Testbed, mixture_testbed
 from indis.engine.tuning import FitConfig, fit, phi_from_blind, start_grid
-
-
-def mixture_testbed(seed: int = 0) -> Testbed:
-    """A random 16-D anisotropic mixture (exact denoiser and exact ODE teacher), Euler."""
-    return Testbed(f"mixture16-s{seed}", lambda: random_mixture(seed=seed), (16,), 80.0, solver="euler",
-                   nfes=(3, 5), teacher=EXACT, dtype=torch.float64, images=False, shard_size=128, pool=None)
 
 
 def _curve(result) -> list[tuple[int, float]]:
@@ -131,7 +124,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/quality/convergence")
     a = p.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    tb = mixture_testbed() if a.testbed == "mixture16" else TESTBEDS[a.testbed]()
+    tb = mixture_testbed(0) if a.testbed == "mixture16" else TESTBEDS[a.testbed]()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ def _fit(args: argparse.Namespace) -> None:
           + ", ".join(f"{k} {v:.4g}" for k, v in phi.start["candidates"].items()) + ")")
     for stage, r in zip(("blind", "phi"), phi.fit_results, strict=False):
         print(f"{stage}: validation teacher MSE {r.init_val:.5g} -> {r.best_val:.5g} "
-              f"(best step {r.best_step}, {r.wall_s:.0f} s)")
+              f"(kept step {r.best_step}, {r.wall_s:.0f} s)")
     phi.save(args.out, fit=[r.__dict__ | {"history": r.history[-1:]} for r in phi.fit_results],
              start=phi.start)
     print(f"wrote {args.out}")

@@ -8,7 +8,8 @@ is missing it tunes one on the spot with ``--fit-steps`` optimiser steps per sta
 mean schedule and the GITS grid (dynamic programming, a few seconds). Every method then samples
 the same held-out seeds; the demo prints teacher MSE / PSNR and the Fréchet distances (digits-classifier
 features) to the 30-step iPNDM teacher and to the data, writes the plots and the table to ``--out`` and
-ends with a verdict per NFE: whether INDIS phi beats every global schedule, and the global ones ranked.
+ends with a verdict per NFE: whether INDIS phi beats every global schedule, phi against the published tuned
+schedules (GITS, LD3-global) with the FD to data beside GITS's, and the global schedules ranked.
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def verdict(record: dict) -> str:
     outcome = "WINS" if phi < best_mse else "LOSES"
     head = (f"NFE {record['nfe']}: INDIS phi {outcome}: teacher MSE {phi:.4g}, "
             f"{100 * (phi / best_mse - 1):+.1f} % against the best global schedule ({best}, {best_mse:.4g})")
+    published = [f"{name} {100 * (phi / rows[name]['mse'] - 1):+.1f} %" for name in (GITS_ROW, "LD3-global")
+                 if name in rows]
+    if published:
+        head += "; against the published tuned schedules: " + ", ".join(published)
+        fd = rows["INDIS phi"].get("fd_data"), rows.get(GITS_ROW, {}).get("fd_data")
+        if None not in fd:
+            head += f" (FD to data {fd[0]:.4g} vs GITS {fd[1]:.4g})"
     return f"{head}. Global schedules, best first: {ranking}."
 
 

@@ -123,6 +123,15 @@ def _digits_gmm() -> Testbed:
     return Testbed("digits-gmm", digits_mixture, (1, 8, 8), 80.0, teacher=EXACT, shard_size=128)
 
 
+def mixture_testbed(seed: int) -> Testbed:
+    """A random 16-D anisotropic mixture (``testbeds.random_mixture(seed=seed)``; exact denoiser, exact ODE
+    teacher), Euler at NFE 3 / 5: where studies choose defaults (small seeds) and check them (seeds 100+)."""
+    from .testbeds import random_mixture
+
+    return Testbed(f"mixture16-s{seed}", lambda: random_mixture(seed=seed), (16,), 80.0, solver="euler",
+                   nfes=(3, 5), teacher=EXACT, dtype=torch.float64, images=False, shard_size=128, pool=None)
+
+
 TESTBEDS: dict[str, Callable[[], Testbed]] = {
     "tree": lambda: _tree(80.0), "tree-s5": lambda: _tree(5.0), "digits-unet": lambda: _digits("unet"),
     "digits-dit": lambda: _digits("dit"), "digits-gmm": _digits_gmm,

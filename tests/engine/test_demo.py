@@ -40,5 +40,8 @@ def test_verdict_says_plainly_which_schedule_wins() -> None:
     won = demo.verdict({"nfe": 3, "rows": rows})
     assert "INDIS phi WINS" in won and "-25.0 %" in won and "(GITS (dynamic programming), 0.02)" in won
     assert won.index("GITS") < won.index("heuristic edm")  # global schedules ranked, best first
+    assert "against the published tuned schedules: GITS (dynamic programming) -25.0 %" in won
+    rows["INDIS phi"]["fd_data"], rows["GITS (dynamic programming)"]["fd_data"] = 7.25, 7.5
+    assert "(FD to data 7.25 vs GITS 7.5)" in demo.verdict({"nfe": 3, "rows": rows})
     rows["INDIS phi"]["mse"] = 0.03
     assert "INDIS phi LOSES: teacher MSE 0.03, +50.0 %" in demo.verdict({"nfe": 5, "rows": rows})

@@ -175,6 +175,28 @@ def test_fit_early_stopping_restores_best() -> None:
     torch.testing.assert_close(head(x_T).grid[0], sc.init_grid(), rtol=1e-12, atol=0)
 
 
+def test_fit_keep_last_returns_the_final_state() -> None:
+    """keep="last" runs every step and returns where the optimiser ended, even when validation got worse:
+    the same state as a run with no validation set at all."""
+    from indis.engine.teacher import TuningData
+
+    sc = ScheduleConfig(nfe=2, sigma_min=0.002, sigma_max=80.0)
+    x_T = noise_from_seeds(range(8), (4,), dtype=torch.float64) * 80
+    target = indis.sample(gaussian_denoiser, x_T, sc.init_grid(), "euler")  # the init is already optimal
+    val = TuningData(torch.arange(8), x_T, None, target)
+    train = TuningData(torch.arange(8), x_T, None, 0.5 * target)  # pulls the head away from the optimum
+    heads = [Predictor(PredictorConfig(sc, "euler", (4,), blind=True)) for _ in range(2)]
+    cfg = FitConfig(steps=20, lr=0.1, val_every=1, patience=3, keep="last", progress=False)
+    res = fit(heads[0], gaussian_denoiser, train, val, "euler", cfg)
+    fit(heads[1], gaussian_denoiser, train, None, "euler", cfg)
+    assert not res.stopped_early and res.best_step == 20 and len(res.history) == 20
+    assert res.best_val == res.history[-1]["val"] > res.init_val  # validation got worse, the state is kept
+    torch.testing.assert_close(heads[0].base, heads[1].base, rtol=0, atol=0)
+    assert not torch.allclose(heads[0].base, Predictor(heads[0].config).base)
+    with pytest.raises(ValueError, match="keep"):
+        FitConfig(keep="final")
+
+
 def test_cli_fit_then_eval(tmp_path, capsys) -> None:
     from indis.engine.cli import main
 
