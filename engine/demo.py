@@ -60,9 +60,13 @@ def verdict(record: dict) -> str:
     best_mse, best = glob[0]
     phi = rows["INDIS phi"]["mse"]
     ranking = ", ".join(f"{name} {mse:.4g}" for mse, name in glob)
+    se = rows[best].get("se_vs_phi")
     outcome = "WINS" if phi < best_mse else "LOSES"
+    if se is not None and abs(phi - best_mse) <= 2 * se:
+        outcome = "TIES (within 2 paired s.e.)"
+    gap = f"{100 * (phi / best_mse - 1):+.1f} %" + ("" if se is None else f" ± {100 * se / best_mse:.2g} %")
     head = (f"NFE {record['nfe']}: INDIS phi {outcome}: teacher MSE {phi:.4g}, "
-            f"{100 * (phi / best_mse - 1):+.1f} % against the best global schedule ({best}, {best_mse:.4g})")
+            f"{gap} against the best global schedule ({best}, {best_mse:.4g})")
     published = [f"{name} {100 * (phi / rows[name]['mse'] - 1):+.1f} %" for name in (GITS_ROW, "LD3-global")
                  if name in rows]
     if published:

@@ -214,6 +214,7 @@ class Bench:
             self.teacher_features = classifier_features(self.held.x0)
         self.rows: dict[str, dict] = {}
         self.fns: dict[str, ScheduleFn] = {}
+        self.losses: dict[str, Tensor] = {}  # per held-out seed teacher MSE, for paired comparisons
 
     def measure(self, name: str, fn: ScheduleFn, kind: str, wall: float = 0.0,
                 train: TuningData | None = None, batch_size: int = 256) -> None:
@@ -221,9 +222,10 @@ class Bench:
         ``kind``: global (counts towards "best global"), indis, ablation or oracle."""
         tb = self.tb
         self.fns[name] = fn
-        row = metrics(generate(fn, self.model, self.held, tb.solver, batch_size), self.held, tb.images,
-                      self.teacher_features)
+        samples = generate(fn, self.model, self.held, tb.solver, batch_size)
+        row = metrics(samples, self.held, tb.images, self.teacher_features)
         row.update(kind=kind, tune_s=round(wall, 1))
+        self.losses[name] = sample_loss(samples, self.held.x0, "l2").double()
         if train is not None:
             row["train_mse"] = float(sample_loss(generate(fn, self.model, train, tb.solver), train.x0,
                                                  "l2").mean())
@@ -232,8 +234,14 @@ class Bench:
                  + (f" (train {row['train_mse']:.5g})" if train is not None else ""))
 
     def record(self, **extra) -> dict:
-        """The cell as JSON-able data: rows, the best global method, 64 grids of phi and of that method."""
+        """The cell as JSON-able data: rows, the best global method, 64 grids of phi and of that method. Each
+        row measured here gets ``se_vs_phi``: the standard error of its mean paired per-seed difference to
+        INDIS phi's teacher MSE (per-seed errors are heavy-tailed; a gap within 2 s.e. is a tie)."""
         tb, rows = self.tb, self.rows
+        phi = self.losses.get("INDIS phi")
+        if phi is not None:
+            for name, per in self.losses.items():
+                rows[name]["se_vs_phi"] = float((per - phi).std() / math.sqrt(len(phi)))
         best = min((k for k, r in rows.items() if r["kind"] == "global"), key=lambda k: rows[k]["mse"])
         return {"testbed": tb.name, "nfe": self.nfe, "solver": tb.solver, "samples": len(self.held),
                 "held_out_seeds": [self.seeds.start, self.seeds.stop], "teacher": tb.teacher.__dict__,
@@ -424,6 +432,9 @@ def teacher_fd_to_data(tb: Testbed, record: dict, cache_dir: str) -> float:
     return fd_to_data(cache.load(seeds).x0)
 
 
+VERSUS = {GITS_ROW: "GITS", "LD3-global": "LD3-global", AYS_ROW: "AYS", MEAN_ROW: "phi's mean schedule"}
+
+
 def markdown(records: list[dict], teacher_fd: dict[str, float] | None = None) -> str:
     """One table per testbed (methods x NFE) plus a summary of INDIS against the best global method;
     ``teacher_fd``: the teacher's own FD to data per testbed (a reference line under its table)."""
@@ -435,8 +446,24 @@ def markdown(records: list[dict], teacher_fd: dict[str, float] | None = None) ->
         fd = [f"{100 * gain(r, m):+.1f} %" if "fd_data" in r["rows"]["INDIS phi"] else "–"
               for m in ("fd_teacher", "fd_data")]
         vs_blind = r["rows"]["INDIS phi"]["mse"] / r["rows"]["phi blind (ablation)"]["mse"] - 1
+        best = r["rows"][r["best_global"]]
+        mse = f"{100 * gain(r):+.1f} %"
+        if "se_vs_phi" in best:
+            mse += f" (± {100 * best['se_vs_phi'] / best['mse']:.2g} % paired s.e.)"
         lines.append(f"| {r['testbed']} | {r['nfe']} | {r['samples']} | {r['best_global']} | "
-                     f"{100 * gain(r):+.1f} % | {fd[0]} | {fd[1]} | {100 * vs_blind:+.1f} % |")
+                     f"{mse} | {fd[0]} | {fd[1]} | {100 * vs_blind:+.1f} % |")
+    versus_cols = " | ".join(f"vs {v}" for v in VERSUS.values())
+    lines += ["", "## INDIS phi against the published global schedules and its own mean schedule (teacher "
+              "MSE; FD to data where defined)", "",
+              f"| testbed | NFE | INDIS phi | {versus_cols} | FD to data: phi / GITS |",
+              "|---" * (4 + len(VERSUS)) + "|"]
+    for r in records:
+        rows, phi = r["rows"], r["rows"]["INDIS phi"]
+        versus = " | ".join(f"{100 * (phi['mse'] / rows[m]['mse'] - 1):+.1f} %" if m in rows else "–"
+                            for m in VERSUS)
+        fd = phi.get("fd_data"), rows.get(GITS_ROW, {}).get("fd_data")
+        fd = "–" if None in fd else f"{fd[0]:.4g} / {fd[1]:.4g}"
+        lines.append(f"| {r['testbed']} | {r['nfe']} | {phi['mse']:.4g} | {versus} | {fd} |")
     for name in dict.fromkeys(r["testbed"] for r in records):
         cells = [r for r in records if r["testbed"] == name]
         images = "fd_data" in cells[0]["rows"]["INDIS phi"]

@@ -5,7 +5,8 @@ differentiable in the grid, shift and scale); gradients flow through the frozen 
 loss compares student and teacher end points in data space (L2, L1 or pseudo-Huber), plus an optional
 feature distance. One loop (:func:`fit`) trains every head -- phi, its blind ablation, the per-instance oracle
 and LD3's global grid -- with Adam (RMSprop for LD3) and a cosine learning rate, gradient clipping after
-backward, a validation split, early stopping and the best checkpoint kept. Under ``torch.distributed`` the
+backward, a validation split and, per :class:`FitConfig` ``keep``, the best checkpoint with early stopping
+or the final state. Under ``torch.distributed`` the
 head is wrapped in DDP and every global batch is split across ranks (gloo on CPU, nccl on GPU).
 
 LD3's "soft teacher": each training sample's input may move inside an L2 ball of radius ``0.001 * d / N^2``
@@ -37,7 +38,7 @@ DEFAULT_TEACHER = TeacherSpec()  # iPNDM, 30 EDM steps
 INITS = ("auto", *HEURISTICS)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitConfig:
     """Optimisation settings shared by every head. ``steps`` counts optimiser steps.
 
@@ -68,6 +69,11 @@ class FitConfig:
     def __post_init__(self) -> None:
         if self.keep not in ("best", "last"):
             raise ValueError(f"keep={self.keep!r} is unknown; choose best or last")
+        for name in ("batch_size", "val_every", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.steps < 0:
+            raise ValueError(f"steps={self.steps} must be at least 0")
 
 
 #: Default optimisation of phi's stage and of the blind stage before it. phi's from the convergence curves of
@@ -79,7 +85,8 @@ BLIND_FIT = FitConfig(steps=1200, batch_size=64, lr=2e-2, val_every=100, keep="l
 
 @dataclass
 class FitResult:
-    """What :func:`fit` did: the loss history, the best validation point and the wall time."""
+    """What :func:`fit` did: the loss history, the kept state's step and validation loss (``best_step``,
+    ``best_val``: the best validation point, or the final step with ``keep="last"``) and the wall time."""
 
     history: list[dict] = field(default_factory=list)
     best_step: int = 0
@@ -211,7 +218,8 @@ def fit(head: nn.Module, model: Callable[..., Tensor], train: TuningData, val: T
                 best_state = copy.deepcopy(head.state_dict())
             else:
                 checks_since_best += 1
-            bar.set_postfix(train=f"{record['train']:.4g}", val=f"{v:.4g}", best=f"{result.best_val:.4g}")
+            shown = {"best": f"{result.best_val:.4g}"} if cfg.keep == "best" else {}
+            bar.set_postfix(train=f"{record['train']:.4g}", val=f"{v:.4g}", **shown)
             if cfg.keep == "best" and checks_since_best >= cfg.patience:
                 result.history.append(record)
                 result.stopped_early = True
@@ -296,14 +304,16 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
     (:func:`start_grid`: GITS and the four heuristics, measured on the teacher); a heuristic name starts from
     that heuristic; ``init_grid`` ``[N+1]`` from a given grid. With ``staged`` (default) the blind schedule
     (grid, Δτ, γ without instance input; per class when the predictor is conditional) is tuned from there
-    first (``blind_config``; default :data:`BLIND_FIT`, or ``fit_config`` at the blind learning rate when
-    that is given) and phi (``fit_config``, default :data:`PHI_FIT`) starts from it exactly, so phi can only
-    improve on the best blind schedule its tuning finds. phi's initial weights are drawn from
-    ``fit_config.seed``. With ``shrink`` (default) an unconditional phi's instance part is then shrunk
-    toward its mean schedule by the factor that validates best (:func:`shrink_toward_mean`). ``family``
-    defaults to the model's own (a :class:`Denoiser`'s family, VE for a plain callable); a different one is
-    refused. The returned predictor carries ``start`` (the start grid, the candidates' teacher MSE and the
-    shrink factor), ``fit_results`` (blind stage, phi stage) and ``blind`` (the tuned blind head, or None).
+    first (``blind_config``; default :data:`BLIND_FIT` -- or, when only ``fit_config`` is given, its batch,
+    loss and seed with BLIND_FIT's steps, kept state (the final one) and a learning rate of at least
+    BLIND_FIT's) and phi (``fit_config``, default :data:`PHI_FIT`) starts from its final state exactly;
+    phi's stage keeps its best validation state, so phi is never worse than that start on the validation
+    seeds. phi's initial weights are drawn from ``fit_config.seed``. With ``shrink`` (default) an
+    unconditional phi's instance part is then shrunk toward its mean schedule by the factor that validates
+    best (:func:`shrink_toward_mean`). ``family`` defaults to the model's own (a :class:`Denoiser`'s family,
+    VE for a plain callable); a different one is refused. The returned predictor carries ``start`` (the
+    start grid, the candidates' teacher MSE and the shrink factor), ``fit_results`` (blind stage, phi stage)
+    and ``blind`` (the tuned blind head, or None).
     """
     sc, setup, (train, val), base, start = _prepare(
         model, nfe=nfe, solver=solver, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, family=family,
@@ -400,11 +410,13 @@ def phi_from_blind(config: PredictorConfig, blind: Predictor | None, seed: int =
 
 
 def _blind_config(phi: FitConfig | None) -> FitConfig:
-    """The blind stage's default: :data:`BLIND_FIT`, or phi's settings at the blind stage's learning rate,
-    keeping the blind stage's final state."""
+    """The blind stage's default: :data:`BLIND_FIT`; given phi's settings, those (batch, loss, seed, ...) with
+    the blind stage's budget, validation interval and kept state and a learning rate of at least
+    ``BLIND_FIT.lr``."""
     if phi is None:
         return BLIND_FIT
-    return replace(phi, lr=max(phi.lr, BLIND_FIT.lr), weight_decay=0.0, keep=BLIND_FIT.keep)
+    return replace(phi, steps=BLIND_FIT.steps, val_every=BLIND_FIT.val_every, lr=max(phi.lr, BLIND_FIT.lr),
+                   weight_decay=0.0, keep=BLIND_FIT.keep)
 
 
 def fit_global(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tuple[int, ...],

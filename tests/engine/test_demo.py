@@ -45,3 +45,8 @@ def test_verdict_says_plainly_which_schedule_wins() -> None:
     assert "(FD to data 7.25 vs GITS 7.5)" in demo.verdict({"nfe": 3, "rows": rows})
     rows["INDIS phi"]["mse"] = 0.03
     assert "INDIS phi LOSES: teacher MSE 0.03, +50.0 %" in demo.verdict({"nfe": 5, "rows": rows})
+    rows["GITS (dynamic programming)"]["se_vs_phi"] = 0.006  # a 0.01 gap within 2 paired s.e. is a tie
+    assert "INDIS phi TIES (within 2 paired s.e.): teacher MSE 0.03, +50.0 % ± 30 %" in demo.verdict(
+        {"nfe": 5, "rows": rows})
+    rows["GITS (dynamic programming)"]["se_vs_phi"] = 0.004
+    assert "INDIS phi LOSES: teacher MSE 0.03, +50.0 % ± 20 %" in demo.verdict({"nfe": 5, "rows": rows})

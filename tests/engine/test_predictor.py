@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,7 +19,17 @@ from indis.engine.predictor import (
     ScheduleConfig,
 )
 from indis.engine.teacher import TeacherCache, TeacherSpec, noise_from_seeds
-from indis.engine.tuning import FitConfig, evaluate, fit, fit_global, fit_oracle, fit_predictor
+from indis.engine.tuning import (
+    BLIND_FIT,
+    PHI_FIT,
+    FitConfig,
+    _blind_config,
+    evaluate,
+    fit,
+    fit_global,
+    fit_oracle,
+    fit_predictor,
+)
 
 
 def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
@@ -195,6 +206,17 @@ def test_fit_keep_last_returns_the_final_state() -> None:
     assert not torch.allclose(heads[0].base, Predictor(heads[0].config).base)
     with pytest.raises(ValueError, match="keep"):
         FitConfig(keep="final")
+    for bad in ({"steps": -1}, {"batch_size": 0}, {"val_every": 0}, {"patience": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FitConfig(**bad)
+
+
+def test_blind_stage_keeps_its_budget_when_only_phi_is_configured() -> None:
+    assert _blind_config(None) is BLIND_FIT
+    cfg = _blind_config(replace(PHI_FIT, lr=5e-3, batch_size=32, seed=7, loss="huber"))
+    assert (cfg.steps, cfg.val_every, cfg.keep) == (BLIND_FIT.steps, BLIND_FIT.val_every, "last")
+    assert (cfg.lr, cfg.batch_size, cfg.seed, cfg.loss) == (BLIND_FIT.lr, 32, 7, "huber")
+    assert _blind_config(replace(PHI_FIT, lr=0.1)).lr == 0.1
 
 
 def test_cli_fit_then_eval(tmp_path, capsys) -> None:
@@ -205,6 +227,7 @@ def test_cli_fit_then_eval(tmp_path, capsys) -> None:
           "--batch-size", "8", "--hidden", "8", "--cache", str(tmp_path), "--out", str(out)])
     phi = Predictor.load(out, nfe=2, solver="euler", backbone="digits-unet")
     assert len(phi.metadata["fit"]) == 2
+    assert phi.metadata["fit"][0]["best_step"] == 3  # --steps reaches the blind stage, which keeps its last
     main(["eval", str(out), "--samples", "8", "--cache", str(tmp_path)])
     text = capsys.readouterr().out
     assert "INDIS phi" in text and "heuristic edm" in text and "8 held-out seeds" in text

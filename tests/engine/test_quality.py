@@ -18,6 +18,7 @@ from indis.engine.quality import (
     exhaustive_grids,
     gain,
     load_heads,
+    load_phi,
     markdown,
     mean_schedule,
     plots,
@@ -68,6 +69,13 @@ def test_cell_measures_every_method_on_the_same_held_out_seeds(toy_cell) -> None
     x = sample(toy_mixture(), held.x_T, get_sigmas("edm", 3, 0.002, 10.0), "euler")
     edm = float(sample_loss(x, held.x0, "l2").mean())
     assert rows["heuristic edm"]["mse"] == pytest.approx(edm, rel=1e-9)
+    # its paired standard error against phi, recomputed from phi's saved head on the same seeds
+    phi = load_phi(root / "heads", TOY, 3)
+    with torch.no_grad():
+        phi_losses = sample_loss(sample(toy_mixture(), held.x_T, phi(held.x_T), "euler"), held.x0, "l2")
+    diff = sample_loss(x, held.x0, "l2") - phi_losses
+    assert rows["heuristic edm"]["se_vs_phi"] == pytest.approx(float(diff.std() / len(diff) ** 0.5), rel=1e-6)
+    assert rows["INDIS phi"]["se_vs_phi"] == 0.0
     best = record["best_global"]
     assert rows[best]["kind"] == "global"
     assert rows[best]["mse"] == min(r["mse"] for r in rows.values() if r["kind"] == "global")
@@ -139,6 +147,14 @@ def test_report_and_plots(toy_cell, tmp_path) -> None:
     record, _ = toy_cell
     text = markdown([record])
     assert "| toy | 3 | 24 |" in text and "INDIS phi" in text and "Per-instance oracles" in text
+    best = record["rows"][record["best_global"]]
+    assert f"(± {100 * best['se_vs_phi'] / best['mse']:.2g} % paired s.e.)" in text
+    rows = record["rows"]
+    phi = rows["INDIS phi"]["mse"]
+    versus = [f"{100 * (phi / rows[m]['mse'] - 1):+.1f} %" if m in rows else "–"
+              for m in (GITS_ROW, "LD3-global", AYS_ROW)]
+    assert "LD3-global" in rows and AYS_ROW in rows
+    assert f"| toy | 3 | {phi:.4g} | {' | '.join(versus)} |" in text  # the published-schedules table
     pytest.importorskip("matplotlib")
     written = plots([record, replace_nfe(record, 5)], tmp_path)
     assert {p.name for p in written} == {"quality_vs_nfe.png", "grid_fan_toy.png"}
