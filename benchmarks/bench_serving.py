@@ -1,7 +1,7 @@
 """Continuous vs static batching on a heterogeneous request stream (mirrors ``engine/serving.py``).
 
 The project's digits UNet; each ``--nfe`` is one request stream with NFEs drawn uniformly (``3,5,7``) or with
-weights (``3:0.63,5:0.23,7:0.13``, e.g. the mix an NFE allocator chose), iPNDM, EDM grids, one seed each,
+weights (``3:0.54,5:0.42,7:0.04``, e.g. the mix an NFE allocator chose), iPNDM, EDM grids, one seed each,
 arriving as a Poisson process at ``--rate`` requests/s (``inf``: all at t = 0, a saturated server). Both
 policies use the same :class:`~indis.engine.serving.ContinuousBatcher` (capacity ``--capacity``):
 ``continuous`` admits into free slots every iteration; ``static`` waits for a full batch and runs it to its
@@ -118,7 +118,7 @@ def serve(policy: str, requests: list[Request], arrivals: list[float], capacity:
 # The NFE shares the allocator on x_T chose at an average budget of 4 NFE on the digits UNet
 # (benchmarks/results/allocation/digits-unet.md, `python -m indis.engine.allocation`): the request stream an
 # NFE-allocating server sees.
-ALLOCATOR_BUDGET_4 = "3:0.63,5:0.23,7:0.13"
+ALLOCATOR_BUDGET_4 = "3:0.54,5:0.42,7:0.04"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,8 +42,8 @@ def main() -> None:
              f"{torch.__version__}", "",
              "| part | wall s |", "|---|---|",
              f"| teacher (1536 seeds, 30-step iPNDM), start grid (GITS + heuristics), shrink | {rest:.0f} |",
-             f"| blind stage ({len(blind.history)} steps, best at {blind.best_step}) | {blind.wall_s:.0f} |",
-             f"| phi stage ({len(stage.history)} steps, best at {stage.best_step}) | {stage.wall_s:.0f} |",
+             *(f"| {name} stage ({len(r.history)} steps, kept step {r.best_step}) | {r.wall_s:.0f} |"
+               for name, r in (("blind", blind), ("phi", stage))),
              f"| **total** | **{total:.0f}** ({total / 60:.1f} min) |", "",
              f"Start: {phi.start['chosen']}; shrink factor {phi.start['shrink']:g}."]
     text = "\n".join(lines) + "\n"

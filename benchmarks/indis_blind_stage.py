@@ -14,7 +14,8 @@ mixtures (``quality.mixture_testbed``; seeds 1-4 here, the check uses 100+) the 
 full-batch fit (3000 Adam steps, lr 1e-2, the final state); on the digits backbones, where that costs hours,
 the first variant. Each line: the kept state's MSE on the tuning seeds, the validation seeds and the
 development seeds, the paired difference to the reference with its standard error, and the wall time.
-Writes ``<out>/blind_stage.md`` (every cell run so far, one JSON per cell under ``<out>/blind_stage/``).
+Writes ``<out>/blind_stage.md`` (every cell run so far, one JSON per cell under ``<out>/blind_stage/``; a
+cell is rerun when its variants or development seeds differ from the ones asked for).
 """
 
 from __future__ import annotations
@@ -31,13 +32,17 @@ from indis.engine.quality import TESTBEDS, Testbed, mixture_testbed
 from indis.engine.tuning import FitConfig, evaluate, fit, start_grid
 
 DEV = 1 << 21  # first development seed (tuning seeds start at 0, held-out seeds at 2^20)
-VARIANTS = ("600:3e-2:best", "600:1e-2:last", "1200:1e-2:last", "1200:2e-2:last", "1200:3e-2:last")
+VARIANTS = ("600:3e-2:best", "600:2e-2:last", "1200:1e-2:last", "1200:2e-2:last", "1200:3e-2:last")
+CHECK_MIXTURES = 100  # random_mixture seeds from here on are benchmarks/indis_vs_global.py's check
 LONG = "3000:1e-2:last:1024"
 
 
 def config(spec: str) -> FitConfig:
-    """``STEPS:LR:KEEP[:BATCH]`` -> the fit configuration of one variant."""
-    steps, lr, keep, *batch = spec.split(":")
+    """``STEPS:LR:KEEP[:BATCH]`` -> the fit configuration of one variant (ValueError if malformed)."""
+    parts = spec.split(":")
+    if len(parts) not in (3, 4):
+        raise ValueError(f"variant {spec!r} is not STEPS:LR:KEEP[:BATCH]")
+    steps, lr, keep, *batch = parts
     return FitConfig(steps=int(steps), batch_size=int(batch[0]) if batch else 64, lr=float(lr), keep=keep,
                      val_every=25, patience=10, progress=False)
 
@@ -104,17 +109,29 @@ def main() -> None:
     p.add_argument("--cache", default=".indis-cache/teacher")
     p.add_argument("--out", default="benchmarks/results/quality/convergence")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
     mixture = a.testbed == "mixture16"
-    testbeds = [mixture_testbed(s) for s in a.mixtures] if mixture else [TESTBEDS[a.testbed]()]
     variants = a.variants or ([LONG, *VARIANTS] if mixture else list(VARIANTS))
+    for spec in variants:
+        try:
+            config(spec)
+        except ValueError as e:
+            p.error(str(e))
+    if a.dev < 2:
+        p.error("--dev needs at least 2 seeds (a standard error)")
+    if mixture and max(a.mixtures) >= CHECK_MIXTURES:
+        p.error(f"mixtures >= {CHECK_MIXTURES} are the check of benchmarks/indis_vs_global.py; do not tune "
+                "defaults on them")
+    torch.set_num_threads(a.threads)
+    testbeds = [mixture_testbed(s) for s in a.mixtures] if mixture else [TESTBEDS[a.testbed]()]
     cells_dir = Path(a.out) / "blind_stage"
     cells_dir.mkdir(parents=True, exist_ok=True)
     for tb in testbeds:
         for nfe in a.nfe or tb.nfes:
             path = cells_dir / f"{tb.name}_nfe{nfe}.json"
-            if path.exists():
-                continue
+            if path.exists():  # reused only if it holds exactly these variants on these development seeds
+                old = json.loads(path.read_text())
+                if list(old["runs"]) == variants and old["dev_seeds"] == [DEV, DEV + a.dev]:
+                    continue
             t0 = time.perf_counter()
             record = cell(tb, nfe, variants, a.dev, a.cache)
             record["wall_s"] = time.perf_counter() - t0

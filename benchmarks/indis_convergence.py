@@ -10,7 +10,8 @@ four heuristics on the tuning seeds). The blind head (grid + Δτ + γ) is tuned
 learning rate; from the best of them phi is tuned for ``--steps`` at each phi learning rate, beside the
 control (the blind head continued with phi's settings). Patience is off, so each curve runs its whole
 budget; validation (teacher MSE on the validation seeds, which are tuning seeds) every 25 steps. Held-out
-seeds are never touched: these curves choose ``tuning.BLIND_FIT`` / ``tuning.PHI_FIT``. Testbeds: the digits
+seeds are never touched: these curves choose ``tuning.PHI_FIT`` (the blind stage's ``tuning.BLIND_FIT``
+comes from ``benchmarks/indis_blind_stage.py``). Testbeds: the digits
 backbones (``digits-unet``, ``digits-dit``) and ``mixture16`` (``testbeds.random_mixture(seed=0)``, 16-D,
 Euler, exact teacher). Writes ``<testbed>.json`` (every history), ``<testbed>.png`` and ``<testbed>.md``.
 """
