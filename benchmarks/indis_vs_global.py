@@ -9,7 +9,8 @@ ODE as teacher, the same 1024 + 512 tuning
 seeds feed both: ``fit_predictor(model, nfe=..., solver=..., shape=(16,), sigma_min=0.002, sigma_max=80)``
 with nothing else set, and the long global fit -- one grid + Δτ + γ (bounds 0.1 / 0.05, the paper's
 definition), 3000 full-batch Adam steps at lr 1e-2 (cosine), once from EDM rho=7 and once from the best
-start grid, the one with the lower validation loss kept. Held-out teacher MSE on ``--samples`` seeds from
+start grid, each keeping its best validation state (checked every 100 steps), the one with the lower
+validation loss kept. Held-out teacher MSE on ``--samples`` seeds from
 2^20, with the standard error of the paired per-sample difference (per-sample errors are heavy-tailed, so
 many seeds are needed), and the mean of the cells' relative differences per NFE.
 """
@@ -29,6 +30,7 @@ from indis.engine.teacher import TeacherCache
 from indis.engine.testbeds import random_mixture
 from indis.engine.tuning import FitConfig, TuningSetup, fit, fit_predictor, sample_loss, start_grid
 
+CHECK_MIXTURES = 100  # random_mixture seeds below this were used to choose defaults
 LONG = FitConfig(steps=3000, batch_size=1024, lr=1e-2, patience=10**9, val_every=100, progress=False)
 
 
@@ -81,6 +83,10 @@ def main() -> None:
     p.add_argument("--cache", default=".indis-cache/teacher")
     p.add_argument("--out", default="benchmarks/results/quality/vs_global.md")
     a = p.parse_args()
+    if min(a.mixtures) < CHECK_MIXTURES:
+        p.error(f"mixtures below {CHECK_MIXTURES} chose the defaults; the check uses unseen ones")
+    if a.samples < 2:
+        p.error("--samples needs at least 2 seeds (a standard error)")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     head = (f"## fit_predictor defaults vs a long global fit (grid + Δτ + γ, 3000 full-batch Adam steps, "
             f"best of two starts); random 16-D mixtures, {a.solver}, exact teacher, "
