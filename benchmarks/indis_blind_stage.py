@@ -94,6 +94,14 @@ def markdown(cells: list[dict]) -> str:
                                                               f"(± {100 * r['vs_reference_se']:.1f} %)")
             lines.append(f"| {c['testbed']} | {c['nfe']} | {spec} | {r['train']:.5g} | {r['val']:.5g} | "
                          f"{r['dev']:.5g} | {tag} | {r['wall_s']:.0f} |")
+    versus: dict[tuple[str, str], list[float]] = {}
+    for c in cells:
+        for spec, r in c["runs"].items():
+            if spec != c["reference"]:
+                versus.setdefault((spec, c["reference"]), []).append(100 * r["vs_reference"])
+    lines.append("")
+    lines += [f"{spec} vs {ref}: mean {sum(v) / len(v):+.1f} % over {len(v)} cells (range {min(v):+.1f} … "
+              f"{max(v):+.1f} %)" for (spec, ref), v in versus.items()]
     return "\n".join(lines) + "\n"
 
 
