@@ -28,12 +28,11 @@ from pathlib import Path
 import torch
 
 from indis.engine.predictor import Predictor, PredictorConfig
-from indis.engine.quality import TESTBEDS, Testbed, mixture_testbed
+from indis.engine.quality import CHECK_MIXTURES, TESTBEDS, Testbed, mixture_testbed
 from indis.engine.tuning import FitConfig, evaluate, fit, start_grid
 
 DEV = 1 << 21  # first development seed (tuning seeds start at 0, held-out seeds at 2^20)
 VARIANTS = ("600:3e-2:best", "600:2e-2:last", "1200:1e-2:last", "1200:2e-2:last", "1200:3e-2:last")
-CHECK_MIXTURES = 100  # random_mixture seeds from here on are benchmarks/indis_vs_global.py's check
 LONG = "3000:1e-2:last:1024"
 
 

@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 
 from indis.engine.predictor import Predictor, PredictorConfig, ScheduleConfig
-from indis.engine.quality import EXACT, HELD_OUT
+from indis.engine.quality import CHECK_MIXTURES, EXACT, HELD_OUT
 from indis.engine.sampling import sample
 from indis.engine.teacher import TeacherCache
 from indis.engine.testbeds import random_mixture
 from indis.engine.tuning import FitConfig, TuningSetup, fit, fit_predictor, sample_loss, start_grid
 
-CHECK_MIXTURES = 100  # random_mixture seeds below this were used to choose defaults
 LONG = FitConfig(steps=3000, batch_size=1024, lr=1e-2, patience=10**9, val_every=100, progress=False)
 
 

@@ -24,19 +24,19 @@ def _fit(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from .digits import load_backbone
-    from .tuning import BLIND_FIT, PHI_FIT, fit_predictor
+    from .tuning import PHI_FIT, blind_stage_config, fit_predictor
 
     model = load_backbone(args.backbone)
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size))
                  if v is not None}
-    blind = {k: v for k, v in overrides.items() if k != "lr"} | {"lr": max(args.lr or 0.0, BLIND_FIT.lr)}
+    fit_config = replace(PHI_FIT, **overrides) if overrides else None
+    blind_config = None if args.steps is None else replace(blind_stage_config(fit_config), steps=args.steps)
     phi = fit_predictor(model, nfe=args.nfe, solver=args.solver, shape=(1, 8, 8), sigma_min=0.002,
                         sigma_max=80.0, backbone=f"digits-{args.backbone}", pool=args.pool,
                         hidden=args.hidden,
                         shift_bound=args.shift_bound, scale_bound=args.scale_bound, num_train=args.num_train,
                         num_val=args.num_val, cache_dir=args.cache,
-                        fit_config=replace(PHI_FIT, **overrides) if overrides else None,
-                        blind_config=replace(BLIND_FIT, **blind) if overrides else None)
+                        fit_config=fit_config, blind_config=blind_config)
     print(f"start: {phi.start['chosen']} (teacher MSE of each candidate on the tuning seeds: "
           + ", ".join(f"{k} {v:.4g}" for k, v in phi.start["candidates"].items()) + ")")
     for stage, r in zip(("blind", "phi"), phi.fit_results, strict=False):

@@ -123,6 +123,9 @@ def _digits_gmm() -> Testbed:
     return Testbed("digits-gmm", digits_mixture, (1, 8, 8), 80.0, teacher=EXACT, shard_size=128)
 
 
+CHECK_MIXTURES = 100  # mixture_testbed seeds from here on check defaults; smaller ones may choose them
+
+
 def mixture_testbed(seed: int) -> Testbed:
     """A random 16-D anisotropic mixture (``testbeds.random_mixture(seed=seed)``; exact denoiser, exact ODE
     teacher), Euler at NFE 3 / 5: where studies choose defaults (small seeds) and check them (seeds 100+)."""

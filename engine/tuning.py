@@ -327,8 +327,8 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
     blind_head = None
     if staged and not blind:
         blind_head = Predictor(PredictorConfig(**{**pc.__dict__, "blind": True}), base=base)
-        results.append(fit(blind_head, model, train, val, solver, blind_config or _blind_config(fit_config),
-                           **solver_opts))
+        results.append(fit(blind_head, model, train, val, solver,
+                           blind_config or blind_stage_config(fit_config), **solver_opts))
     head = phi_from_blind(pc, blind_head, cfg.seed, base)
     results.append(fit(head, model, train, val, solver, cfg, **solver_opts))
     if shrink and val is not None:
@@ -409,7 +409,7 @@ def phi_from_blind(config: PredictorConfig, blind: Predictor | None, seed: int =
     return head
 
 
-def _blind_config(phi: FitConfig | None) -> FitConfig:
+def blind_stage_config(phi: FitConfig | None) -> FitConfig:
     """The blind stage's default: :data:`BLIND_FIT`; given phi's settings, those (batch, loss, seed, ...) with
     the blind stage's budget, validation interval and kept state and a learning rate of at least
     ``BLIND_FIT.lr``."""

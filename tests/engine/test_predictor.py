@@ -23,7 +23,7 @@ from indis.engine.tuning import (
     BLIND_FIT,
     PHI_FIT,
     FitConfig,
-    _blind_config,
+    blind_stage_config,
     evaluate,
     fit,
     fit_global,
@@ -212,11 +212,11 @@ def test_fit_keep_last_returns_the_final_state() -> None:
 
 
 def test_blind_stage_keeps_its_budget_when_only_phi_is_configured() -> None:
-    assert _blind_config(None) is BLIND_FIT
-    cfg = _blind_config(replace(PHI_FIT, lr=5e-3, batch_size=32, seed=7, loss="huber"))
+    assert blind_stage_config(None) is BLIND_FIT
+    cfg = blind_stage_config(replace(PHI_FIT, lr=5e-3, batch_size=32, seed=7, loss="huber"))
     assert (cfg.steps, cfg.val_every, cfg.keep) == (BLIND_FIT.steps, BLIND_FIT.val_every, "last")
     assert (cfg.lr, cfg.batch_size, cfg.seed, cfg.loss) == (BLIND_FIT.lr, 32, 7, "huber")
-    assert _blind_config(replace(PHI_FIT, lr=0.1)).lr == 0.1
+    assert blind_stage_config(replace(PHI_FIT, lr=0.1)).lr == 0.1
 
 
 def test_cli_fit_then_eval(tmp_path, capsys) -> None:
