@@ -5,9 +5,11 @@
         [--variants 600:3e-2:best 1200:1e-2:last ...] [--out benchmarks/results/quality/convergence]
 
 The blind head (grid + Δτ + γ, no instance input) is tuned from ``fit_predictor``'s start (``start_grid``:
-the best of GITS and the heuristics on the tuning seeds) by each variant ``STEPS:LR:KEEP`` (Adam, batch 64,
-cosine decay; ``best`` = the state with the lowest validation loss, checked every 25 steps with patience 10
--- the rule before this study; ``last`` = the final state, validation not used). The kept state is measured
+the best of GITS and the heuristics on the tuning seeds) by each variant ``STEPS:LR:KEEP[:BATCH[:LBFGS]]``
+(Adam, batch 64 unless given, cosine decay; ``best`` = the state with the lowest validation loss, checked
+every 25 steps with patience 10 -- the rule before this study; ``last`` = the final state, validation not
+used; ``LBFGS`` > 0 = that many full-batch L-BFGS iterations after the Adam steps,
+``FitConfig.lbfgs_steps``). The kept state is measured
 on development seeds [2^21, 2^21 + ``--dev``): neither tuning nor held-out seeds, so this study may choose
 defaults without touching what the quality tables and ``benchmarks/indis_vs_global.py`` report. On the
 mixtures (``quality.mixture_testbed``; seeds 1-4 here, the check uses 100+) the reference is the long
@@ -37,12 +39,12 @@ LONG = "3000:1e-2:last:1024"
 
 
 def config(spec: str) -> FitConfig:
-    """``STEPS:LR:KEEP[:BATCH]`` -> the fit configuration of one variant (ValueError if malformed)."""
+    """``STEPS:LR:KEEP[:BATCH[:LBFGS]]`` -> the fit configuration of one variant (ValueError if malformed)."""
     parts = spec.split(":")
-    if len(parts) not in (3, 4):
-        raise ValueError(f"variant {spec!r} is not STEPS:LR:KEEP[:BATCH]")
-    steps, lr, keep, *batch = parts
-    return FitConfig(steps=int(steps), batch_size=int(batch[0]) if batch else 64, lr=float(lr), keep=keep,
+    if len(parts) not in (3, 4, 5):
+        raise ValueError(f"variant {spec!r} is not STEPS:LR:KEEP[:BATCH[:LBFGS]]")
+    steps, lr, keep, batch, lbfgs = parts + ["64", "0"][len(parts) - 3:]
+    return FitConfig(steps=int(steps), batch_size=int(batch), lr=float(lr), keep=keep, lbfgs_steps=int(lbfgs),
                      val_every=25, patience=10, progress=False)
 
 
@@ -84,9 +86,9 @@ def paired(runs: dict, reference: str) -> dict:
 
 def markdown(cells: list[dict]) -> str:
     lines = ["## Blind stage: budget and kept state (development seeds; Adam, batch 64 unless a fourth field "
-             "says otherwise, cosine decay)", "",
-             "| testbed | NFE | variant (steps:lr:keep) | tuning MSE | val MSE | dev MSE | vs reference "
-             "(± 1 s.e., paired) | s |", "|---|---|---|---|---|---|---|---|"]
+             "says otherwise, cosine decay; a fifth field: full-batch L-BFGS iterations after Adam)", "",
+             "| testbed | NFE | variant (steps:lr:keep[:batch[:lbfgs]]) | tuning MSE | val MSE | dev MSE | "
+             "vs reference (± 1 s.e., paired) | s |", "|---|---|---|---|---|---|---|---|"]
     for c in cells:
         for spec, r in c["runs"].items():
             tag = "reference" if spec == c["reference"] else (f"{100 * r['vs_reference']:+.1f} % "
@@ -110,7 +112,8 @@ def main() -> None:
     p.add_argument("--mixtures", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--nfe", type=int, nargs="+", default=None)
     p.add_argument("--variants", nargs="+", default=None,
-                   help=f"STEPS:LR:KEEP[:BATCH] (default {' '.join(VARIANTS)}; mixtures: the long fit first)")
+                   help=f"STEPS:LR:KEEP[:BATCH[:LBFGS]] (default {' '.join(VARIANTS)}; mixtures: the long "
+                   "fit first)")
     p.add_argument("--dev", type=int, default=4096, help="development seeds")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default=".indis-cache/teacher")

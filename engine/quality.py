@@ -16,7 +16,10 @@ exhaustive pure-grid search over both interior points, and Adam-fitted schedules
 "Best global" is the best of every global schedule.
 
 Every (testbed, NFE) cell is written to ``DIR/cells/<testbed>_nfe<N>.json`` as soon as it is done and skipped
-when present (``--force`` recomputes), so an interrupted run resumes. The tuned heads land in ``DIR/heads``;
+when present (``--force`` recomputes), so an interrupted run resumes; a cell records the optimiser settings
+that tuned it (``fit_configs``) and reusing one tuned under other settings prints a warning. ``--steps``,
+``--blind-steps`` and ``--lbfgs-steps`` try other settings (phi's steps; the blind stage's Adam steps and
+L-BFGS iterations). The tuned heads land in ``DIR/heads``;
 ``--ship`` copies the digits-UNet heads into the package (``engine/weights/indis``) for the demo. The tables
 go to stdout and ``DIR/quality.md``; plots (matplotlib, optional) to ``DIR/*.png``.
 """
@@ -30,7 +33,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -341,7 +344,7 @@ def run_cell(tb: Testbed, nfe: int, *, samples: int, cache_dir: str, heads_dir: 
                          shift_bound=0.0, scale_bound=0.0)
     bench.measure("INDIS phi, no shift/scale", noss, "ablation", time.perf_counter() - t, train_eval)
     extra: dict = {"train": len(train), "val": len(val), "threads": torch.get_num_threads(),
-                   "start": phi.start,
+                   "start": phi.start, "fit_configs": fit_configs(tb),
                    "phi_fit": [r.__dict__ | {"history": []} for r in phi.fit_results]}
     if not tb.images and nfe == 3:
         log("exhaustive pure-grid search and per-instance oracles")
@@ -358,6 +361,12 @@ def run_cell(tb: Testbed, nfe: int, *, samples: int, cache_dir: str, heads_dir: 
                       batch_size=n)
     _save_heads(heads_dir, tb, nfe, phi, blind, noss, ld3, bench.rows)
     return bench.record(**extra)
+
+
+def fit_configs(tb: Testbed) -> dict[str, dict]:
+    """The optimiser settings that tune ``tb``'s heads (blind stage, phi, LD3), as a cell records them."""
+    return {name: {k: v for k, v in asdict(getattr(tb, name)).items() if k != "progress"}
+            for name in ("blind", "phi", "ld3")}
 
 
 @torch.no_grad()
@@ -578,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nfe", type=int, nargs="+", default=None, help="override each testbed's NFE list")
     p.add_argument("--samples", type=int, default=1024, help="held-out seeds per cell")
     p.add_argument("--steps", type=int, default=None, help="override phi's optimiser steps per stage")
+    p.add_argument("--blind-steps", type=int, default=None, help="override the blind stage's Adam steps")
+    p.add_argument("--lbfgs-steps", type=int, default=None,
+                   help="override the blind stage's L-BFGS iterations (FitConfig.lbfgs_steps)")
     p.add_argument("--out", default="benchmarks/results/quality")
     p.add_argument("--cache", default=".indis-cache/teacher")
     p.add_argument("--force", action="store_true", help="recompute cells that are already written")
@@ -593,6 +605,10 @@ def main(argv: list[str] | None = None) -> int:
         tb = TESTBEDS[name]()
         if a.steps is not None:
             tb = replace(tb, phi=replace(tb.phi, steps=a.steps))
+        if a.blind_steps is not None:
+            tb = replace(tb, blind=replace(tb.blind, steps=a.blind_steps))
+        if a.lbfgs_steps is not None:
+            tb = replace(tb, blind=replace(tb.blind, lbfgs_steps=a.lbfgs_steps))
         for nfe in a.nfe or tb.nfes:
             path = out / "cells" / f"{name}_nfe{nfe}.json"
             if path.exists() and not a.force:
@@ -604,6 +620,10 @@ def main(argv: list[str] | None = None) -> int:
                 _write_json(path, run_cell(tb, nfe, samples=a.samples, cache_dir=a.cache,
                                            heads_dir=out / "heads"))
             rec = json.loads(path.read_text())
+            if rec.get("fit_configs") != fit_configs(tb):
+                made = "unrecorded" if "fit_configs" not in rec else "other"
+                print(f"{name} NFE {nfe}: WARNING: {path} was tuned under {made} optimiser settings than "
+                      "these (--force recomputes it)")
             if MEAN_ROW not in rec["rows"] or GITS_ROW not in rec["rows"]:
                 rec = add_controls(rec, tb, out / "heads", a.cache)
                 _write_json(path, rec)

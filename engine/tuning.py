@@ -6,7 +6,8 @@ loss compares student and teacher end points in data space (L2, L1 or pseudo-Hub
 feature distance. One loop (:func:`fit`) trains every head -- phi, its blind ablation, the per-instance oracle
 and LD3's global grid -- with Adam (RMSprop for LD3) and a cosine learning rate, gradient clipping after
 backward, a validation split and, per :class:`FitConfig` ``keep``, the best checkpoint with early stopping
-or the final state. Under ``torch.distributed`` the
+or the final state; heads with a handful of parameters (the blind schedule) may then finish with full-batch
+L-BFGS (Nocedal & Wright, 2006, Alg. 7.5; strong-Wolfe line search). Under ``torch.distributed`` the
 head is wrapped in DDP and every global batch is split across ranks (gloo on CPU, nccl on GPU).
 
 LD3's "soft teacher": each training sample's input may move inside an L2 ball of radius ``0.001 * d / N^2``
@@ -47,6 +48,10 @@ class FitConfig:
     ``keep="last"`` runs every step and returns the final state of the cosine decay, validation only
     recorded: for heads with a handful of parameters (the blind schedule), where picking the best of many
     noisy validation checks selects noise -- per-sample errors are heavy-tailed -- rather than a better state.
+
+    ``lbfgs_steps`` > 0 (``keep="last"`` only) continues from the last Adam state with that many L-BFGS
+    iterations on the whole training split (strong-Wolfe line search, at most ``1.5 * lbfgs_steps`` loss and
+    gradient evaluations of the split): Adam's noisy steps choose the basin, L-BFGS converges in it.
     """
 
     steps: int = 400
@@ -61,6 +66,7 @@ class FitConfig:
     val_every: int = 20
     patience: int = 10              # validation checks without improvement before stopping ("best" only)
     keep: Literal["best", "last"] = "best"  # the state returned: best validation loss, or the final one
+    lbfgs_steps: int = 0            # full-batch L-BFGS iterations after the Adam steps ("last" only)
     soft_teacher: bool = False      # LD3's ball around x_T
     soft_radius: float | None = None  # default 0.001 * d / N^2
     seed: int = 0
@@ -72,8 +78,12 @@ class FitConfig:
         for name in ("batch_size", "val_every", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.steps < 0:
-            raise ValueError(f"steps={self.steps} must be at least 0")
+        for name in ("steps", "lbfgs_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 0")
+        if self.lbfgs_steps and (self.keep != "last" or self.soft_teacher):
+            raise ValueError("lbfgs_steps needs keep='last' and no soft teacher (a fixed full-batch "
+                             "objective)")
 
 
 #: Default optimisation of phi's stage and of the blind stage before it. phi's from the convergence curves of
@@ -225,10 +235,64 @@ def fit(head: nn.Module, model: Callable[..., Tensor], train: TuningData, val: T
                 result.stopped_early = True
                 break
         result.history.append(record)
+    if cfg.lbfgs_steps:
+        loss, evals = _lbfgs_finish(head, model, train, solver, cfg, per_instance, feature_net, rank, world,
+                                    solver_opts)
+        result.best_val, result.best_step = val_loss(), cfg.steps + cfg.lbfgs_steps
+        result.history.append({"step": result.best_step, "train": loss, "val": result.best_val,
+                               "lbfgs_evaluations": evals})
     if cfg.keep == "best":
         head.load_state_dict(best_state)
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+LBFGS_CHUNK = 256  # samples unrolled at once while accumulating a full-batch gradient
+
+
+def _lbfgs_finish(head: nn.Module, model: Callable[..., Tensor], train: TuningData, solver: str,
+                  cfg: FitConfig, per_instance: bool, feature_net: Callable[[Tensor], Tensor] | None,
+                  rank: int, world: int, solver_opts: dict) -> tuple[float, int]:
+    """``cfg.lbfgs_steps`` L-BFGS iterations on the Adam steps' objective averaged over all of ``train``
+    (each rank unrolls its share; gradients and loss are summed across ranks, so every rank takes the same
+    step). Returns the last evaluated loss and the number of evaluations."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=cfg.lbfgs_steps,
+                            max_eval=math.ceil(1.5 * cfg.lbfgs_steps), line_search_fn="strong_wolfe")
+    n = len(train)
+    local = torch.arange(rank, n, world)
+    evals, last = 0, math.nan
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=opt.defaults["max_eval"], desc="fit L-BFGS", disable=not cfg.progress or rank)
+
+    def closure() -> Tensor:
+        nonlocal evals, last
+        opt.zero_grad(set_to_none=False)
+        total = torch.zeros((), dtype=torch.float64)
+        for chunk in local.split(LBFGS_CHUNK):
+            d = train.subset(chunk)
+            index = chunk if per_instance else None
+            student = unroll(head, model, d.x_T, d.labels, solver, index, **solver_opts)
+            loss = sample_loss(student, d.x0, cfg.loss).sum() / n
+            if cfg.feature_weight and feature_net is not None:
+                feat = (feature_net(student) - feature_net(d.x0)).square().sum(1)
+                loss = loss + cfg.feature_weight * feat.sum() / n
+            loss.backward()
+            total += loss.detach().double()
+        if world > 1:
+            for p in params:
+                if p.grad is not None:  # same on every rank: the same head unrolled on the same kind of rows
+                    dist.all_reduce(p.grad)
+            dist.all_reduce(total)
+        evals, last = evals + 1, float(total)
+        bar.update()
+        bar.set_postfix(train=f"{last:.4g}")
+        return total
+
+    opt.step(closure)
+    bar.close()
+    return last, evals
 
 
 def _soft_teacher_move(head: nn.Module, model: Callable[..., Tensor], d: TuningData, local: Tensor,
@@ -411,12 +475,13 @@ def phi_from_blind(config: PredictorConfig, blind: Predictor | None, seed: int =
 
 def blind_stage_config(phi: FitConfig | None) -> FitConfig:
     """The blind stage's default: :data:`BLIND_FIT`; given phi's settings, those (batch, loss, seed, ...) with
-    the blind stage's budget, validation interval and kept state and a learning rate of at least
-    ``BLIND_FIT.lr``."""
+    the blind stage's budget, validation interval, kept state and L-BFGS finish, no soft teacher, and a
+    learning rate of at least ``BLIND_FIT.lr``."""
     if phi is None:
         return BLIND_FIT
     return replace(phi, steps=BLIND_FIT.steps, val_every=BLIND_FIT.val_every, lr=max(phi.lr, BLIND_FIT.lr),
-                   weight_decay=0.0, keep=BLIND_FIT.keep)
+                   weight_decay=0.0, keep=BLIND_FIT.keep, lbfgs_steps=BLIND_FIT.lbfgs_steps,
+                   soft_teacher=False)
 
 
 def fit_global(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tuple[int, ...],

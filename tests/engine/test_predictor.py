@@ -206,15 +206,52 @@ def test_fit_keep_last_returns_the_final_state() -> None:
     assert not torch.allclose(heads[0].base, Predictor(heads[0].config).base)
     with pytest.raises(ValueError, match="keep"):
         FitConfig(keep="final")
-    for bad in ({"steps": -1}, {"batch_size": 0}, {"val_every": 0}, {"patience": 0}):
+    for bad in ({"steps": -1}, {"batch_size": 0}, {"val_every": 0}, {"patience": 0}, {"lbfgs_steps": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             FitConfig(**bad)
+    for bad in ({"lbfgs_steps": 3}, {"lbfgs_steps": 3, "keep": "last", "soft_teacher": True}):
+        with pytest.raises(ValueError, match="lbfgs_steps needs keep='last' and no soft teacher"):
+            FitConfig(**bad)
+
+
+def test_fit_lbfgs_finish_reaches_a_stationary_point_of_the_full_batch_loss() -> None:
+    """The L-BFGS finish minimises the mean loss over the whole training split: from the start it lowers
+    that loss and shrinks its gradient by orders of magnitude, which Adam's steps alone do not."""
+    from indis.engine.teacher import TuningData
+    from indis.engine.tuning import sample_loss, unroll
+
+    sc = ScheduleConfig(nfe=2, sigma_min=0.002, sigma_max=80.0, scale_bound=0.1)
+    x_T = noise_from_seeds(range(32), (4,), dtype=torch.float64) * 80
+    teacher = indis.sample(gaussian_denoiser, x_T, ScheduleConfig(20, 0.002, 80.0).init_grid(), "ipndm")
+    data = TuningData(torch.arange(32), x_T, None, teacher)
+
+    def loss_and_grad(head: Predictor) -> tuple[float, float]:
+        head.zero_grad()
+        loss = sample_loss(unroll(head, gaussian_denoiser, x_T, None, "euler"), teacher, "l2").mean()
+        loss.backward()
+        return float(loss.detach()), float(torch.cat([p.grad.flatten() for p in head.parameters()]).norm())
+
+    heads = [Predictor(PredictorConfig(sc, "euler", (4,), blind=True)).double()
+             for _ in range(3)]
+    loss0, grad0 = loss_and_grad(heads[0])
+    assert grad0 > 0
+    adam = FitConfig(steps=20, batch_size=32, lr=1e-2, keep="last", progress=False)
+    fit(heads[1], gaussian_denoiser, data, None, "euler", adam)
+    res = fit(heads[2], gaussian_denoiser, data, data, "euler", replace(adam, lbfgs_steps=20))
+    loss_adam, grad_adam = loss_and_grad(heads[1])
+    loss_lbfgs, grad_lbfgs = loss_and_grad(heads[2])
+    assert loss_lbfgs < loss_adam < loss0
+    assert grad_lbfgs < 1e-3 * grad0 and grad_lbfgs < 1e-2 * grad_adam
+    assert res.best_step == 40 and res.history[-1]["step"] == 40
+    assert 1 <= res.history[-1]["lbfgs_evaluations"] <= 30
+    assert res.best_val == pytest.approx(loss_lbfgs, rel=1e-9)
 
 
 def test_blind_stage_keeps_its_budget_when_only_phi_is_configured() -> None:
     assert blind_stage_config(None) is BLIND_FIT
     cfg = blind_stage_config(replace(PHI_FIT, lr=5e-3, batch_size=32, seed=7, loss="huber"))
-    assert (cfg.steps, cfg.val_every, cfg.keep) == (BLIND_FIT.steps, BLIND_FIT.val_every, "last")
+    assert (cfg.steps, cfg.val_every, cfg.keep, cfg.lbfgs_steps) == (BLIND_FIT.steps, BLIND_FIT.val_every,
+                                                                       "last", BLIND_FIT.lbfgs_steps)
     assert (cfg.lr, cfg.batch_size, cfg.seed, cfg.loss) == (BLIND_FIT.lr, 32, 7, "huber")
     assert blind_stage_config(replace(PHI_FIT, lr=0.1)).lr == 0.1
 
@@ -227,7 +264,8 @@ def test_cli_fit_then_eval(tmp_path, capsys) -> None:
           "--batch-size", "8", "--hidden", "8", "--cache", str(tmp_path), "--out", str(out)])
     phi = Predictor.load(out, nfe=2, solver="euler", backbone="digits-unet")
     assert len(phi.metadata["fit"]) == 2
-    assert phi.metadata["fit"][0]["best_step"] == 3  # --steps reaches the blind stage, which keeps its last
+    # --steps reaches the blind stage's Adam steps, which keeps the state after its L-BFGS finish
+    assert phi.metadata["fit"][0]["best_step"] == 3 + BLIND_FIT.lbfgs_steps
     main(["eval", str(out), "--samples", "8", "--cache", str(tmp_path)])
     text = capsys.readouterr().out
     assert "INDIS phi" in text and "heuristic edm" in text and "8 held-out seeds" in text

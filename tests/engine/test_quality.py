@@ -54,6 +54,8 @@ def toy_cell(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object]:
 
 def test_cell_measures_every_method_on_the_same_held_out_seeds(toy_cell) -> None:
     record, root = toy_cell
+    assert record["fit_configs"]["blind"] == {k: v for k, v in TOY.blind.__dict__.items() if k != "progress"}
+    assert record["fit_configs"]["phi"]["steps"] == TOY.phi.steps
     rows = record["rows"]
     expected = {"heuristic edm", "heuristic logsnr", "heuristic uniform_t", "heuristic time_quadratic",
                 AYS_ROW, "LD3-global", "phi blind (ablation)", "INDIS phi", "INDIS phi, no shift/scale",
@@ -214,3 +216,29 @@ def test_gits_dynamic_programming_is_the_best_path() -> None:
     torch.testing.assert_close(grid, fine[list(best)], rtol=0, atol=0)
     with pytest.raises(ValueError, match="nfe"):
         fit_gits(model, x_T, nfe=7, sigma_min=0.002, sigma_max=10.0, fine_steps=6)
+
+
+def test_report_warns_about_cells_tuned_under_other_settings(tmp_path, capsys) -> None:
+    """A cell records the optimiser settings that tuned it; reusing one made under other (or unrecorded)
+    settings says so instead of passing it off as the current defaults' result."""
+    from pathlib import Path
+
+    from indis.engine.quality import TESTBEDS, fit_configs, main
+
+    committed = json.loads((Path(__file__).parents[2] / "benchmarks/results/quality/cells/tree_nfe3.json")
+                           .read_text())
+    (tmp_path / "cells").mkdir()
+    cell = tmp_path / "cells" / "tree_nfe3.json"
+    args = ["--testbeds", "tree", "--report-only", "--out", str(tmp_path), "--cache", str(tmp_path / "c")]
+    current = fit_configs(TESTBEDS["tree"]())
+    for recorded, warned in ((None, "unrecorded"), ({**current, "blind": {**current["blind"], "steps": 7}},
+                                                    "other"), (current, None)):
+        record = {k: v for k, v in committed.items() if k != "fit_configs"}
+        if recorded is not None:
+            record["fit_configs"] = recorded
+        cell.write_text(json.dumps(record))
+        main(args)
+        out = capsys.readouterr().out
+        assert ("WARNING" in out) == (warned is not None)
+        if warned:
+            assert f"tuned under {warned} optimiser settings" in out

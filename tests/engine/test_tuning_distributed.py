@@ -1,6 +1,7 @@
 """Multi-process guarantees of tuning: seed -> noise regeneration is bit-exact in any process, and DDP over
 two gloo ranks (each unrolling its share of every global batch) matches one process on the whole batch --
-for the gradients of one step and for the head after a short ``fit``."""
+for the gradients of one step and for the head after a short ``fit``, with and without the full-batch L-BFGS
+finish."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ SHAPE = (4,)
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 WORLD = 2
 TIMEOUT = 180
+LBFGS_STEPS = 4
 
 
 def _env() -> dict[str, str]:
@@ -89,9 +91,10 @@ def _step_grads(head: torch.nn.Module, module: torch.nn.Module, data: TuningData
     return {k: p.grad.detach().clone() for k, p in head.named_parameters()}
 
 
-def _fit_state(train: TuningData) -> dict[str, torch.Tensor]:
+def _fit_state(train: TuningData, lbfgs_steps: int = 0) -> dict[str, torch.Tensor]:
     head = _head()
-    cfg = FitConfig(steps=3, batch_size=8, lr=1e-2, progress=False, val_every=100)
+    cfg = FitConfig(steps=3, batch_size=8, lr=1e-2, progress=False, val_every=100,
+                    keep="last" if lbfgs_steps else "best", lbfgs_steps=lbfgs_steps)
     fit(head, _model(), train, None, "euler", cfg)
     return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
@@ -105,7 +108,8 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(head)
         grads = _step_grads(head, ddp, _data(range(0, 8)).subset(torch.arange(rank, 8, world)))
         state = _fit_state(_data(range(0, 16)))
-        torch.save({"grads": grads, "state": state}, f"{out}.rank{rank}")
+        lbfgs = _fit_state(_data(range(0, 16)), lbfgs_steps=LBFGS_STEPS)
+        torch.save({"grads": grads, "state": state, "lbfgs": lbfgs}, f"{out}.rank{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -166,3 +170,12 @@ def test_ddp_fit_matches_one_process(ddp_results: list[dict]) -> None:
         assert set(res["state"]) == set(ref)
         for k, v in ref.items():
             assert _rel(res["state"][k], v) < 1e-6, f"rank {r}, {k}: {_rel(res['state'][k], v):.3g}"
+
+
+def test_ddp_lbfgs_finish_matches_one_process(ddp_results: list[dict]) -> None:
+    ref = _fit_state(_data(range(0, 16)), lbfgs_steps=LBFGS_STEPS)
+    adam_only = _fit_state(_data(range(0, 16)))
+    assert any(_rel(ref[k], adam_only[k]) > 1e-4 for k in ref), "the L-BFGS finish did not move the head"
+    for r, res in enumerate(ddp_results):
+        for k, v in ref.items():
+            assert _rel(res["lbfgs"][k], v) < 1e-6, f"rank {r}, {k}: {_rel(res['lbfgs'][k], v):.3g}"
