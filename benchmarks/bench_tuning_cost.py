@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 
 from indis.engine.digits import load_backbone
-from indis.engine.tuning import fit_predictor
+from indis.engine.tuning import FitResult, fit_predictor
+
+
+def stage_steps(r: FitResult) -> str:
+    """The optimiser steps one stage ran: its Adam steps, and its L-BFGS evaluations if it finished so."""
+    lbfgs = [h["lbfgs_evaluations"] for h in r.history if "lbfgs_evaluations" in h]
+    adam = f"{len(r.history) - len(lbfgs)} steps"
+    return adam + (f" + L-BFGS, {lbfgs[0]} evaluations" if lbfgs else "")
 
 
 def main() -> None:
@@ -42,7 +49,7 @@ def main() -> None:
              f"{torch.__version__}", "",
              "| part | wall s |", "|---|---|",
              f"| teacher (1536 seeds, 30-step iPNDM), start grid (GITS + heuristics), shrink | {rest:.0f} |",
-             *(f"| {name} stage ({len(r.history)} steps, kept step {r.best_step}) | {r.wall_s:.0f} |"
+             *(f"| {name} stage ({stage_steps(r)}, kept step {r.best_step}) | {r.wall_s:.0f} |"
                for name, r in (("blind", blind), ("phi", stage))),
              f"| **total** | **{total:.0f}** ({total / 60:.1f} min) |", "",
              f"Start: {phi.start['chosen']}; shrink factor {phi.start['shrink']:g}."]

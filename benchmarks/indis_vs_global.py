@@ -72,7 +72,9 @@ def long_global(gmm: torch.nn.Module, setup: TuningSetup, train, val, cache: str
     head.load_state_dict(min(fits, key=lambda f: f[0])[1].state_dict())
     wall_s = time.perf_counter() - t
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"key": key, "state": head.state_dict(), "wall_s": wall_s}, path)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": key, "state": head.state_dict(), "wall_s": wall_s}, tmp)
+    tmp.replace(path)  # a cached fit is complete or absent
     return head, wall_s
 
 

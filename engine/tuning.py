@@ -204,9 +204,9 @@ def fit(head: nn.Module, model: Callable[..., Tensor], train: TuningData, val: T
         student = unroll(module, model, d.x_T, d.labels, solver, index, x_in, **solver_opts)
         losses = sample_loss(student, d.x0, cfg.loss)
         loss = losses.mean()
-        if cfg.feature_weight and feature_net is not None:
-            feat = (feature_net(student) - feature_net(d.x0)).square().sum(1).mean()
-            loss = loss + cfg.feature_weight * feat
+        feat = _feature_distance(student, d.x0, cfg, feature_net)
+        if feat is not None:
+            loss = loss + cfg.feature_weight * feat.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.clip is not None:
@@ -247,6 +247,15 @@ def fit(head: nn.Module, model: Callable[..., Tensor], train: TuningData, val: T
     return result
 
 
+def _feature_distance(student: Tensor, x0: Tensor, cfg: FitConfig,
+                      feature_net: Callable[[Tensor], Tensor] | None) -> Tensor | None:
+    """Per-sample squared distance of student and teacher end points in ``feature_net``'s features (the
+    paper's perceptual term's stand-in), or None when ``cfg`` gives the term no weight."""
+    if not cfg.feature_weight or feature_net is None:
+        return None
+    return (feature_net(student) - feature_net(x0)).square().sum(1)
+
+
 LBFGS_CHUNK = 256  # samples unrolled at once while accumulating a full-batch gradient
 
 
@@ -269,14 +278,14 @@ def _lbfgs_finish(head: nn.Module, model: Callable[..., Tensor], train: TuningDa
     def closure() -> Tensor:
         nonlocal evals, last
         opt.zero_grad(set_to_none=False)
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=params[0].device)  # nccl reduces device tensors
         for chunk in local.split(LBFGS_CHUNK):
             d = train.subset(chunk)
             index = chunk if per_instance else None
             student = unroll(head, model, d.x_T, d.labels, solver, index, **solver_opts)
             loss = sample_loss(student, d.x0, cfg.loss).sum() / n
-            if cfg.feature_weight and feature_net is not None:
-                feat = (feature_net(student) - feature_net(d.x0)).square().sum(1)
+            feat = _feature_distance(student, d.x0, cfg, feature_net)
+            if feat is not None:
                 loss = loss + cfg.feature_weight * feat.sum() / n
             loss.backward()
             total += loss.detach().double()

@@ -214,6 +214,26 @@ def test_fit_keep_last_returns_the_final_state() -> None:
             FitConfig(**bad)
 
 
+def test_fit_adds_the_weighted_feature_distance_to_the_loss() -> None:
+    """With features = the flattened end point (d = 4), the feature term is 4 x the per-sample MSE, so the
+    first step's objective (before any update) is (1 + 4 w) x the plain one."""
+    from indis.engine.teacher import TuningData
+
+    sc = ScheduleConfig(nfe=2, sigma_min=0.002, sigma_max=80.0)
+    x_T = noise_from_seeds(range(16), (4,), dtype=torch.float64) * 80
+    teacher = indis.sample(gaussian_denoiser, x_T, ScheduleConfig(20, 0.002, 80.0).init_grid(), "ipndm")
+    data = TuningData(torch.arange(16), x_T, None, teacher)
+    cfg = FitConfig(steps=1, batch_size=16, keep="last", progress=False)
+    first = []
+    for weight in (0.0, 0.5):
+        head = Predictor(PredictorConfig(sc, "euler", (4,), blind=True)).double()
+        res = fit(head, gaussian_denoiser, data, None, "euler", replace(cfg, feature_weight=weight),
+                  feature_net=lambda x: x.flatten(1))
+        first.append(res.history[0]["train"])
+    assert first[0] > 0
+    assert first[1] == pytest.approx(3.0 * first[0], rel=1e-12)
+
+
 def test_fit_lbfgs_finish_reaches_a_stationary_point_of_the_full_batch_loss() -> None:
     """The L-BFGS finish minimises the mean loss over the whole training split: from the start it lowers
     that loss and shrinks its gradient by orders of magnitude, which Adam's steps alone do not."""
