@@ -23,7 +23,10 @@ treat samples independently). ``policy="static"`` is the baseline a server witho
 admits a new batch only when the previous one has finished and runs every batch to its longest request.
 
 Errors: a denoiser exception fails the requests in that call (each future gets it) and the batcher goes on
-with the rest. Cancelling a request's future frees its slot at the next iteration. ``run_all`` is the
+with the rest; any other exception while handling requests fails those requests, never the loop. Cancelling a
+request's future frees its slot at the next iteration, whenever it happens (also while it is validated). One
+loop drives a batcher: a second ``start`` or a ``run_all`` / ``iterate`` from another thread beside a
+running loop is refused. ``run_all`` is the
 synchronous front; ``start``/``submit``/``close`` run the loop in a background thread (``submit`` returns a
 ``concurrent.futures.Future``).
 """
@@ -80,6 +83,22 @@ class _Live:
     future: Future
     stages: int
     step: int = 0  # host copy of the slot's stage counter, kept where ragged_step steps (device, triton)
+
+
+def _opts_key(opts: dict) -> tuple:
+    """A request's solver options as a hashable key (lists become tuples); ValueError for anything else
+    unhashable or a non-string name."""
+    if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
+        raise ValueError(f"solver_opts={opts!r} must be a dict of option names to values")
+    items = []
+    for k, v in sorted(opts.items()):
+        v = tuple(v) if isinstance(v, list) else v
+        try:
+            hash(v)
+        except TypeError:
+            raise ValueError(f"solver option {k}={v!r} must be a number, string, bool or list") from None
+        items.append((k, v))
+    return tuple(items)
 
 
 def default_buckets(capacity: int) -> tuple[int, ...]:
@@ -145,6 +164,8 @@ class ContinuousBatcher:
             native=self._host_advance() is ragged_step_advance_native)
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._driver = threading.Lock()  # held by the one loop that drives this batcher
+        self._owner: threading.Thread | None = None
         self._closing = False
 
     # ------------------------------------------------------------------------------------------- front
@@ -164,9 +185,14 @@ class ContinuousBatcher:
     def run_all(self, requests: Sequence[Request]) -> list[Tensor]:
         """Serve ``requests`` to completion in this thread; results in request order (raises the first
         failure after everything else finished)."""
-        futures = [self.submit(r) for r in requests]
-        while self.pending():
-            self.iterate(flush=True)
+        self._drive()
+        try:
+            futures = [self.submit(r) for r in requests]
+            while self.pending():
+                self.iterate(flush=True)
+        finally:
+            self._owner = None
+            self._driver.release()
         return [f.result() for f in futures]
 
     def pending(self) -> int:
@@ -175,17 +201,48 @@ class ContinuousBatcher:
 
     def start(self) -> None:
         """Run the loop in a background thread (``submit`` from any thread; ``close`` to stop)."""
+        self._drive()
+
         def loop() -> None:
-            while True:
-                with self._lock:
-                    while not self.waiting and not self.live and not self._closing:
-                        self._lock.wait()
-                    if self._closing and not self.waiting and not self.live:
-                        return
-                self.iterate(flush=self._closing)
+            try:
+                while True:
+                    with self._lock:
+                        while not self.waiting and not self.live and not self._closing:
+                            self._lock.wait()
+                        if self._closing and not self.waiting and not self.live:
+                            return
+                    try:
+                        self.iterate(flush=self._closing)
+                    except Exception as e:  # noqa: BLE001 - the requests in the pool fail, the loop goes on
+                        log.exception("batcher iteration failed; failing its %d requests", len(self.live))
+                        self._fail_live(RuntimeError(f"batcher iteration failed: {type(e).__name__}: {e}"))
+            finally:
+                self._owner = None
+                self._driver.release()
 
         self._thread = threading.Thread(target=loop, name="indis-batcher", daemon=True)
+        self._owner = self._thread
         self._thread.start()
+
+    def _drive(self) -> None:
+        """Become the one loop driving this batcher (the caller's thread until ``_owner`` is reassigned)."""
+        if not self._driver.acquire(blocking=False):
+            raise RuntimeError("this batcher is already driven by a loop (start() or run_all()); "
+                               "submit() to it instead")
+        self._owner = threading.current_thread()
+
+    def _fail_live(self, error: Exception) -> None:
+        """Fail every request in the pool with ``error`` and free the pool (a last resort after an
+        unexpected exception; the slots' buffers are reset, not trusted)."""
+        try:
+            self._release(list(range(len(self.live))), error)
+        except Exception:  # noqa: BLE001 - the pool is beyond repair: deliver, then start it empty
+            log.exception("freeing the pool failed; resetting it")
+            for live in self.live:
+                self._fail(live.future, error)
+            self.live = []
+            self.step.fill_(-1)
+            self.stages.zero_()
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting requests, finish the queued ones, join the loop thread."""
@@ -199,7 +256,10 @@ class ContinuousBatcher:
     def iterate(self, flush: bool = False) -> int:
         """One iteration (admit, one denoiser call, one fused step, retire); returns the slots stepped.
 
-        ``flush``: no more arrivals are expected (the static policy then runs a partial batch)."""
+        ``flush``: no more arrivals are expected (the static policy then runs a partial batch). Refused from
+        another thread while a loop (``start`` / ``run_all``) drives the batcher."""
+        if self._owner is not None and self._owner is not threading.current_thread():
+            raise RuntimeError("this batcher is driven by another thread's loop; submit() to it instead")
         self._drop_cancelled()
         self._admit(flush)
         n = len(self.live)
@@ -289,13 +349,12 @@ class ContinuousBatcher:
             results = self.y[torch.tensor(gone, device=self.device)].unbind(0) if error is None else None
             for k, i in enumerate(gone):
                 fut = self.live[i].future
+                if error is not None:
+                    self._fail(fut, error)
+                    continue
                 try:
-                    if error is None:
-                        fut.set_result(results[k])
-                        self.stats["completed"] += 1
-                    else:
-                        fut.set_exception(error)
-                        self.stats["failed"] += 1
+                    fut.set_result(results[k])
+                    self.stats["completed"] += 1
                 except InvalidStateError:  # cancelled meanwhile: dropped, never delivered twice
                     self.stats["cancelled"] += 1
         drop = set(gone)
@@ -309,6 +368,14 @@ class ContinuousBatcher:
         self.stages[m:n] = 0
         for k, (lo, _) in self.conditions.items():
             self.cond[k][m:n] = lo
+
+    def _fail(self, fut: Future, error: BaseException) -> None:
+        """Deliver ``error`` to ``fut``, unless it was cancelled meanwhile (then counted as cancelled)."""
+        try:
+            fut.set_exception(error)
+            self.stats["failed"] += 1
+        except InvalidStateError:
+            self.stats["cancelled"] += 1
 
     def _admit(self, flush: bool) -> None:
         with self._lock:
@@ -327,21 +394,20 @@ class ContinuousBatcher:
             try:
                 req = self._choose_nfe(req, fut) if req.nfe == "auto" else req
                 item = self._prepare(req)
+                key = (req.solver, req.nfe, _opts_key(req.solver_opts), item[2] is not None,
+                       item[1] if isinstance(item[1], tuple) else None)
             except Exception as e:  # noqa: BLE001 - bad inputs fail this request alone
-                self.stats["failed"] += 1
-                fut.set_exception(e if isinstance(e, ValueError) else ValueError(str(e)))
+                self._fail(fut, e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}"))
                 continue
-            key = (req.solver, req.nfe, tuple(sorted(req.solver_opts.items())), item[2] is not None,
-                   item[1] if isinstance(item[1], tuple) else None)
             groups.setdefault(key, []).append((req, fut, item))
         ready = []
         for (solver, _, opts, _, _), members in groups.items():
             try:
                 ready.append((members, *self._group_table(solver, dict(opts), members)))
             except Exception as e:  # noqa: BLE001 - e.g. a solver option error: the group fails
+                error = e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}")
                 for _, fut, _ in members:
-                    self.stats["failed"] += 1
-                    fut.set_exception(e if isinstance(e, ValueError) else ValueError(str(e)))
+                    self._fail(fut, error)
         if ready:
             try:
                 self._place(ready)
@@ -376,7 +442,11 @@ class ContinuousBatcher:
 
     def _prepare(self, req: Request) -> tuple[Tensor, Tensor | tuple, Tensor | None, Tensor | None,
                                               dict[str, int]]:
-        """Validate one request: (x_T, grid [N+1] or a cached table's key, shift, scale, cond) in float64."""
+        """Validate one request: (x_T, grid [N+1] or a cached table's key, shift, scale, cond) in float64.
+        The NFE bound comes first, before anything of the request's size is built."""
+        if isinstance(req.nfe, bool) or not isinstance(req.nfe, int) or not 1 <= req.nfe <= self.max_stages:
+            raise ValueError(f"nfe={req.nfe!r} must be an int in [1, {self.max_stages}] (this batcher's "
+                             "max_stages)")
         x = self._initial_state(req)
         for k, v in req.cond.items():
             if k not in self.conditions:
@@ -387,7 +457,7 @@ class ContinuousBatcher:
         shift = scale = None
         sched = req.schedule
         if isinstance(sched, str) and sched in HEURISTICS:  # the same table for every such request: cached
-            key = (req.solver, req.nfe, sched, tuple(sorted(req.solver_opts.items())))
+            key = (req.solver, req.nfe, sched, _opts_key(req.solver_opts))
             if key not in self._tables:
                 grid = get_sigmas(sched, req.nfe, self.sigma_min, self.sigma_max, family=self.den.family)
                 self._tables[key] = self._table(req.solver, req.solver_opts, grid[None], None, None)
@@ -456,11 +526,7 @@ class ContinuousBatcher:
         self.stages[n:n + g] = 0
         for members, *_ in ready:
             for _, fut, _ in members:
-                self.stats["failed"] += 1
-                try:
-                    fut.set_exception(RuntimeError(f"admission failed: {type(error).__name__}: {error}"))
-                except InvalidStateError:  # cancelled meanwhile
-                    self.stats["cancelled"] += 1
+                self._fail(fut, RuntimeError(f"admission failed: {type(error).__name__}: {error}"))
 
     def _place(self, ready: list[tuple[list, Tensor, Tensor, int]]) -> None:
         """Write the admitted groups' states and tables into the next free slots: one write per buffer."""

@@ -221,6 +221,101 @@ def test_background_thread_front_and_bounded_queue() -> None:
     assert "queue full" in str(futures[4].exception())
 
 
+def test_a_cancel_at_any_stage_of_admission_never_stops_the_loop() -> None:
+    """A future cancelled while its request is validated, its table built or its slot written: the loop goes
+    on and every other request is served (a cancelled future's set_exception raises InvalidStateError)."""
+    futures: dict[int, object] = {}
+
+    def cancelling_phi(x_T: torch.Tensor, c: torch.Tensor | None) -> indis.Schedule:
+        futures[0].cancel()  # the request's own future, cancelled while the request is validated
+        raise RuntimeError("injected while validating")
+
+    b = _batcher(capacity=4, predictors={(5, "ipndm"): cancelling_phi})
+    b.start()
+    futures[0] = b.submit(Request(seed=0, nfe=5, schedule="predictor"))
+    rest = [b.submit(_request(i)) for i in range(1, 9)]
+    for i, f in enumerate(rest, start=1):
+        torch.testing.assert_close(f.result(timeout=60), _alone(_request(i)), rtol=1e-10, atol=1e-10)
+    b.close(timeout=60)
+    assert futures[0].cancelled() and not b._thread.is_alive()
+
+
+@pytest.mark.parametrize("stage", ["_drop_cancelled", "_admit", "_prepare", "_group_table", "_place",
+                                   "_host_advance", "_release"])
+def test_an_exception_in_any_stage_fails_its_requests_not_the_loop(stage: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault injected once in a stage of the loop (cancel scan, admission, validation, table, placement,
+    denoiser and step, retirement): the requests involved fail with it, the later ones are served."""
+    real, calls = getattr(ContinuousBatcher, stage), {"n": 0}
+
+    def faulty(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError(f"injected in {stage}")
+        return real(self, *a, **kw)
+
+    b = _batcher(capacity=3)
+    monkeypatch.setattr(ContinuousBatcher, stage, faulty)
+    b.start()
+    first = [b.submit(_request(i)) for i in range(6)]
+    for i, f in enumerate(first):
+        if f.exception(timeout=60) is None:
+            torch.testing.assert_close(f.result(), _alone(_request(i)), rtol=1e-10, atol=1e-10)
+        else:
+            assert "injected" in str(f.exception())
+    assert calls["n"] >= 2  # the fault did fire
+    monkeypatch.setattr(ContinuousBatcher, stage, real)
+    later = [b.submit(_request(i)) for i in range(6, 9)]
+    for i, f in enumerate(later, start=6):
+        torch.testing.assert_close(f.result(timeout=60), _alone(_request(i)), rtol=1e-10, atol=1e-10)
+    b.close(timeout=60)
+    assert not b._thread.is_alive() and not b.live
+
+
+def test_list_valued_solver_options_are_served() -> None:
+    """``solver_opts={"disable_corrector": [1]}`` (a list, as documented) used to kill the loop unhashed."""
+    grid = indis.get_sigmas("edm", 5, 0.002, 80.0)
+    req = Request(seed=1, nfe=5, schedule=grid, solver="unipc", solver_opts={"disable_corrector": [1]})
+    bad = Request(seed=2, nfe=5, solver="unipc", solver_opts={"disable_corrector": {1: 2}})
+    b = _batcher(capacity=2)
+    futures = [b.submit(req), b.submit(bad)]
+    while b.pending():
+        b.iterate(flush=True)
+    torch.testing.assert_close(futures[0].result(), _alone(req), rtol=1e-10, atol=1e-10)
+    assert isinstance(futures[1].exception(), ValueError)
+
+
+def test_an_nfe_beyond_the_pool_fails_before_any_table_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    built = []
+    real = ContinuousBatcher._table
+    monkeypatch.setattr(ContinuousBatcher, "_table", lambda self, *a: built.append(a) or real(self, *a))
+    b = _batcher(capacity=8, max_stages=16)
+    futures = [b.submit(Request(seed=1, nfe=n)) for n in (10**6, 17, 0, -3, True, 2.5, "5")]
+    b.iterate(flush=True)
+    for f in futures:
+        assert isinstance(f.exception(timeout=0), ValueError) and "max_stages" in str(f.exception())
+    assert not built and not b.pending()
+
+
+def test_one_loop_per_batcher() -> None:
+    b = _batcher(capacity=2)
+    b.start()
+    with pytest.raises(RuntimeError, match="already driven"):
+        b.start()
+    with pytest.raises(RuntimeError, match="already driven"):
+        b.run_all([_request(0)])
+    with pytest.raises(RuntimeError, match="another thread"):
+        b.iterate()
+    f = b.submit(_request(1))
+    torch.testing.assert_close(f.result(timeout=60), _alone(_request(1)), rtol=1e-10, atol=1e-10)
+    b.close(timeout=60)
+    assert not b._thread.is_alive()
+    again = _batcher(capacity=2)
+    assert len(again.run_all([_request(2)])) == 1
+    again.start()  # after run_all returned, a loop may start
+    again.close(timeout=60)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(st.integers(0, 3), st.booleans(), st.booleans()), min_size=1, max_size=25),
        st.integers(1, 5))
