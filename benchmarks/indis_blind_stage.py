@@ -30,10 +30,16 @@ from pathlib import Path
 import torch
 
 from indis.engine.predictor import Predictor, PredictorConfig
-from indis.engine.quality import CHECK_MIXTURES, TESTBEDS, Testbed, mixture_testbed
+from indis.engine.quality import (
+    CHECK_MIXTURES,
+    DEVELOPMENT,
+    TESTBEDS,
+    Testbed,
+    development_data,
+    mixture_testbed,
+)
 from indis.engine.tuning import FitConfig, evaluate, fit, start_grid
 
-DEV = 1 << 21  # first development seed (tuning seeds start at 0, held-out seeds at 2^20)
 VARIANTS = ("600:3e-2:best", "600:2e-2:last", "1200:1e-2:last", "1200:2e-2:last", "1200:3e-2:last")
 LONG = "3000:1e-2:last:1024"
 
@@ -50,12 +56,8 @@ def config(spec: str) -> FitConfig:
 
 def cell(tb: Testbed, nfe: int, variants: list[str], dev: int, cache: str) -> dict:
     model = tb.load()
-    setup = tb.tuning_setup(model, nfe, cache)
-    train, val = setup.data(progress=False)
-    dev_cache = setup.cache()
-    dev_cache.build(model, range(DEV, DEV + dev), progress=False)
-    dev_data = dev_cache.load(range(DEV, DEV + dev))
-    sc = setup.schedule
+    train, val, dev_data = development_data(tb, model, nfe, dev, cache)
+    sc = tb.schedule(nfe)
     grid, start = start_grid(model, train, sc, tb.solver)
     runs = {}
     for spec in variants:
@@ -68,8 +70,9 @@ def cell(tb: Testbed, nfe: int, variants: list[str], dev: int, cache: str) -> di
         runs[spec] = {"train": float(losses["train"].mean()), "val": float(losses["val"].mean()),
                       "dev": losses["dev"], "best_step": r.best_step, "wall_s": r.wall_s}
         print(f"{tb.name} NFE {nfe} {spec}: dev {losses['dev'].mean():.5g} ({r.wall_s:.0f} s)", flush=True)
-    return {"testbed": tb.name, "nfe": nfe, "start": start["chosen"], "dev_seeds": [DEV, DEV + dev],
-            "reference": variants[0], "runs": paired(runs, variants[0])}
+    return {"testbed": tb.name, "nfe": nfe, "start": start["chosen"],
+            "dev_seeds": [DEVELOPMENT, DEVELOPMENT + dev], "reference": variants[0],
+            "runs": paired(runs, variants[0])}
 
 
 def paired(runs: dict, reference: str) -> dict:
@@ -140,7 +143,7 @@ def main() -> None:
             path = cells_dir / f"{tb.name}_nfe{nfe}.json"
             if path.exists():  # reused only if it holds exactly these variants on these development seeds
                 old = json.loads(path.read_text())
-                if list(old["runs"]) == variants and old["dev_seeds"] == [DEV, DEV + a.dev]:
+                if list(old["runs"]) == variants and old["dev_seeds"] == [DEVELOPMENT, DEVELOPMENT + a.dev]:
                     continue
             t0 = time.perf_counter()
             record = cell(tb, nfe, variants, a.dev, a.cache)

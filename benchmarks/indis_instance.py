@@ -12,7 +12,8 @@ output averaged over the tuning seeds, per class for a conditional head: one glo
 the tuning seeds and the FD to the data. Variants:
 
 * ``x_T pooled 2x2`` (the quality tables' phi), then the same head shrunk toward its mean schedule by the
-  factor that validates best (``tuning.shrink_toward_mean``, what ``fit_predictor`` returns), ``x_T raw``
+  factor ``tuning.shrink_toward_mean`` picks (what ``fit_predictor`` returns; this study ran under its former
+  rule, the lowest validation loss), ``x_T raw``
   (the whole noise);
 * ``x_T pooled + log-norm``: plus log(||eps||^2 / d), the sample's noise energy, a feature an MLP on pooled
   noise cannot form;

@@ -23,6 +23,7 @@ import torch
 from .quality import (
     GITS_ROW,
     MEAN_ROW,
+    NOSS_ROW,
     SHIPPED,
     TESTBEDS,
     Bench,
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.measure("LD3-global", heads["ld3"], "global")
         bench.measure("phi blind (ablation)", heads["blind"], "global")
         bench.measure("INDIS phi", heads["phi"], "indis")
-        bench.measure("INDIS phi, no shift/scale", heads["phi_noss"], "ablation")
+        bench.measure(NOSS_ROW, heads["phi_noss"], "ablation")
         x_T, labels = bench.setup.cache().inputs(torch.arange(tb.num_train))  # the tuning seeds' noise
         bench.measure(MEAN_ROW, mean_schedule(heads["phi"], x_T, labels), "global")
         gits = fit_gits(bench.model, x_T[:256], nfe=nfe, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max)

@@ -57,11 +57,13 @@ from .tuning import (
 )
 
 HELD_OUT = 1 << 20                    # first held-out seed (tuning seeds start at 0)
+DEVELOPMENT = 1 << 21                 # first development seed: where studies choose defaults
 SHIPPED = Path(__file__).resolve().parent / "weights" / "indis"
 EXACT = TeacherSpec(solver="exact")
 MEAN_ROW = "phi's mean schedule (global)"
 AYS_ROW = "AYS (SVD table, stretched)"
 GITS_ROW = "GITS (dynamic programming)"
+NOSS_ROW = "INDIS phi, no shift/scale"
 ScheduleFn = Callable[[Tensor, "Tensor | None"], Schedule]
 # LD3's optimiser (RMSprop 0.005, soft teacher, batch 50), drawing its batches from the shared tuning seeds
 LD3_CONFIG = FitConfig(steps=150, batch_size=50, lr=0.005, optimizer="rmsprop", soft_teacher=True, clip=None,
@@ -136,6 +138,18 @@ def mixture_testbed(seed: int) -> Testbed:
 
     return Testbed(f"mixture16-s{seed}", lambda: random_mixture(seed=seed), (16,), 80.0, solver="euler",
                    nfes=(3, 5), teacher=EXACT, dtype=torch.float64, images=False, shard_size=128, pool=None)
+
+
+def development_data(tb: Testbed, model: nn.Module, nfe: int, n: int,
+                     cache_dir: str) -> tuple[TuningData, TuningData, TuningData]:
+    """``tb``'s tuning and validation data at ``nfe`` and ``n`` development seeds [DEVELOPMENT, DEVELOPMENT +
+    n): neither tuning nor held-out seeds, so a study may choose defaults there (teacher end points built
+    where missing)."""
+    setup = tb.tuning_setup(model, nfe, cache_dir)
+    train, val = setup.data(progress=False)
+    cache, seeds = setup.cache(), range(DEVELOPMENT, DEVELOPMENT + n)
+    cache.build(model, seeds, progress=False)
+    return train, val, cache.load(seeds)
 
 
 TESTBEDS: dict[str, Callable[[], Testbed]] = {
@@ -342,7 +356,7 @@ def run_cell(tb: Testbed, nfe: int, *, samples: int, cache_dir: str, heads_dir: 
     t = time.perf_counter()
     noss = fit_predictor(model, **common, pool=tb.pool, fit_config=tb.phi, blind_config=tb.blind,
                          shift_bound=0.0, scale_bound=0.0)
-    bench.measure("INDIS phi, no shift/scale", noss, "ablation", time.perf_counter() - t, train_eval)
+    bench.measure(NOSS_ROW, noss, "ablation", time.perf_counter() - t, train_eval)
     extra: dict = {"train": len(train), "val": len(val), "threads": torch.get_num_threads(),
                    "start": phi.start, "fit_configs": fit_configs(tb),
                    "phi_fit": [r.__dict__ | {"history": []} for r in phi.fit_results]}
@@ -393,7 +407,7 @@ def _save_heads(heads_dir: Path, tb: Testbed, nfe: int, phi: Predictor, blind: P
     heads_dir.mkdir(parents=True, exist_ok=True)
     stem = _head_stem(tb, nfe)
     for tag, head, row in (("phi", phi, "INDIS phi"), ("blind", blind, "phi blind (ablation)"),
-                           ("phi_noss", noss, "INDIS phi, no shift/scale")):
+                           ("phi_noss", noss, NOSS_ROW)):
         head.save(heads_dir / f"{stem}_{tag}.safetensors", held_out=rows[row])
     ld3_json = {"grid": ld3.grid.tolist(), "shift": None if ld3.shift is None else ld3.shift.tolist(),
                 "solver": tb.solver, "backbone": tb.name, "held_out": rows["LD3-global"]}
@@ -444,7 +458,8 @@ def teacher_fd_to_data(tb: Testbed, record: dict, cache_dir: str) -> float:
     return fd_to_data(cache.load(seeds).x0)
 
 
-VERSUS = {GITS_ROW: "GITS", "LD3-global": "LD3-global", AYS_ROW: "AYS", MEAN_ROW: "phi's mean schedule"}
+VERSUS = {GITS_ROW: "GITS", "LD3-global": "LD3-global", AYS_ROW: "AYS", MEAN_ROW: "phi's mean schedule",
+          NOSS_ROW: "phi without shift/scale"}
 
 
 def markdown(records: list[dict], teacher_fd: dict[str, float] | None = None) -> str:
@@ -465,8 +480,8 @@ def markdown(records: list[dict], teacher_fd: dict[str, float] | None = None) ->
         lines.append(f"| {r['testbed']} | {r['nfe']} | {r['samples']} | {r['best_global']} | "
                      f"{mse} | {fd[0]} | {fd[1]} | {100 * vs_blind:+.1f} % |")
     versus_cols = " | ".join(f"vs {v}" for v in VERSUS.values())
-    lines += ["", "## INDIS phi against the published global schedules and its own mean schedule (teacher "
-              "MSE; FD to data where defined)", "",
+    lines += ["", "## INDIS phi against the published global schedules, its own mean schedule and its "
+              "ablation without shift/scale (teacher MSE; FD to data where defined)", "",
               f"| testbed | NFE | INDIS phi | {versus_cols} | FD to data: phi / GITS |",
               "|---" * (4 + len(VERSUS)) + "|"]
     for r in records:

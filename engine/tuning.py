@@ -87,10 +87,11 @@ class FitConfig:
 
 
 #: Default optimisation of phi's stage and of the blind stage before it. phi's from the convergence curves of
-#: ``benchmarks/indis_convergence.py``; the blind stage's budget, learning rate and kept state (the last) from
-#: ``benchmarks/indis_blind_stage.py`` on development seeds.
+#: ``benchmarks/indis_convergence.py``; the blind stage's budget, learning rate, kept state (the last) and
+#: L-BFGS finish (Adam alone converges slowly on some mixtures at NFE 5) from
+#: ``benchmarks/indis_blind_stage.py`` on development seeds and mixtures.
 PHI_FIT = FitConfig(steps=600, batch_size=64, lr=1e-3, val_every=25)
-BLIND_FIT = FitConfig(steps=1200, batch_size=64, lr=2e-2, val_every=100, keep="last")
+BLIND_FIT = FitConfig(steps=600, batch_size=64, lr=2e-2, val_every=100, keep="last", lbfgs_steps=30)
 
 
 @dataclass
@@ -382,8 +383,9 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
     BLIND_FIT's) and phi (``fit_config``, default :data:`PHI_FIT`) starts from its final state exactly;
     phi's stage keeps its best validation state, so phi is never worse than that start on the validation
     seeds. phi's initial weights are drawn from ``fit_config.seed``. With ``shrink`` (default) an
-    unconditional phi's instance part is then shrunk toward its mean schedule by the factor that validates
-    best (:func:`shrink_toward_mean`). ``family`` defaults to the model's own (a :class:`Denoiser`'s family,
+    unconditional phi's instance part is then shrunk toward its mean schedule, to that one global
+    schedule unless the instance part beats it on the validation seeds by more than two paired standard
+    errors (:func:`shrink_toward_mean`). ``family`` defaults to the model's own (a :class:`Denoiser`'s family,
     VE for a plain callable); a different one is refused. The returned predictor carries ``start`` (the
     start grid, the candidates' teacher MSE and the shrink factor), ``fit_results`` (blind stage, phi stage)
     and ``blind`` (the tuned blind head, or None).
@@ -416,15 +418,26 @@ SHRINK_FACTORS = (1.0, 0.5, 0.0)
 
 @torch.no_grad()
 def shrink_toward_mean(head: Predictor, model: Callable[..., Tensor], train: TuningData, val: TuningData,
-                       solver: str, factors: tuple[float, ...] = SHRINK_FACTORS, **solver_opts) -> float:
+                       solver: str, factors: tuple[float, ...] = SHRINK_FACTORS, margin: float = 2.0,
+                       **solver_opts) -> float:
     """Shrink an unconditional phi toward its own mean schedule: ``raw(x) -> m + a (raw(x) - m)``, with m the
-    mean raw output over the tuning seeds ``train`` and ``a`` the factor in ``factors`` with the lowest
-    validation loss (the first on ties; ``a = 0`` leaves one global schedule). Folded into the weights
-    exactly (``out`` scaled by ``a``, ``base`` moved by ``(1 - a)`` times the mean residual), so the head
-    keeps its form. Returns ``a``; a conditional or blind head is left as it is (returns 1).
+    mean raw output over the tuning seeds ``train``. ``a = 0`` (one global schedule) is kept unless a factor
+    beats it on the validation seeds by more than ``margin`` standard errors of the paired per-seed
+    difference; among those that do, the one with the lowest validation loss (the first on ties). Folded into
+    the weights exactly (``out`` scaled by ``a``, ``base`` moved by ``(1 - a)`` times the mean residual), so
+    the head keeps its form. Returns ``a``; a conditional or blind head is left as it is (returns 1). A
+    ``factors`` without 0 picks the lowest validation loss.
 
     phi's instance part is fitted to the tuning seeds; where it does not generalise, its mean -- a global
-    schedule the phi stage found -- validates better than phi itself."""
+    schedule the phi stage found -- validates as well as phi itself. Per-seed errors are heavy-tailed, so a
+    lower validation mean alone is weak evidence. The test is still optimistic (the same validation seeds
+    chose phi's kept state, and several factors are tried): the margin is a guard, not a calibrated level.
+    With fewer than 2 validation seeds no factor can pass; a factor passes against a non-finite a = 0 when
+    its own losses are finite."""
+    if not factors:
+        raise ValueError("factors is empty; give at least one shrink factor")
+    if not margin >= 0:
+        raise ValueError(f"margin={margin} must be a non-negative number of standard errors")
     c = head.config
     if head.out is None or c.blind or c.num_classes or c.cond_dim:
         return 1.0
@@ -435,11 +448,25 @@ def shrink_toward_mean(head: Predictor, model: Callable[..., Tensor], train: Tun
     for a in factors:
         head.base.copy_(base + (1 - a) * mean_res)
         head.out.weight.copy_(weight * a)
-        losses[a] = float(evaluate(head, model, val, solver, **solver_opts).mean())
-    best = min(losses, key=losses.get)
+        losses[a] = evaluate(head, model, val, solver, **solver_opts).double()
+    candidates = list(factors)
+    if 0.0 in losses:
+        null = losses[0.0]
+        candidates = [a for a in factors if a == 0.0 or _beats(losses[a], null, margin)]
+    best = min(candidates, key=lambda a: float(losses[a].mean()))
     head.base.copy_(base + (1 - best) * mean_res)
     head.out.weight.copy_(weight * best)
     return best
+
+
+def _beats(loss: Tensor, null: Tensor, margin: float) -> bool:
+    """Whether per-seed losses ``loss`` undercut ``null``'s by more than ``margin`` paired standard errors."""
+    if not torch.isfinite(null).all():
+        return bool(torch.isfinite(loss).all())
+    if len(loss) < 2:
+        return False
+    diff = null - loss
+    return bool(diff.mean() > margin * diff.std() / math.sqrt(len(diff)))
 
 
 def _prepare(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tuple[int, ...], sigma_min: float,

@@ -3,6 +3,7 @@ GITS for every family, the predictor checkpoint format."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from indis.engine.families import Denoiser, Flow, VPLinear
 from indis.engine.predictor import FORMAT, Predictor, PredictorConfig, ScheduleConfig
 from indis.engine.teacher import TuningData
 from indis.engine.testbeds import random_mixture
-from indis.engine.tuning import FitConfig, fit_gits, fit_global, fit_predictor, model_family, start_grid
+from indis.engine.tuning import FitConfig, fit, fit_gits, fit_global, fit_predictor, model_family, start_grid
 
 NO_STEPS = FitConfig(steps=0, progress=False)
 
@@ -140,14 +141,39 @@ def test_shrink_toward_the_mean_is_folded_into_the_weights_exactly() -> None:
     assert shrink_toward_mean(head, gmm, data, data, "euler", factors=(0.0,)) == 0.0
     grids = head(data.x_T).grid  # a = 0: one global schedule, the mean one, for every sample
     torch.testing.assert_close(grids, sc.decode(mean[None]).grid.expand_as(grids), rtol=1e-9, atol=0)
-    fresh = Predictor(head.config)
-    torch.nn.init.normal_(fresh.out.weight, std=0.5)
+    torch.manual_seed(0)
+    fresh = Predictor(head.config)  # fitted to the seeds it is validated on: its instance part helps there
+    fit(fresh, gmm, data, data, "euler", FitConfig(steps=150, batch_size=48, lr=1e-2, progress=False))
     with torch.no_grad():
         raw = fresh.raw(data.x_T)
         losses = {}
-        for a in (1.0, 0.5, 0.0):  # the validation loss of each factor, computed here from the definition
+        for a in (1.0, 0.5, 0.0):  # per-seed validation losses of each factor, from the definition
             s = sc.decode(raw.mean(0) + a * (raw - raw.mean(0)))
-            losses[a] = float((indis.sample(gmm, data.x_T, s, "euler") - data.x0).square().mean())
-    assert shrink_toward_mean(fresh, gmm, data, data, "euler") == min(losses, key=losses.get)
+            losses[a] = (indis.sample(gmm, data.x_T, s, "euler") - data.x0).square().mean(1).double()
+    gain = {a: losses[0.0] - losses[a] for a in (1.0, 0.5)}  # paired: how much each beats the mean schedule
+    z = {a: float(g.mean() / (g.std() / len(g) ** 0.5)) for a, g in gain.items()}
+    assert max(z.values()) > 0.0  # at margin 0 an instance-aware factor wins, at the larger one the mean
+    for margin in (0.0, 0.5 * max(z.values()), max(z.values()) + 1.0):  # all pass, the top one passes, none
+        passing = [a for a in (1.0, 0.5) if z[a] > margin] + [0.0]
+        expected = min(passing, key=lambda a: float(losses[a].mean()))
+        assert shrink_toward_mean(copy.deepcopy(fresh), gmm, data, data, "euler", margin=margin) == expected
     blind = Predictor(PredictorConfig(sc, "euler", (16,), blind=True))
     assert shrink_toward_mean(blind, gmm, data, data, "euler") == 1.0
+    for bad in (dict(factors=()), dict(margin=-1.0), dict(margin=float("nan"))):
+        with pytest.raises(ValueError):
+            shrink_toward_mean(fresh, gmm, data, data, "euler", **bad)
+
+
+def test_a_shrink_factor_beats_the_mean_schedule_only_by_the_paired_margin() -> None:
+    from indis.engine.tuning import _beats
+
+    null = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    loss = null - torch.tensor([0.5, 1.5, 0.5, 1.5], dtype=torch.float64)  # gain: mean 1, s.e. 0.2887
+    se = 0.5773502691896257 / 2
+    assert _beats(loss, null, 1 / se - 0.01) and not _beats(loss, null, 1 / se + 0.01)
+    assert _beats(null - 1.0, null, 100.0)  # a constant gain has no spread: it beats any margin
+    assert not _beats(null, null, 0.0)  # no gain
+    assert not _beats(loss[:1], null[:1], 0.0)  # one seed: no standard error, no evidence
+    inf_null = torch.tensor([1.0, float("inf")], dtype=torch.float64)
+    assert _beats(torch.tensor([1.0, 2.0], dtype=torch.float64), inf_null, 2.0)
+    assert not _beats(inf_null, inf_null, 0.0)
