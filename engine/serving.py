@@ -23,10 +23,12 @@ treat samples independently). ``policy="static"`` is the baseline a server witho
 admits a new batch only when the previous one has finished and runs every batch to its longest request.
 
 Errors: a denoiser exception fails the requests in that call (each future gets it) and the batcher goes on
-with the rest; any other exception while handling requests fails those requests, never the loop. Cancelling a
-request's future frees its slot at the next iteration, whenever it happens (also while it is validated). One
-loop drives a batcher: a second ``start`` or a ``run_all`` / ``iterate`` from another thread beside a
-running loop is refused. ``run_all`` is the
+with the rest; in the loops of ``start`` and ``run_all`` any other exception in an iteration fails the
+requests in the pool and the loop goes on (``iterate``, for driving by hand, lets it propagate). Should the
+background loop itself stop, every waiting and live request fails with the reason and ``submit`` refuses new
+ones. Cancelling a request's future frees its slot at the next iteration, whenever it happens (also while it
+is validated). One driver at a time: ``start``, ``run_all`` or ``iterate`` while another drives the batcher
+raises. ``run_all`` is the
 synchronous front; ``start``/``submit``/``close`` run the loop in a background thread (``submit`` returns a
 ``concurrent.futures.Future``).
 """
@@ -97,8 +99,17 @@ def _opts_key(opts: dict) -> tuple:
             hash(v)
         except TypeError:
             raise ValueError(f"solver option {k}={v!r} must be a number, string, bool or list") from None
-        items.append((k, v))
+        kind = tuple(type(e).__name__ for e in v) if isinstance(v, tuple) else type(v).__name__
+        items.append((k, kind, v))  # 2 and 2.0 (or 1 and True) hash alike but are different options
     return tuple(items)
+
+
+def _describe(e: BaseException) -> str:
+    """``"Type: message"`` of an exception, even one whose ``str`` fails."""
+    try:
+        return f"{type(e).__name__}: {e}"
+    except Exception:  # noqa: BLE001 - a broken __str__ must not break error delivery
+        return type(e).__name__
 
 
 def default_buckets(capacity: int) -> tuple[int, ...]:
@@ -189,7 +200,7 @@ class ContinuousBatcher:
         try:
             futures = [self.submit(r) for r in requests]
             while self.pending():
-                self.iterate(flush=True)
+                self._guarded_iterate(flush=True)
         finally:
             self._owner = None
             self._driver.release()
@@ -201,6 +212,8 @@ class ContinuousBatcher:
 
     def start(self) -> None:
         """Run the loop in a background thread (``submit`` from any thread; ``close`` to stop)."""
+        if self._closing:
+            raise RuntimeError("this batcher is closed")
         self._drive()
 
         def loop() -> None:
@@ -211,38 +224,70 @@ class ContinuousBatcher:
                             self._lock.wait()
                         if self._closing and not self.waiting and not self.live:
                             return
-                    try:
-                        self.iterate(flush=self._closing)
-                    except Exception as e:  # noqa: BLE001 - the requests in the pool fail, the loop goes on
-                        log.exception("batcher iteration failed; failing its %d requests", len(self.live))
-                        self._fail_live(RuntimeError(f"batcher iteration failed: {type(e).__name__}: {e}"))
+                    self._guarded_iterate(flush=self._closing)
+                    with self._lock:  # a static batch still filling: nothing to do until a submit or close
+                        while (self.policy == "static" and not self.live and not self._closing
+                               and 0 < len(self.waiting) < self.capacity):
+                            self._lock.wait()
+            except BaseException as e:  # not an iteration's fault: the loop stops, and says so to everyone
+                log.exception("batcher loop stopped")
+                self._stop_everything(RuntimeError(f"batcher loop stopped: {_describe(e)}"))
+                raise
             finally:
                 self._owner = None
                 self._driver.release()
 
-        self._thread = threading.Thread(target=loop, name="indis-batcher", daemon=True)
-        self._owner = self._thread
-        self._thread.start()
+        try:
+            self._thread = threading.Thread(target=loop, name="indis-batcher", daemon=True)
+            self._owner = self._thread
+            self._thread.start()
+        except BaseException:
+            self._owner = None
+            self._driver.release()
+            raise
 
     def _drive(self) -> None:
         """Become the one loop driving this batcher (the caller's thread until ``_owner`` is reassigned)."""
         if not self._driver.acquire(blocking=False):
-            raise RuntimeError("this batcher is already driven by a loop (start() or run_all()); "
+            raise RuntimeError("this batcher is already driven by a loop (start(), run_all() or iterate()); "
                                "submit() to it instead")
         self._owner = threading.current_thread()
 
+    def _guarded_iterate(self, flush: bool) -> int:
+        """One iteration; any exception fails the requests in the pool and the loop goes on."""
+        try:
+            return self._iterate(flush)
+        except Exception as e:  # noqa: BLE001 - the requests in the pool fail, the loop goes on
+            log.exception("batcher iteration failed; failing its %d requests", len(self.live))
+            self._fail_live(RuntimeError(f"batcher iteration failed: {_describe(e)}"))
+            return 0
+
     def _fail_live(self, error: Exception) -> None:
         """Fail every request in the pool with ``error`` and free the pool (a last resort after an
-        unexpected exception; the slots' buffers are reset, not trusted)."""
+        unexpected exception; the pool's buffers are reset, not trusted)."""
         try:
             self._release(list(range(len(self.live))), error)
         except Exception:  # noqa: BLE001 - the pool is beyond repair: deliver, then start it empty
             log.exception("freeing the pool failed; resetting it")
-            for live in self.live:
-                self._fail(live.future, error)
-            self.live = []
+            live, self.live = self.live, []
+            for item in live:
+                self._fail(item.future, error)
+            self.y.zero_()
             self.step.fill_(-1)
             self.stages.zero_()
+            for k, (lo, _) in self.conditions.items():
+                self.cond[k].fill_(lo)
+
+    def _stop_everything(self, error: Exception) -> None:
+        """The loop cannot go on: refuse new requests and fail every waiting and live one with ``error``."""
+        with self._lock:
+            self._closing = True
+            waiting, self.waiting = list(self.waiting), deque()
+            live, self.live = self.live, []
+        for _, fut in waiting:
+            self._fail(fut, error)
+        for item in live:
+            self._fail(item.future, error)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting requests, finish the queued ones, join the loop thread."""
@@ -256,10 +301,17 @@ class ContinuousBatcher:
     def iterate(self, flush: bool = False) -> int:
         """One iteration (admit, one denoiser call, one fused step, retire); returns the slots stepped.
 
-        ``flush``: no more arrivals are expected (the static policy then runs a partial batch). Refused from
-        another thread while a loop (``start`` / ``run_all``) drives the batcher."""
-        if self._owner is not None and self._owner is not threading.current_thread():
-            raise RuntimeError("this batcher is driven by another thread's loop; submit() to it instead")
+        ``flush``: no more arrivals are expected (the static policy then runs a partial batch). For driving
+        the batcher by hand: refused while a loop (``start`` / ``run_all``) or another ``iterate`` drives it.
+        Exceptions propagate (the loops of ``start`` and ``run_all`` fail the pool's requests instead)."""
+        self._drive()
+        try:
+            return self._iterate(flush)
+        finally:
+            self._owner = None
+            self._driver.release()
+
+    def _iterate(self, flush: bool) -> int:
         self._drop_cancelled()
         self._admit(flush)
         n = len(self.live)
@@ -279,7 +331,7 @@ class ContinuousBatcher:
                                    self.stages[:b], self.done[:b], n)
         except Exception as e:  # noqa: BLE001 - the failure belongs to the requests in this call
             log.warning("denoiser call failed for %d requests: %s", n, e)
-            self._release(list(range(n)), RuntimeError(f"denoiser call failed: {type(e).__name__}: {e}"))
+            self._release(list(range(n)), RuntimeError(f"denoiser call failed: {_describe(e)}"))
             return 0
         self.stats["iterations"] += 1
         self.stats["padded_steps"] += b
@@ -374,8 +426,9 @@ class ContinuousBatcher:
         try:
             fut.set_exception(error)
             self.stats["failed"] += 1
-        except InvalidStateError:
-            self.stats["cancelled"] += 1
+        except InvalidStateError:  # already cancelled (counted once, here) or delivered (not again)
+            if fut.cancelled():
+                self.stats["cancelled"] += 1
 
     def _admit(self, flush: bool) -> None:
         with self._lock:
@@ -389,6 +442,17 @@ class ContinuousBatcher:
                     batch.append((req, fut))
                 else:
                     self.stats["cancelled"] += 1
+        try:
+            self._admit_batch(batch)
+        except BaseException:  # whatever escaped, no request taken off the queue is left without an answer
+            placed = {id(item.future) for item in self.live}
+            for _, fut in batch:
+                if not fut.done() and id(fut) not in placed:
+                    self._fail(fut, RuntimeError("admission failed"))
+            raise
+
+    def _admit_batch(self, batch: list[tuple[Request, Future]]) -> None:
+        """Validate, group, build tables and place ``batch`` (each failure fails its requests)."""
         groups: dict[tuple, list] = {}
         for req, fut in batch:
             try:
@@ -397,15 +461,15 @@ class ContinuousBatcher:
                 key = (req.solver, req.nfe, _opts_key(req.solver_opts), item[2] is not None,
                        item[1] if isinstance(item[1], tuple) else None)
             except Exception as e:  # noqa: BLE001 - bad inputs fail this request alone
-                self._fail(fut, e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}"))
+                self._fail(fut, e if isinstance(e, ValueError) else ValueError(_describe(e)))
                 continue
             groups.setdefault(key, []).append((req, fut, item))
         ready = []
         for (solver, _, opts, _, _), members in groups.items():
             try:
-                ready.append((members, *self._group_table(solver, dict(opts), members)))
+                ready.append((members, *self._group_table(solver, {k: v for k, _, v in opts}, members)))
             except Exception as e:  # noqa: BLE001 - e.g. a solver option error: the group fails
-                error = e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}")
+                error = e if isinstance(e, ValueError) else ValueError(_describe(e))
                 for _, fut, _ in members:
                     self._fail(fut, error)
         if ready:
@@ -521,12 +585,13 @@ class ContinuousBatcher:
     def _unplace(self, ready: list[tuple[list, Tensor, Tensor, int]], error: Exception) -> None:
         """A failed placement (``_place`` adds to ``live`` only after its writes): its requests fail with
         ``error`` and the slots it may have half-written are freed."""
+        failure = RuntimeError(f"admission failed: {_describe(error)}")
+        for members, *_ in ready:  # answers first: freeing the slots touches the (maybe broken) device
+            for _, fut, _ in members:
+                self._fail(fut, failure)
         n, g = len(self.live), sum(len(r[0]) for r in ready)
         self.step[n:n + g] = -1
         self.stages[n:n + g] = 0
-        for members, *_ in ready:
-            for _, fut, _ in members:
-                self._fail(fut, RuntimeError(f"admission failed: {type(error).__name__}: {error}"))
 
     def _place(self, ready: list[tuple[list, Tensor, Tensor, int]]) -> None:
         """Write the admitted groups' states and tables into the next free slots: one write per buffer."""

@@ -231,9 +231,9 @@ def test_a_cancel_at_any_stage_of_admission_never_stops_the_loop() -> None:
         raise RuntimeError("injected while validating")
 
     b = _batcher(capacity=4, predictors={(5, "ipndm"): cancelling_phi})
-    b.start()
     futures[0] = b.submit(Request(seed=0, nfe=5, schedule="predictor"))
     rest = [b.submit(_request(i)) for i in range(1, 9)]
+    b.start()
     for i, f in enumerate(rest, start=1):
         torch.testing.assert_close(f.result(timeout=60), _alone(_request(i)), rtol=1e-10, atol=1e-10)
     b.close(timeout=60)
@@ -272,6 +272,89 @@ def test_an_exception_in_any_stage_fails_its_requests_not_the_loop(stage: str,
     assert not b._thread.is_alive() and not b.live
 
 
+def test_run_all_fails_the_pool_on_a_fault_and_serves_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = ContinuousBatcher._release, {"n": 0}
+
+    def faulty(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected in _release")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(ContinuousBatcher, "_release", faulty)
+    b = _batcher(capacity=3)
+    reqs = [_request(i) for i in range(7)]
+    with pytest.raises(RuntimeError, match="batcher iteration failed: RuntimeError: injected"):
+        b.run_all(reqs)  # raises the first failure, after everything else finished
+    assert not b.pending() and calls["n"] >= 2
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+def test_an_exception_that_cannot_be_printed_fails_its_request_alone() -> None:
+    def phi(x_T: torch.Tensor, c: torch.Tensor | None) -> indis.Schedule:
+        raise _Unprintable()
+
+    b = _batcher(capacity=4, predictors={(5, "ipndm"): phi})
+    futures = [b.submit(Request(seed=0, nfe=5, schedule="predictor")), b.submit(_request(1)),
+               b.submit(_request(2))]
+    while b.pending():
+        b.iterate(flush=True)
+    assert "_Unprintable" in str(futures[0].exception())
+    for i, f in zip((1, 2), futures[1:], strict=True):
+        torch.testing.assert_close(f.result(), _alone(_request(i)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the loop re-raises
+def test_a_stopped_loop_fails_every_request_and_refuses_new_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fatal(self, flush):
+        raise KeyboardInterrupt  # not an iteration's fault: the loop stops
+
+    b = _batcher(capacity=2)
+    futures = [b.submit(_request(i)) for i in range(4)]
+    monkeypatch.setattr(ContinuousBatcher, "_guarded_iterate", fatal)
+    b.start()
+    b._thread.join(timeout=60)
+    for f in futures:
+        assert "batcher loop stopped: KeyboardInterrupt" in str(f.exception(timeout=0))
+    with pytest.raises(RuntimeError, match="closed"):
+        b.submit(_request(5))
+
+
+def test_numerically_equal_options_of_other_types_are_not_merged() -> None:
+    """``order=2`` and ``order=2.0`` hash alike; a merged group would fail the valid one."""
+    grid = indis.get_sigmas("edm", 5, 0.002, 80.0)
+    good = Request(seed=1, nfe=5, schedule=grid, solver="unipc", solver_opts={"order": 2})
+    odd = Request(seed=2, nfe=5, schedule=grid, solver="unipc", solver_opts={"order": 2.0})
+    b = _batcher(capacity=4)
+    futures = [b.submit(odd), b.submit(good)]
+    while b.pending():
+        b.iterate(flush=True)
+    torch.testing.assert_close(futures[1].result(), _alone(good), rtol=1e-10, atol=1e-10)
+
+
+def test_a_filling_static_batch_does_not_spin(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    real, calls = ContinuousBatcher._admit, {"n": 0}
+
+    def counted(self, flush):
+        calls["n"] += 1
+        return real(self, flush)
+
+    monkeypatch.setattr(ContinuousBatcher, "_admit", counted)
+    b = _batcher(capacity=4, policy="static")
+    b.start()
+    f = b.submit(_request(0))  # one request waiting for a batch of 4
+    time.sleep(0.3)
+    assert calls["n"] < 10
+    b.close(timeout=60)  # closing flushes the partial batch
+    torch.testing.assert_close(f.result(timeout=60), _alone(_request(0)), rtol=1e-10, atol=1e-10)
+
+
 def test_list_valued_solver_options_are_served() -> None:
     """``solver_opts={"disable_corrector": [1]}`` (a list, as documented) used to kill the loop unhashed."""
     grid = indis.get_sigmas("edm", 5, 0.002, 80.0)
@@ -288,7 +371,8 @@ def test_list_valued_solver_options_are_served() -> None:
 def test_an_nfe_beyond_the_pool_fails_before_any_table_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     built = []
     real = ContinuousBatcher._table
-    monkeypatch.setattr(ContinuousBatcher, "_table", lambda self, *a: built.append(a) or real(self, *a))
+    monkeypatch.setattr(ContinuousBatcher, "_table", lambda self, *a: built.append(a) or real(self, *a)
+                        if a[2].shape[-1] <= 17 else pytest.fail("a table was built for a refused NFE"))
     b = _batcher(capacity=8, max_stages=16)
     futures = [b.submit(Request(seed=1, nfe=n)) for n in (10**6, 17, 0, -3, True, 2.5, "5")]
     b.iterate(flush=True)
@@ -304,7 +388,7 @@ def test_one_loop_per_batcher() -> None:
         b.start()
     with pytest.raises(RuntimeError, match="already driven"):
         b.run_all([_request(0)])
-    with pytest.raises(RuntimeError, match="another thread"):
+    with pytest.raises(RuntimeError, match="already driven"):
         b.iterate()
     f = b.submit(_request(1))
     torch.testing.assert_close(f.result(timeout=60), _alone(_request(1)), rtol=1e-10, atol=1e-10)
