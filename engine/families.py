@@ -276,7 +276,13 @@ class Denoiser(torch.nn.Module):
         return sigma if self.time_input == "sigma" else self.time_scale * self.family.t(sigma)
 
     def raw(self, x_fam: Tensor, time: Tensor, **cond) -> Tensor:
-        return self.net(x_fam, time, **cond)
+        """The network's output at ``x_fam``; one of another shape is refused (it would broadcast)."""
+        out = self.net(x_fam, time, **cond)
+        if not isinstance(out, Tensor) or out.shape != x_fam.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"the model returned {got} for an input of shape {tuple(x_fam.shape)}; "
+                             "it must return one output per sample, of the input's shape")
+        return out
 
     def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float64).reshape(-1).expand(x.shape[0])

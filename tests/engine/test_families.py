@@ -68,3 +68,13 @@ def test_invalid_pairings_raise() -> None:
         Denoiser(lambda x, t: x, "vp")
     with pytest.raises(ValueError, match="prediction='noise'"):
         Denoiser(lambda x, t: x, "ve", "noise")
+
+
+@pytest.mark.parametrize("backend", ["torch", None])
+def test_a_model_output_of_another_shape_is_refused_not_broadcast(backend: str | None) -> None:
+    """A network returning ``[1, ...]`` for a batch of 4 used to be applied to every row on the torch path."""
+    x = torch.randn(4, 6, dtype=torch.float64) * 80
+    grid = indis.get_sigmas("edm", 3, 0.002, 80.0)
+    for bad in (lambda x, s: x[:1], lambda x, s: x[:, :3], lambda x, s: x.tolist()):
+        with pytest.raises(ValueError, match="one output per sample"):
+            indis.sample(bad, x, grid, "euler", backend=backend)
