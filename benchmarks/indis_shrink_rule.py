@@ -5,14 +5,13 @@
 
 For each (testbed, NFE) cell phi is tuned as the quality tables tune it (``fit_predictor`` with the testbed's
 settings -- ``tuning.BLIND_FIT`` / ``PHI_FIT`` on the digits testbeds -- and the same tuning seeds) but with
-``shrink=False``, then each factor a of ``tuning.SHRINK_FACTORS`` (raw(x) -> m + a (raw(x)
-- m), m phi's mean over the tuning seeds; a = 0 is one global schedule) is measured on the validation seeds
-and on development seeds [2^21, 2^21 + ``--dev``) (``quality.development_data``) that neither tuning nor
-the reported results use. Each
-line: the teacher MSE, and the paired difference to a = 0 in standard errors (z > 0: the factor beats the
-mean schedule). Then which factor each rule picks -- the lowest validation mean (the former default) and
-``shrink_toward_mean``'s margin of two paired standard errors over a = 0 (the default) -- and the
-development MSE of that pick.
+``shrink=False``, then each factor a of ``tuning.SHRINK_FACTORS`` (raw(x) -> m + a (raw(x) - m), m phi's
+mean over the tuning seeds; a = 0 is one global schedule) is measured on the validation seeds and on
+development seeds [2^21, 2^21 + ``--dev``) (``quality.development_data``) that neither tuning nor the
+reported results use. Each line: the teacher MSE, and the paired difference to a = 0 in standard errors
+(z > 0: the factor beats the mean schedule). Then which factor each rule picks -- the lowest validation mean
+(the former default) and ``shrink_toward_mean``'s margin of two paired standard errors over a = 0 (the
+default) -- and the development MSE of that pick.
 """
 
 from __future__ import annotations

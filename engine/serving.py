@@ -28,9 +28,8 @@ requests in the pool and the loop goes on (``iterate``, for driving by hand, let
 background loop itself stop, every waiting and live request fails with the reason and ``submit`` refuses new
 ones. Cancelling a request's future frees its slot at the next iteration, whenever it happens (also while it
 is validated). One driver at a time: ``start``, ``run_all`` or ``iterate`` while another drives the batcher
-raises. ``run_all`` is the
-synchronous front; ``start``/``submit``/``close`` run the loop in a background thread (``submit`` returns a
-``concurrent.futures.Future``).
+raises. ``run_all`` is the synchronous front; ``start``/``submit``/``close`` run the loop in a background
+thread (``submit`` returns a ``concurrent.futures.Future``).
 """
 
 from __future__ import annotations
@@ -202,8 +201,7 @@ class ContinuousBatcher:
             while self.pending():
                 self._guarded_iterate(flush=True)
         finally:
-            self._owner = None
-            self._driver.release()
+            self._undrive()
         return [f.result() for f in futures]
 
     def pending(self) -> int:
@@ -234,16 +232,14 @@ class ContinuousBatcher:
                 self._stop_everything(RuntimeError(f"batcher loop stopped: {_describe(e)}"))
                 raise
             finally:
-                self._owner = None
-                self._driver.release()
+                self._undrive()
 
         try:
             self._thread = threading.Thread(target=loop, name="indis-batcher", daemon=True)
             self._owner = self._thread
             self._thread.start()
         except BaseException:
-            self._owner = None
-            self._driver.release()
+            self._undrive()
             raise
 
     def _drive(self) -> None:
@@ -252,6 +248,10 @@ class ContinuousBatcher:
             raise RuntimeError("this batcher is already driven by a loop (start(), run_all() or iterate()); "
                                "submit() to it instead")
         self._owner = threading.current_thread()
+
+    def _undrive(self) -> None:
+        self._owner = None
+        self._driver.release()
 
     def _guarded_iterate(self, flush: bool) -> int:
         """One iteration; any exception fails the requests in the pool and the loop goes on."""
@@ -308,8 +308,7 @@ class ContinuousBatcher:
         try:
             return self._iterate(flush)
         finally:
-            self._owner = None
-            self._driver.release()
+            self._undrive()
 
     def _iterate(self, flush: bool) -> int:
         self._drop_cancelled()
