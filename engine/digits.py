@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .checkpoints import check_shapes, checkpoint_file, stored_shapes
 from .teacher import noise_from_seeds
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -184,6 +185,8 @@ class Attention2d(nn.Module):
 
     def __init__(self, ch: int, heads: int) -> None:
         super().__init__()
+        if heads < 1 or ch % heads:
+            raise ValueError(f"heads={heads} must be >= 1 and divide the channels ({ch})")
         self.heads = heads
         self.norm = nn.GroupNorm(_groups(ch), ch)
         self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
@@ -428,11 +431,17 @@ def _weight_paths(name: str, weights_dir: str | Path | None) -> tuple[Path, Path
 
 def _load(name: str, weights_dir: str | Path | None) -> nn.Module:
     wpath, mpath = _weight_paths(name, weights_dir)
-    if not wpath.is_file() or not mpath.is_file():
+    if not wpath.exists() or not mpath.exists():
         raise FileNotFoundError(f"digits {name} weights not found at {wpath} (and {mpath.name}); "
                                 f"run python -m indis.engine.digits train --which {name}")
-    meta = json.loads(mpath.read_text())
-    model = _BUILDERS[name](**meta["arch"])
+    wpath, mpath = checkpoint_file(wpath, f"digits {name} weights"), checkpoint_file(mpath, "metadata")
+    try:
+        meta = json.loads(mpath.read_text())
+        arch = dict(meta["arch"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{mpath} is not valid digits model metadata ({e})") from e
+    check_shapes(lambda: _BUILDERS[name](**arch), stored_shapes(wpath), str(wpath))
+    model = _BUILDERS[name](**arch)
     model.load_state_dict(load_file(str(wpath)), strict=True)
     model.eval().requires_grad_(False)
     model.metadata = meta  # type: ignore[assignment]

@@ -34,14 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoints import check_shapes, checkpoint_file, stored_shapes
 from .families import get_family
 from .profiling import nvtx_range
 from .schedules import Schedule, Space, get_sigmas, grid_from_logits, logits_from_grid
 from .solvers import SOLVERS
 
-FORMAT = "indis-predictor/2"
+FORMAT = "indis-predictor/3"
 #: Formats this version refuses, with the reason a user reads.
 RETIRED_FORMATS = {
+    "indis-predictor/2": "its checksum covered only its tensors, so an edited configuration (solver, NFE, "
+                         "sigma range, input scale) could not be detected; re-tune it (indis fit) or "
+                         "re-export it with this version",
     "indis-predictor/1": "it was tuned when the output scale gamma multiplied the denoised x0; gamma now "
                          "scales the noise prediction, eps_hat = gamma * eps_theta(x_n, tau_n + dtau_n) (the "
                          "paper's definition), so its shift and scale would act differently -- re-tune it "
@@ -78,9 +82,11 @@ class ScheduleConfig:
             raise ValueError(f"init={self.init!r} is unknown; choose one of {HEURISTICS}")
         if self.space not in ("lambda", "t", "sigma"):
             raise ValueError(f"space={self.space!r} is unknown; choose lambda, t or sigma")
-        if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
-        if self.shift_bound < 0 or not 0 <= self.scale_bound < 1:
+        if not 0 < self.sigma_min < self.sigma_max < math.inf:
+            raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {self.sigma_min}, {self.sigma_max}")
+        if not 0 < self.rho < math.inf:
+            raise ValueError(f"rho={self.rho} must be positive and finite")
+        if not 0 <= self.shift_bound < math.inf or not 0 <= self.scale_bound < 1:
             raise ValueError("need shift_bound >= 0 and 0 <= scale_bound < 1 (the scale must stay positive)")
         get_family(self.family)
 
@@ -155,13 +161,18 @@ class PredictorConfig:
             raise ValueError(f"solver={self.solver!r} is unknown; choose one of {SOLVERS}")
         if self.pool is not None and (len(self.shape) != 3 or self.pool < 1):
             raise ValueError(f"pool needs image-shaped samples [C, H, W] and pool >= 1, got {self.shape}")
-        if self.depth < 1 or self.hidden < 1:
-            raise ValueError("depth and hidden must be >= 1")
+        if self.depth < 1 or self.hidden < 1 or self.num_classes < 0 or self.cond_dim < 0:
+            raise ValueError("depth and hidden must be >= 1, num_classes and cond_dim >= 0")
+        if not self.shape or min(self.shape) < 1:
+            raise ValueError(f"shape must be one sample's non-empty shape, got {self.shape}")
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if self.input_scale is None:
             fam = get_family(self.schedule.family)
             s_max = fam.s(torch.tensor(self.schedule.sigma_max, dtype=torch.float64))
             object.__setattr__(self, "input_scale", float(1 / s_max))
+        if not (0 < self.input_scale < math.inf and math.isfinite(self.class_scale)):
+            raise ValueError(f"input_scale={self.input_scale} must be positive and finite, class_scale "
+                             f"({self.class_scale}) finite")
 
     @property
     def num_features(self) -> int:
@@ -276,8 +287,8 @@ class Predictor(_Head):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"format": FORMAT, "config": self.config.to_json(), "checksum": _checksum(tensors),
-                "metadata": metadata}
+        meta = {"format": FORMAT, "config": self.config.to_json(),
+                "checksum": _checksum(tensors, self.config), "metadata": metadata}
         tmp = path.with_suffix(path.suffix + ".tmp")
         save_file(tensors, str(tmp), metadata={"indis": json.dumps(meta)})
         tmp.replace(path)
@@ -286,40 +297,43 @@ class Predictor(_Head):
     @classmethod
     def load(cls, path: str | Path, *, nfe: int | None = None, solver: str | None = None,
              backbone: str | None = None, map_location: str | torch.device = "cpu") -> Predictor:
-        """Load a checkpoint; refuse a corrupt file or one tuned for another NFE, solver or backbone."""
-        from safetensors import SafetensorError
+        """Load a checkpoint; refuse a corrupt file or one tuned for another NFE, solver or backbone.
+
+        The configuration is validated and matched against the stored tensor shapes before anything is
+        allocated, and the checksum covers the configuration as well as the tensors.
+        """
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"predictor checkpoint {path} does not exist")
+        path = checkpoint_file(path, "predictor checkpoint")
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 header = f.metadata() or {}
-            tensors = load_file(str(path), device="cpu")
+            shapes = stored_shapes(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path} is not a readable safetensors predictor checkpoint ({e})") from e
         try:
             meta = json.loads(header["indis"])
             fmt = meta.get("format")
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path} has no valid indis predictor metadata ({e})") from e
         check_format(fmt, str(path))
         try:
             config = PredictorConfig.from_json(meta["config"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"{path} has no valid indis predictor metadata ({e})") from e
-        if _checksum(tensors) != meta.get("checksum"):
-            raise ValueError(f"{path} is corrupt: its tensors do not match the checksum in its metadata")
+        check_shapes(lambda: cls(config, base=torch.zeros(config.schedule.width)), shapes, str(path))
+        tensors = load_file(str(path), device="cpu")
+        if _checksum(tensors, config) != meta.get("checksum"):
+            raise ValueError(f"{path} is corrupt: its tensors or configuration do not match the checksum in "
+                             f"its metadata")
         for name, want, have in (("NFE", nfe, config.schedule.nfe), ("solver", solver, config.solver),
                                  ("backbone", backbone, config.backbone)):
             if want is not None and want != have:
                 raise ValueError(f"{path} was tuned for {name}={have!r}, but {name}={want!r} was requested; "
                                  f"a schedule predictor only fits the NFE, solver and backbone it was tuned "
                                  f"with -- tune a new one (indis fit)")
-        model = cls(config)
+        model = cls(config, base=tensors["base"])
         model.load_state_dict(tensors)
         model.metadata = meta.get("metadata", {})
         return model.to(map_location).eval()
@@ -356,8 +370,9 @@ def check_format(fmt: object, what: str) -> None:
     raise ValueError(f"{what} has predictor format {fmt!r}, expected {FORMAT!r}")
 
 
-def _checksum(tensors: dict[str, Tensor]) -> str:
-    h = hashlib.sha256()
+def _checksum(tensors: dict[str, Tensor], config: PredictorConfig) -> str:
+    """SHA-256 over the configuration (canonical JSON) and every tensor's name and bytes."""
+    h = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode())
     for k in sorted(tensors):
         h.update(k.encode())
         h.update(tensors[k].numpy().tobytes() if tensors[k].dtype != torch.bfloat16

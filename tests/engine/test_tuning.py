@@ -120,8 +120,12 @@ def test_checkpoints_of_the_old_scale_definition_are_refused(tmp_path) -> None:
         Predictor.load(tmp_path / "old.safetensors")
     meta["format"] = "something-else/9"
     save_file(load_file(str(path)), str(tmp_path / "odd.safetensors"), metadata={"indis": json.dumps(meta)})
-    with pytest.raises(ValueError, match="expected 'indis-predictor/2'"):
+    with pytest.raises(ValueError, match=f"expected '{FORMAT}'"):
         Predictor.load(tmp_path / "odd.safetensors")
+    meta["format"] = "indis-predictor/2"
+    save_file(load_file(str(path)), str(tmp_path / "v2.safetensors"), metadata={"indis": json.dumps(meta)})
+    with pytest.raises(ValueError, match="checksum covered only its tensors"):
+        Predictor.load(tmp_path / "v2.safetensors")
 
 
 def test_shrink_toward_the_mean_is_folded_into_the_weights_exactly() -> None:
