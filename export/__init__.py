@@ -8,8 +8,8 @@ chain TensorRT -> onnxruntime -> torch. The CLI is ``indis export``.
 
 from indis.export.backends import Choice, ExportedDenoiser, ExportedPredictor, load_denoiser, load_predictor
 from indis.export.models import ExportSpec, TensorSpec, check_per_sample_sigma, denoiser_spec, predictor_spec
-from indis.export.onnx_export import ExportResult, export_onnx, is_current, verify_onnx
+from indis.export.onnx_export import ExportResult, export_onnx, is_current, verify_export, verify_onnx
 
 __all__ = ["Choice", "ExportResult", "ExportSpec", "ExportedDenoiser", "ExportedPredictor", "TensorSpec",
            "check_per_sample_sigma", "denoiser_spec", "export_onnx", "is_current", "load_denoiser",
-           "load_predictor", "predictor_spec", "verify_onnx"]
+           "load_predictor", "predictor_spec", "verify_export", "verify_onnx"]

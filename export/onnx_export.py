@@ -4,6 +4,12 @@ Opset >= 19, float32 or float16 (the module and its floating inputs cast; Tensor
 as strongly typed networks), external data above ``EXTERNAL_DATA_BYTES`` of weights (or on request),
 ``onnx.checker`` on the result, and the spec (names, batch range, kind) stored in the file's metadata so a
 loader can check what it runs. Every export is verified against torch on sample inputs at two batch sizes.
+
+Integrity: ``indis.content_sha256`` in the metadata is a SHA-256 over every byte of the file and its
+external-data side file, computed with that value's own 64 bytes read as zeros (the value is patched in place
+after the hash, which changes no other byte). :func:`verify_export` recomputes it in one streaming pass
+before a backend loads the file -- a flipped bit in a weight, the graph or the metadata is refused -- and
+remembers a verified file by path, size and modification time.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ import copy
 import hashlib
 import json
 import logging
+import mmap
+import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +32,13 @@ from .models import ExportSpec
 log = logging.getLogger("indis.export")
 MIN_OPSET = 19
 EXTERNAL_DATA_BYTES = 512 << 20  # weights above this go to a side file (ONNX protobufs stop at 2 GiB)
+CONTENT_KEY = "indis.content_sha256"
+#: How the content hash's metadata entry is encoded (StringStringEntryProto: key = field 1, value = field 2,
+#: 64 bytes), so its value can be found in the file's bytes without parsing the model.
+_CONTENT_MARKER = b"\x0a" + bytes([len(CONTENT_KEY)]) + CONTENT_KEY.encode() + b"\x12\x40"
+_UNSET = b"0" * 64
+_verified: dict[str, tuple[int, ...]] = {}
+_verified_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -38,8 +54,7 @@ class ExportResult:
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of an ONNX file and its external-data side files (the engine-cache key uses it)."""
     h = hashlib.sha256()
-    path = Path(path)
-    for p in [path, *sorted(path.parent.glob(path.name + ".data"))]:
+    for p in _side_files(Path(path)):
         with open(p, "rb") as fh:
             for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(chunk)
@@ -53,6 +68,77 @@ def weights_sha256(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _side_files(path: Path) -> list[Path]:
+    return [path, *sorted(path.parent.glob(path.name + ".data"))]
+
+
+def _content_sha256(path: Path) -> tuple[str, int | None, bool]:
+    """One pass over ``path`` and its external data: (hash with the content value read as zeros, byte
+    offset of that value -- None unless it occurs exactly once --, whether the file has indis metadata)."""
+    h = hashlib.sha256()
+    offset, indis = None, False
+    for i, p in enumerate(_side_files(path)):
+        with open(p, "rb") as fh:
+            if i == 0 and os.fstat(fh.fileno()).st_size:
+                with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                    at = mm.find(_CONTENT_MARKER)
+                    indis = mm.find(b"indis.name") >= 0
+                    if at >= 0 and mm.find(_CONTENT_MARKER, at + 1) < 0:
+                        offset = at + len(_CONTENT_MARKER)
+                        h.update(memoryview(mm)[:offset])
+                        h.update(_UNSET)
+                        h.update(memoryview(mm)[offset + 64:])
+                    else:
+                        h.update(memoryview(mm))
+                continue
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest(), offset, indis
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    return tuple(v for p in _side_files(path) for st in [p.stat()] for v in (st.st_size, st.st_mtime_ns))
+
+
+def verify_export(path: str | Path) -> None:
+    """Refuse (``ValueError``) an exported file whose bytes do not match its ``indis.content_sha256``.
+
+    One streaming pass over the file and its external data; a file verified before with the same sizes and
+    modification times is not hashed again. A foreign ONNX file (no indis metadata) has nothing to verify.
+    """
+    path = Path(path)
+    key, stamp = str(path.resolve()), _stamp(path)
+    with _verified_lock:
+        if _verified.get(key) == stamp:
+            return
+    digest, offset, indis = _content_sha256(path)
+    if offset is None:
+        if not indis:
+            return
+        raise ValueError(f"{path} has indis export metadata but no (single) content hash: it was exported by "
+                         f"an older indis or edited; re-export it (indis export)")
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        stored = fh.read(64)
+    if stored != digest.encode():
+        raise ValueError(f"{path} is corrupt: its bytes (weights, graph or metadata) do not match the "
+                         f"content hash in its metadata; re-export it (indis export)")
+    with _verified_lock:
+        if len(_verified) >= 256:
+            _verified.pop(next(iter(_verified)))
+        _verified[key] = stamp
+
+
+def _seal(path: Path) -> None:
+    """Write the content hash into the placeholder an export left in ``path``'s metadata."""
+    digest, offset, _ = _content_sha256(path)
+    if offset is None:
+        raise RuntimeError(f"{path}: the content hash placeholder was not found once in the saved file")
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(digest.encode())
 
 
 def _cast(spec: ExportSpec, dtype: torch.dtype) -> tuple[torch.nn.Module, list]:
@@ -109,7 +195,8 @@ def export_onnx(spec: ExportSpec, path: str | Path, *, fp16: bool = False, opset
             "indis.precision": "fp16" if fp16 else "fp32", "indis.exporter": used,
             "indis.weights_sha256": weights_sha256(spec.module), "indis.opset": str(opset),
             "indis.inputs": json.dumps([[t.name, list(t.shape), str(t.dtype)] for t in spec.inputs]),
-            "indis.outputs": json.dumps([[t.name, list(t.shape), str(t.dtype)] for t in spec.outputs])}
+            "indis.outputs": json.dumps([[t.name, list(t.shape), str(t.dtype)] for t in spec.outputs]),
+            CONTENT_KEY: _UNSET.decode()}
     del model.metadata_props[:]
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
@@ -122,6 +209,7 @@ def export_onnx(spec: ExportSpec, path: str | Path, *, fp16: bool = False, opset
         onnx.save_model(model, str(path))
     for f in tmp.parent.glob(tmp.name + "*"):
         f.unlink()
+    _seal(path)
     onnx.checker.check_model(str(path))
     abs_err = rel_err = float("nan")
     if verify:

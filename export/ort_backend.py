@@ -5,6 +5,8 @@ the CPU provider when CUDA or TensorRT cannot start (it only logs), so the provi
 (``session.get_providers()``) are compared with the ones requested; a fallback is logged with both lists, kept
 in ``fallback``, and is an error with ``strict=True``. CUDA tensors go through IO binding (no host copies);
 CPU tensors through numpy. Batch sizes outside the exported range are refused with the range in the message.
+An indis export is verified against the content hash in its metadata before the session opens
+(``onnx_export.verify_export``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from indis.engine.checkpoints import checkpoint_file
+
 from .models import check_feeds
+from .onnx_export import verify_export
 
 log = logging.getLogger("indis.export")
 
@@ -42,8 +47,10 @@ class OrtModel:
         import onnxruntime as ort
 
         self.path = Path(path)
-        if not self.path.is_file():
+        if not self.path.exists():
             raise FileNotFoundError(f"ONNX file {self.path} does not exist (create it with `indis export`)")
+        checkpoint_file(self.path, "ONNX file")
+        verify_export(self.path)
         requested = list(providers or default_providers())
         available = ort.get_available_providers()
         usable = [p for p in requested if p in available]

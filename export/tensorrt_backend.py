@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .models import check_feeds
-from .onnx_export import file_sha256, spec_from_onnx
+from .onnx_export import file_sha256, spec_from_onnx, verify_export
 
 log = logging.getLogger("indis.export")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -97,6 +97,7 @@ def build_engine(onnx_path: str | Path, engine_dir: str | Path, *, precision: st
     import tensorrt as trt
 
     onnx_path = Path(onnx_path)
+    verify_export(onnx_path)
     meta = spec_from_onnx(onnx_path)
     check_precision(precision, meta)
     profile = profile_from_metadata(meta, batch_min, batch_opt, batch_max)

@@ -4,6 +4,7 @@ precision and external-data variants, the legacy-exporter fallback, and refusal 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import onnx
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import indis
 from indis.export import ExportedDenoiser, ExportedPredictor, denoiser_spec, export_onnx, is_current
-from indis.export.onnx_export import spec_from_onnx
+from indis.export.onnx_export import spec_from_onnx, verify_export
 from indis.export.ort_backend import OrtModel
 
 
@@ -120,3 +121,89 @@ class _IgnoresSigma(torch.nn.Module):
 def test_models_without_per_sample_sigma_are_refused(model: torch.nn.Module, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         denoiser_spec(model, (4,))
+
+
+# ----------------------------------------------------------------------------------------------- integrity
+def _copy(exported: dict, tmp_path, name: str = "unet") -> Path:
+    import shutil
+
+    dst = tmp_path / f"{name}.onnx"
+    shutil.copy(exported["dir"] / f"{name}.onnx", dst)
+    return dst
+
+
+def _poke(path, at: float, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    i = int(len(raw) * at)
+    raw[i:i + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", ["one flipped bit", "64 overwritten bytes", "metadata edit"])
+def test_a_damaged_export_is_refused_by_every_backend(exported: dict, tmp_path, damage: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from indis.export import load_denoiser
+
+    path = _copy(exported, tmp_path)
+    verify_export(path)
+    if damage == "one flipped bit":
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        path.write_bytes(bytes(raw))
+    elif damage == "64 overwritten bytes":
+        _poke(path, 0.6, b"\xff" * 64)
+    else:
+        raw = path.read_bytes()
+        assert raw.count(b'"batch_max": ') <= 1 and b"indis.batch_max" in raw
+        path.write_bytes(raw.replace(b"indis.batch_max\x12\x0216", b"indis.batch_max\x12\x0299"))
+        assert path.read_bytes() != raw
+    with pytest.raises(ValueError, match="corrupt"):
+        OrtModel(path)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_denoiser(exported["unet"], onnx_path=path, backend="onnxruntime")
+    with caplog.at_level(logging.WARNING, logger="indis.export"):
+        model, choice = load_denoiser(exported["unet"], onnx_path=path)  # auto: a logged fall-back to torch
+    assert model is exported["unet"] and choice.backend == "torch"
+    assert any("corrupt" in r for r in choice.reasons) and "corrupt" in caplog.text
+
+
+def test_external_data_is_covered_and_verification_is_cached_by_size_and_mtime(
+        exported: dict, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from indis.export import onnx_export
+
+    path = tmp_path / "ext" / "unet.onnx"
+    export_onnx(exported["specs"]["unet"], path, external_data=True, verify=False)
+    data = path.with_name("unet.onnx.data")
+    calls = []
+    real = onnx_export._content_sha256
+    monkeypatch.setattr(onnx_export, "_content_sha256", lambda p: calls.append(p) or real(p))
+    verify_export(path)
+    verify_export(path)
+    assert len(calls) == 1  # the second call found the file unchanged
+    stat = data.stat()
+    _poke(data, 0.5, b"\x00\x01\x02\x03")
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with pytest.raises(ValueError, match="corrupt"):
+        verify_export(path)
+    assert len(calls) == 2
+
+
+def test_foreign_files_have_nothing_to_verify_and_an_unsealed_export_is_refused(exported: dict,
+                                                                                 tmp_path) -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save_model(helper.make_model(graph), str(foreign))
+    verify_export(foreign)
+    assert OrtModel(foreign).run({"x": torch.tensor([-1.0, 2.0])})[0].tolist() == [0.0, 2.0]
+    path = _copy(exported, tmp_path)
+    path.write_bytes(path.read_bytes().replace(b"indis.content_sha256", b"indis.content_sha25X"))
+    with pytest.raises(ValueError, match="no \\(single\\) content hash"):
+        OrtModel(path)
