@@ -84,7 +84,7 @@ def _content_sha256(path: Path) -> tuple[str, int | None, bool]:
             if i == 0 and os.fstat(fh.fileno()).st_size:
                 with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                     at = mm.find(_CONTENT_MARKER)
-                    indis = mm.find(b"indis.name") >= 0
+                    indis = mm.find(b"indis.") >= 0  # any indis metadata: then it must be sealed
                     if at >= 0 and mm.find(_CONTENT_MARKER, at + 1) < 0:
                         offset = at + len(_CONTENT_MARKER)
                         h.update(memoryview(mm)[:offset])
@@ -106,7 +106,8 @@ def verify_export(path: str | Path) -> None:
     """Refuse (``ValueError``) an exported file whose bytes do not match its ``indis.content_sha256``.
 
     One streaming pass over the file and its external data; a file verified before with the same sizes and
-    modification times is not hashed again. A foreign ONNX file (no indis metadata) has nothing to verify.
+    modification times is not hashed again. A foreign ONNX file (no ``indis.`` metadata key anywhere in it)
+    has nothing to verify.
     """
     path = Path(path)
     key, stamp = str(path.resolve()), _stamp(path)

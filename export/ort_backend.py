@@ -11,7 +11,6 @@ An indis export is verified against the content hash in its metadata before the 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -29,6 +28,13 @@ log = logging.getLogger("indis.export")
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 _TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
           "tensor(int32)": torch.int32, "tensor(double)": torch.float64}
+
+
+def _bindable(shape: list) -> list[int | None] | None:
+    """An output's shape as the graph declares it, the batch axis (first, symbolic) as None; None when
+    another axis is symbolic too (then its size is unknown before the run and it is not bound)."""
+    dims = [d if isinstance(d, int) and d >= 0 else None for d in shape]
+    return dims if dims and all(d is not None for d in dims[1:]) else None
 
 
 def default_providers() -> list[str]:
@@ -78,7 +84,7 @@ class OrtModel:
         self.batch_range = (int(meta.get("indis.batch_min", 1)), int(meta.get("indis.batch_max", 1 << 30)))
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self._out_specs = {n: s for n, s, _ in json.loads(meta.get("indis.outputs", "[]"))}
+        self._out_shapes = {o.name: _bindable(o.shape) for o in self.session.get_outputs()}
 
     @property
     def provider(self) -> str:
@@ -93,19 +99,21 @@ class OrtModel:
         batch = check_feeds(self.path.name, list(self.inputs), feeds, self.batch_range, "was exported for")
         feeds = {k: v.to(self.input_dtype(k)).contiguous() for k, v in feeds.items()}
         device = next(iter(feeds.values())).device
-        if device.type == "cuda" and self.provider == "CUDAExecutionProvider" and self._out_specs:
+        bindable = all(s is not None for s in self._out_shapes.values())
+        if device.type == "cuda" and self.provider == "CUDAExecutionProvider" and bindable:
             return self._run_bound(feeds, batch, device)
         out = self.session.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})
         return [torch.from_numpy(np.ascontiguousarray(o)).to(device) for o in out]
 
     def _run_bound(self, feeds: dict[str, Tensor], batch: int, device: torch.device) -> list[Tensor]:
-        """IO binding: inputs and outputs stay in torch's CUDA memory."""
+        """IO binding: inputs and outputs stay in torch's CUDA memory (outputs sized by the graph's own
+        declared shapes, never by metadata)."""
         binding = self.session.io_binding()
         for k, v in feeds.items():
             binding.bind_input(k, "cuda", device.index or 0, _NP[v.dtype], list(v.shape), v.data_ptr())
         outs = []
         for name in self.outputs:
-            shape = [batch if d == "batch" else int(d) for d in self._out_specs[name]]
+            shape = [batch if d is None else d for d in self._out_shapes[name]]
             dtype = _TORCH[self.session.get_outputs()[self.outputs.index(name)].type]
             t = torch.empty(shape, dtype=dtype, device=device)
             binding.bind_output(name, "cuda", device.index or 0, _NP[dtype], shape, t.data_ptr())

@@ -104,3 +104,12 @@ def test_a_predictor_exported_under_the_old_scale_definition_is_refused(exported
         runner.metadata = old
         with pytest.raises(ValueError, match="denoised x0"):
             ExportedPredictor(runner)
+
+
+def test_bound_outputs_are_sized_by_the_graph_not_by_metadata(exported: dict) -> None:
+    from indis.export.ort_backend import _bindable
+
+    runner = OrtModel(exported["dir"] / "unet.onnx")
+    assert runner._out_shapes == {"denoised": [None, 1, 8, 8]}  # the graph's declared shape, batch symbolic
+    assert _bindable(["batch", 3, 4]) == [None, 3, 4] and _bindable(["batch", "h", 4]) is None
+    assert _bindable([2, 3]) == [2, 3] and _bindable([]) is None
