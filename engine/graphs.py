@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .families import Denoiser, Flow, as_denoiser
+from .families import Denoiser, as_denoiser
 from .profiling import nvtx_range
-from .sampling import check_grid, make_plan, run
+from .sampling import check_finite, check_inputs, check_solver, check_state, make_plan, run
 from .schedules import Schedule, as_grid
 from .solvers import build_table
 
@@ -48,17 +48,22 @@ class GraphSampler:
     (e.g. ``"class_labels"``). Without a predictor each call passes ``sigmas`` (``[N+1]``, ``[B, N+1]`` or a
     :class:`Schedule`). ``warmup``: eager runs on a side stream before capture (compiles Triton kernels,
     creates library handles). ``clone_output``: return a copy (the graph's output buffer is overwritten by the
-    next replay).
+    next replay). ``check_output``: raise ``FloatingPointError`` naming the samples whose output holds NaN or
+    inf (eagerly also the stage where it first appears; a captured graph is checked after its replay).
+    Each call's inputs pass the same checks as ``indis.sample`` (``sampling.check_inputs``) unless the call
+    says ``validate=False``.
     """
 
     def __init__(self, model: Callable[..., Tensor] | Denoiser, solver: str = "ipndm", *,
                  predictor: nn.Module | None = None, predictor_cond: str | None = None,
                  backend: str | None = None, warmup: int = 2, clone_output: bool = True,
-                 **solver_opts) -> None:
+                 check_output: bool = False, **solver_opts) -> None:
+        check_solver(solver, solver_opts)
         self.denoiser = as_denoiser(model)
         self.solver, self.solver_opts = solver, solver_opts
         self.predictor, self.predictor_cond = predictor, predictor_cond
         self.backend, self.warmup, self.clone_output = backend, warmup, clone_output
+        self.check_output = check_output
         self.captured = 0            # number of graphs captured so far (re-captures included)
         self._cache: dict[tuple, _Entry] = {}
 
@@ -84,9 +89,11 @@ class GraphSampler:
                 entry.inputs[k].copy_(v)
         if entry.graph is not None:
             entry.graph.replay()
+            if self.check_output:
+                check_finite(entry.output, "the output")
         else:
             with torch.no_grad():
-                entry.output = self._body(entry)
+                entry.output = self._body(entry, self.check_output)
         return entry.output.clone() if self.clone_output else entry.output
 
     def invalidate(self) -> None:
@@ -101,8 +108,8 @@ class GraphSampler:
     # ------------------------------------------------------------------------------------------ helpers
     def _inputs(self, x: Tensor, sigmas: Tensor | Schedule | None, cond: dict,
                 validate: bool) -> tuple[dict[str, Tensor], tuple[bool, bool]]:
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[0] == 0:
-            raise ValueError("x must be a floating-point tensor [B, ...] with B > 0")
+        if validate or not isinstance(x, Tensor):
+            check_state(x)
         inputs = {"x": x}
         for k, v in cond.items():
             if not isinstance(v, Tensor) or v.device != x.device or v.shape[:1] != x.shape[:1]:
@@ -116,13 +123,14 @@ class GraphSampler:
         if sigmas is None:
             raise ValueError("pass sigmas ([N+1], [B, N+1] or a Schedule), or build the sampler with a "
                              "predictor")
-        shift = scale = None
-        if isinstance(sigmas, Schedule):
-            sigmas, shift, scale = sigmas.grid, sigmas.shift, sigmas.scale
-        grid = as_grid(sigmas, batch_size=x.shape[0], device=x.device)
-        family = self.denoiser.family
         if validate:
-            check_grid(grid, family.sigma_range, allow_inf_start=isinstance(family, Flow))
+            grid, shift, scale = check_inputs(self.denoiser, x, sigmas, self.solver,
+                                              solver_opts=self.solver_opts)
+        else:  # the caller vouches for the values: only shapes are arranged
+            shift = scale = None
+            if isinstance(sigmas, Schedule):
+                sigmas, shift, scale = sigmas.grid, sigmas.shift, sigmas.scale
+            grid = as_grid(sigmas, batch_size=x.shape[0], device=x.device)
         structure = torch.stack([(grid[:, -1] == 0).all(), torch.isinf(grid[:, 0]).any()])
         final_zero, infinite_start = structure.tolist()  # one sync, before the replay
         inputs["grid"] = grid.to(torch.float64)
@@ -137,7 +145,7 @@ class GraphSampler:
         modules = [m for m in (self.denoiser.net, self.predictor) if isinstance(m, nn.Module)]
         return tuple((id(t), t.data_ptr()) for m in modules for t in (*m.parameters(), *m.buffers()))
 
-    def _body(self, entry: _Entry) -> Tensor:
+    def _body(self, entry: _Entry, check_output: bool = False) -> Tensor:
         """Everything one call does, on the entry's static buffers: no host sync, no data-dependent branch."""
         x = entry.inputs["x"]
         cond = {k.removeprefix("cond."): v for k, v in entry.inputs.items() if k.startswith("cond.")}
@@ -153,7 +161,7 @@ class GraphSampler:
                                 scale=scale, final_zero=final_zero, infinite_start=infinite_start,
                                 check_finite=False, **self.solver_opts)
             plan = make_plan(den, table, x)
-        return run(plan, x, cond, backend=self.backend)
+        return run(plan, x, cond, backend=self.backend, check_output=check_output)
 
     def _capture(self, entry: _Entry) -> None:
         side = torch.cuda.Stream(device=entry.inputs["x"].device)

@@ -22,7 +22,7 @@ from indis.kernels.ragged_step import PackedTable, backend_for, fused, pack_tabl
 from .families import Denoiser, Flow, as_denoiser
 from .profiling import nvtx_range
 from .schedules import Schedule, as_grid
-from .solvers import DEFAULT_ORDER, SOLVERS, SolverTable, build_table
+from .solvers import DEFAULT_ORDER, SOLVER_OPTIONS, SOLVERS, SolverTable, build_table
 
 
 def check_grid(grid: Tensor, family_range: tuple[float, float], allow_inf_start: bool) -> None:
@@ -50,8 +50,9 @@ def check_grid(grid: Tensor, family_range: tuple[float, float], allow_inf_start:
                          f"outside the family's range [{lo:.6g}, {hi:.6g}]")
 
 
-def _per_step(name: str, value: Tensor | Sequence[float] | None, batch: int, steps: int,
-              device: torch.device) -> Tensor | None:
+def per_step(name: str, value: Tensor | Sequence[float] | None, batch: int, steps: int,
+             device: torch.device) -> Tensor | None:
+    """``shift`` / ``scale`` as a finite float64 ``[B, N]`` tensor (from ``[N]`` or ``[B, N]``), or None."""
     if value is None:
         return None
     v = torch.as_tensor(value, dtype=torch.float64, device=device)
@@ -62,6 +63,80 @@ def _per_step(name: str, value: Tensor | Sequence[float] | None, batch: int, ste
     if not torch.isfinite(v).all():
         raise ValueError(f"{name} contains NaN or inf")
     return v.expand(batch, -1)
+
+
+def check_state(x: object, name: str = "x") -> None:
+    """Raise ``ValueError`` unless ``x`` is a finite floating-point tensor ``[B, ...]`` with B > 0."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor [B, ...]")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Tensor | None,
+                   dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` for a ``[B, N+1]`` grid with ``[B, N]`` shift / scale the sampler cannot run in
+    ``dtype``: the grid must suit the family (:func:`check_grid`), scales be positive and finite in
+    ``dtype``, and every point the network can be evaluated at -- a step's grid points times ``exp(shift)``
+    of that step -- be finite and positive, with a finite network time, in ``dtype`` (a flow model's t = 1
+    start is never shifted; a final sigma = 0 is never evaluated)."""
+    check_grid(grid, den.family.sigma_range, allow_inf_start=isinstance(den.family, Flow))
+    if scale is not None:
+        if (scale <= 0).any():
+            raise ValueError("scale must be positive")
+        growth = scale.clamp(min=1).prod(dim=-1) * grid[:, 0].where(torch.isfinite(grid[:, 0]), grid[:, 1])
+        if not torch.isfinite(growth.to(dtype)).all():
+            raise ValueError(f"scale is too large for {dtype}: a scale above 1 multiplies the state at every "
+                             f"step, and the product of a row's scales times its largest sigma overflows")
+    points = torch.stack([grid[:, :-1], grid[:, 1:]])                        # [2, B, N]: a step's points
+    evaluated = points * (1.0 if shift is None else torch.exp(shift))
+    used = (points > 0) & torch.isfinite(points)
+    sigma = torch.where(used, evaluated, torch.ones_like(evaluated))
+    time = den.time(sigma)
+    ok = torch.isfinite(sigma.to(dtype)) & (sigma.to(dtype) > 0) & torch.isfinite(time.to(dtype))
+    if not ok.all():
+        k, b, n = (~ok).nonzero()[0].tolist()
+        raise ValueError(f"sample {b}, step {n}: the network would be evaluated at sigma = "
+                         f"{float(sigma[k, b, n]):.6g} (time {float(time[k, b, n]):.6g}), which is not "
+                         f"finite and positive in {dtype}; check sigmas and shift")
+
+
+def check_solver(solver: object, solver_opts: dict | None) -> None:
+    """Raise ``ValueError`` for an unknown solver or option name (values are checked by the table build)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is unknown; choose one of {SOLVERS}")
+    if solver_opts is not None and not isinstance(solver_opts, dict):
+        raise ValueError(f"solver_opts={solver_opts!r} must be a dict of option names to values")
+    unknown = set(solver_opts or {}) - set(SOLVER_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown solver options {sorted(unknown, key=str)} for solver={solver!r}; "
+                         f"known: {SOLVER_OPTIONS}")
+
+
+def check_inputs(den: Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule, solver: str, *,
+             shift: Tensor | Sequence[float] | None = None, scale: Tensor | Sequence[float] | None = None,
+             solver_opts: dict | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The checks every entry point shares (``indis.sample``, ``GraphSampler``, the batcher), before any
+    table is built: the state, the solver and its option names, the grid and shift / scale for this family
+    and the state's dtype. Returns the grid ``[B, N+1]``, shift and scale ``[B, N]`` (float64 or None)."""
+    if isinstance(sigmas, Schedule):
+        if shift is not None or scale is not None:
+            raise ValueError("sigmas is a Schedule with its own shift/scale; do not pass shift= or scale=")
+        sigmas, shift, scale = sigmas.grid, sigmas.shift, sigmas.scale
+    check_state(x)
+    check_solver(solver, solver_opts)
+    if sigmas is None:
+        raise ValueError("sigmas is required: [N+1], [B, N+1] or a Schedule")
+    if isinstance(sigmas, Tensor) and sigmas.device != x.device:
+        raise ValueError(f"sigmas is on {sigmas.device} but x is on {x.device}")
+    grid = as_grid(sigmas, batch_size=x.shape[0], device=x.device)
+    steps = grid.shape[-1] - 1
+    shift_t = per_step("shift", shift, x.shape[0], steps, x.device)
+    scale_t = per_step("scale", scale, x.shape[0], steps, x.device)
+    check_schedule(den, grid, shift_t, scale_t, x.dtype)
+    return grid, shift_t, scale_t
 
 
 @dataclass(frozen=True)
@@ -120,34 +195,11 @@ def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor |
     ``sigmas`` may be a :class:`~indis.engine.schedules.Schedule` (an INDIS predictor's output), which
     carries its own ``shift`` and ``scale``.
     """
-    if isinstance(sigmas, Schedule):
-        if shift is not None or scale is not None:
-            raise ValueError("sigmas is a Schedule with its own shift/scale; do not pass shift= or scale=")
-        sigmas, shift, scale = sigmas.grid, sigmas.shift, sigmas.scale
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise ValueError("x must be a floating-point tensor [B, ...]")
-    if x.ndim < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or inf")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is unknown; choose one of {SOLVERS}")
     den = as_denoiser(model)
-    if isinstance(sigmas, Tensor) and sigmas.device != x.device:
-        raise ValueError(f"sigmas is on {sigmas.device} but x is on {x.device}")
-    grid = as_grid(sigmas, batch_size=x.shape[0], device=x.device)
-    check_grid(grid, den.family.sigma_range, allow_inf_start=isinstance(den.family, Flow))
-    steps = grid.shape[-1] - 1
-    shift_t = _per_step("shift", shift, x.shape[0], steps, x.device)
-    scale_t = _per_step("scale", scale, x.shape[0], steps, x.device)
-    if scale_t is not None and (scale_t <= 0).any():
-        raise ValueError("scale must be positive")
-    unknown = set(solver_opts) - {"frame", "order", "variant", "corrector", "disable_corrector",
-                                  "lower_order_final"}
-    if unknown:
-        raise ValueError(f"unknown solver options {sorted(unknown)} for solver={solver!r}")
+    grid, shift, scale = check_inputs(den, x, sigmas, solver, shift=shift, scale=scale,
+                                      solver_opts=solver_opts)
     with nvtx_range("coefficients"):
-        table = build_table(solver, grid, den.family, prediction=den.prediction, shift=shift_t, scale=scale_t,
+        table = build_table(solver, grid, den.family, prediction=den.prediction, shift=shift, scale=scale,
                             **solver_opts)
         return make_plan(den, table, x)
 
@@ -160,15 +212,29 @@ def _lin(terms: tuple[tuple[int, Tensor], ...], inputs: Sequence[Tensor]) -> Ten
     return out
 
 
-def run_table(plan: Plan, x: Tensor, cond: dict | None = None,
-              callback: Callable[[dict], None] | None = None) -> Tensor:
-    """Torch reference of the generic ragged step: one model call and one linear update per stage."""
+def check_finite(t: Tensor, what: str, stage: int | None = None, step: int | None = None) -> None:
+    """Raise ``FloatingPointError`` naming the samples (rows of ``t``) that hold NaN or inf, and the stage."""
+    bad = ~torch.isfinite(t.flatten(1)).all(1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        where = "" if stage is None else f" at stage {stage} (step {step})"
+        raise FloatingPointError(f"{what} is NaN or inf{where} for sample(s) {rows[:16]}"
+                                 f"{' ...' if len(rows) > 16 else ''} of {t.shape[0]}")
+
+
+def run_table(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
+              check_output: bool = False) -> Tensor:
+    """Torch reference of the generic ragged step: one model call and one linear update per stage.
+    ``check_output``: after each stage, raise if the model output or the state is not finite (a host sync
+    per stage)."""
     cond = cond or {}
     den, history = plan.denoiser, plan.table.history
     y, stash, hist = x, x, []
     for k, st in enumerate(plan.stages):
         with nvtx_range(f"denoiser {k}"):
             raw = den.raw(y if st.in_scale is None else y * st.in_scale, st.time, **cond)
+        if check_output:
+            check_finite(raw, "the model output", k, plan.table.step_of_stage[k])
         with nvtx_range(f"step {k}"):
             h = raw if st.raw_scale is None else raw * st.raw_scale
             if st.state_scale is not None:
@@ -178,19 +244,21 @@ def run_table(plan: Plan, x: Tensor, cond: dict | None = None,
             if st.stash_terms:
                 stash = _lin(st.stash_terms, inputs)
             hist = [h, *hist][:history]
+        if check_output:
+            check_finite(y_next, "the state", k, plan.table.step_of_stage[k])
         if callback is not None:
             callback({"stage": k, "step": plan.table.step_of_stage[k], "x": y_next, "raw": raw})
         y = y_next
     return y
 
 
-def run_fused(plan: Plan, x: Tensor, cond: dict | None = None,
-              callback: Callable[[dict], None] | None = None, backend: str | None = None) -> Tensor:
+def run_fused(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
+              backend: str | None = None, check_output: bool = False) -> Tensor:
     """The sampling loop with one fused ragged step per stage (Triton, C++ or the torch reference).
 
     State, stash and history live in preallocated buffers updated in place; the stage index is a device
     tensor the kernel reads (a broadcast view of ``arange(S)``), so the loop issues no host sync and no
-    allocation besides the denoiser's own.
+    allocation besides the denoiser's own (``check_output`` adds one sync per stage, as in :func:`run_table`).
     """
     cond = cond or {}
     den, packed = plan.denoiser, plan.packed
@@ -204,8 +272,12 @@ def run_fused(plan: Plan, x: Tensor, cond: dict | None = None,
         with nvtx_range(f"denoiser {k}"):
             inp = y if packed.in_scale is None else y * packed.in_scale[:, k].view(view)
             raw = den.raw(inp, packed.time[:, k], **cond).contiguous()
+        if check_output:
+            check_finite(raw, "the model output", k, plan.table.step_of_stage[k])
         with nvtx_range(f"step {k}"):
             ragged_step(y, raw, stash, hist, packed, stage[k].expand(bsz), backend)
+        if check_output:
+            check_finite(y, "the state", k, plan.table.step_of_stage[k])
         if callback is not None:
             callback({"stage": k, "step": plan.table.step_of_stage[k], "x": y.clone(), "raw": raw})
     return y
@@ -223,19 +295,19 @@ def _needs_autograd(plan: Plan, x: Tensor) -> bool:
 
 
 def run(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
-        backend: str | None = None) -> Tensor:
+        backend: str | None = None, check_output: bool = False) -> Tensor:
     """Run a prepared plan: the fused loop when the backend has a fused step (triton on CUDA, the C++
     extension on CPU) and no gradient has to flow through the loop, else the torch reference loop."""
-    backend = backend or backend_for(x.device)
+    backend = backend_for(x.device, backend)
     if fused(backend, x.dtype) and not _needs_autograd(plan, x):
-        return run_fused(plan, x, cond, callback, backend)
-    return run_table(plan, x, cond, callback)
+        return run_fused(plan, x, cond, callback, backend, check_output)
+    return run_table(plan, x, cond, callback, check_output)
 
 
 def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule,
            solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
            cond: dict | None = None, callback: Callable[[dict], None] | None = None,
-           backend: str | None = None, **solver_opts) -> Tensor:
+           backend: str | None = None, check_output: bool = False, **solver_opts) -> Tensor:
     """Sample with per-sample grids.
 
     ``model(x, sigma[B], **cond) -> x0`` (k-diffusion convention), or a :class:`Denoiser` wrapping a VP /
@@ -248,10 +320,13 @@ def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | 
     ``variant`` (UniPC bh1/bh2), ``corrector``, ``disable_corrector``, ``lower_order_final`` -- see
     ``solvers.build_table``. ``backend``: ``"triton"`` (fused kernel, the default on CUDA), ``"native"``
     (the C++ fused step, the default on CPU where it is built) or ``"torch"`` (the reference loop);
-    ``INDIS_KERNELS`` sets the default. When gradients must flow (tuning), the reference loop runs.
+    ``INDIS_KERNELS`` sets the default; an unknown or unavailable backend is an error. When gradients must
+    flow (tuning), the reference loop runs. ``check_output``: raise ``FloatingPointError`` naming the samples
+    and the stage where the model output or the state first holds NaN or inf (one host sync per stage; off
+    by default). Inputs are checked by :func:`check_inputs`.
     """
     plan = prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts)
-    return run(plan, x, cond, callback, backend)
+    return run(plan, x, cond, callback, backend, check_output)
 
 
 # ------------------------------------------------------------------------- k-diffusion-shaped samplers
@@ -276,7 +351,8 @@ sample_ipndm = _kd("ipndm")
 sample_ipndm_v = _kd("ipndm_v")
 sample_unipc = _kd("unipc")
 
-__all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_grid", "make_plan", "prepare", "run", "run_fused",
-           "run_table", "sample",
+__all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_finite", "check_grid", "check_inputs", "check_schedule",
+           "check_solver", "check_state",
+           "make_plan", "per_step", "prepare", "run", "run_fused", "run_table", "sample",
            "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_ipndm",
            "sample_ipndm_v", "sample_unipc"]

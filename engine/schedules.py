@@ -77,7 +77,12 @@ def get_sigmas(kind: str, nfe: int, sigma_min: float, sigma_max: float, *, rho: 
         raise ValueError("final_zero=True needs nfe >= 2 (one positive step plus the step to 0)")
     u = torch.linspace(0.0, 1.0, n_pos, dtype=torch.float64)
     smin, smax = torch.tensor(sigma_min, dtype=torch.float64), torch.tensor(sigma_max, dtype=torch.float64)
+    if math.isinf(sigma_max) and not (kind in ("uniform_t", "time_quadratic") and math.isfinite(fam.t(smax))):
+        raise ValueError(f"sigma_max=inf: kind={kind!r} cannot start there; only a family whose time is "
+                         f"finite at sigma = inf (flow: t = 1) can, with uniform_t or time_quadratic")
     if kind == "edm":
+        if not 0 < rho < math.inf:
+            raise ValueError(f"rho={rho} must be positive and finite")
         a, b = smax ** (1 / rho), smin ** (1 / rho)
         sigmas = (a + u * (b - a)) ** rho
     elif kind == "logsnr":
@@ -99,6 +104,9 @@ def get_sigmas(kind: str, nfe: int, sigma_min: float, sigma_max: float, *, rho: 
     else:
         raise ValueError(f"kind={kind!r} is not one of {HEURISTICS}")
     sigmas[0], sigmas[-1] = smax, smin  # exact endpoints despite pow/exp rounding
+    if torch.isnan(sigmas).any():
+        raise ValueError(f"kind={kind!r} gives no grid between sigma_min={sigma_min} and "
+                         f"sigma_max={sigma_max} for this family")
     if final_zero:
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
     return sigmas.to(device=device, dtype=dtype)

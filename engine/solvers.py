@@ -77,6 +77,8 @@ SOLVERS = ("euler", "heun", "ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m", "unipc")
 DERIVATIVE_SOLVERS = ("heun", "ipndm", "ipndm_v")
 MAX_ORDER = {"euler": 1, "heun": 2, "ipndm": 4, "ipndm_v": 4, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 3}
 DEFAULT_ORDER = {"ipndm": 4, "ipndm_v": 4, "unipc": 2}
+#: The options a caller may pass to :func:`build_table` (the rest are for callers that vouch for the grid).
+SOLVER_OPTIONS = ("frame", "order", "variant", "corrector", "disable_corrector", "lower_order_final")
 
 # Input slots of the generic update.
 Y, STASH, H = 0, 1, 2

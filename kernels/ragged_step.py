@@ -212,31 +212,37 @@ def ragged_step_triton(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tenso
 BACKENDS = ("triton", "native", "torch")
 
 
-def backend_for(device: torch.device) -> str:
-    """``INDIS_KERNELS`` if set (triton|native|torch), else triton on CUDA, the C++ extension on CPU where it
-    is built (``indis.kernels.native``), torch elsewhere.
+def backend_for(device: torch.device, requested: str | None = None) -> str:
+    """The step backend for ``device``: ``requested`` (triton|native|torch) when given, else
+    ``INDIS_KERNELS`` if set, else triton on CUDA, the C++ extension on CPU where it is built
+    (``indis.kernels.native``), torch elsewhere. An unknown name, or a backend that cannot run on ``device``,
+    is an error naming what is missing -- never a silent switch to another backend.
 
     The triton backend on a CPU tensor needs ``TRITON_INTERPRET=1`` (set before triton kernels are defined):
     that is how the tests run the kernel without a GPU.
     """
     from indis.kernels import native
 
-    choice = os.environ.get("INDIS_KERNELS", "").strip().lower()
-    if choice and choice not in BACKENDS:
-        raise ValueError(f"INDIS_KERNELS={choice!r}: choose one of {BACKENDS}")
+    where = "backend" if requested is not None else "INDIS_KERNELS"
+    choice = requested if requested is not None else os.environ.get("INDIS_KERNELS", "").strip().lower()
+    if not isinstance(choice, str) or (choice not in BACKENDS and (choice or requested is not None)):
+        raise ValueError(f"{where}={choice!r}: choose one of {BACKENDS}")
     if not choice:
         if device.type == "cuda":
             return "triton" if triton is not None else "torch"
         return "native" if device.type == "cpu" and native.available() else "torch"
     if choice == "triton":
         if triton is None:
-            raise RuntimeError("INDIS_KERNELS=triton but the `triton` package is not installed")
+            raise RuntimeError(f"{where}=triton but the `triton` package is not installed")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f"INDIS_KERNELS=triton on {device.type}: set TRITON_INTERPRET=1 before "
-                               "importing indis to run the kernel in Triton's interpreter, or use "
-                               "INDIS_KERNELS=torch")
-    if choice == "native" and not native.available():
-        raise RuntimeError(f"INDIS_KERNELS=native: {native.REASON}")
+            raise RuntimeError(f"{where}=triton on {device.type}: Triton runs on CUDA devices (or in its "
+                               f"interpreter: set TRITON_INTERPRET=1 before importing indis); use "
+                               f"backend='torch' or 'native' here")
+    if choice == "native":
+        if device.type != "cpu":
+            raise RuntimeError(f"{where}=native: the C++ step runs on CPU tensors, not {device.type}")
+        if not native.available():
+            raise RuntimeError(f"{where}=native: {native.REASON}")
     return choice
 
 
@@ -249,7 +255,8 @@ def fused(backend: str, dtype: torch.dtype) -> bool:
 def ragged_step(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
                 step: Tensor, backend: str | None = None) -> None:
     """Advance each sample by one stage of its own table (in place); see the module docstring."""
-    backend = backend or backend_for(y.device)
+    if backend not in BACKENDS:  # None or a name to check; a valid name costs nothing more here
+        backend = backend_for(y.device, backend)
     if not fused(backend, y.dtype):
         ragged_step_torch(y, raw, stash, hist, table, step)
     elif backend == "triton":

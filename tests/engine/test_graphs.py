@@ -126,6 +126,37 @@ def test_graph_sampler_rejects_bad_inputs() -> None:
         sampler(x, sched, cond={"class_labels": torch.zeros(2)})
 
 
+def test_graph_sampler_applies_the_checks_of_sample() -> None:
+    """The same front door (``sampling.check_inputs``): NaN x_T, evaluation points and scales, solvers."""
+    sampler = GraphSampler(small_mixture(), "euler")
+    x, sched = _inputs()
+    with pytest.raises(ValueError, match="x contains NaN"):
+        sampler(x.clone().fill_(float("nan")), sched)
+    steps = sched.grid.shape[-1] - 1
+    with pytest.raises(ValueError, match="evaluated at sigma = inf"):
+        sampler(x, indis.Schedule(sched.grid, torch.full((4, steps), 1000.0, dtype=torch.float64), None))
+    with pytest.raises(ValueError, match="scale must be positive"):
+        sampler(x, indis.Schedule(sched.grid, None, -torch.ones(4, steps, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="solver='dpm_fast' is unknown"):
+        GraphSampler(small_mixture(), "dpm_fast")
+    with pytest.raises(ValueError, match="unknown solver options"):
+        GraphSampler(small_mixture(), "euler", frobnicate=1)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        GraphSampler(small_mixture(), "euler", backend="cuda")(x, sched)
+
+
+def test_graph_sampler_check_output_names_the_samples() -> None:
+    def nan_for_sample_1(x: Tensor, sigma: Tensor) -> Tensor:
+        out = small_mixture()(x, sigma)
+        out[1] = float("nan")
+        return out
+
+    x, sched = _inputs()
+    assert torch.isnan(GraphSampler(nan_for_sample_1, "euler")(x, sched)[1]).all()  # off by default
+    with pytest.raises(FloatingPointError, match=r"sample\(s\) \[1\] of 4"):
+        GraphSampler(nan_for_sample_1, "euler", check_output=True)(x, sched)
+
+
 # ----------------------------------------------------------------------------------------------- CUDA
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (runs in benchmarks/gpu_suite.sh)")
 

@@ -197,6 +197,73 @@ def test_bad_x_raises() -> None:
         indis.sample(model, x, sig.to("meta"), "euler")
 
 
+@pytest.mark.parametrize(("dtype", "kwargs", "match"), [
+    (torch.float64, {"shift": [1000.0, 0.0]}, "sample 0, step 0: the network would be evaluated at sigma = "
+                                              "inf"),
+    (torch.float32, {"shift": [0.0, -110.0]}, "step 1: .*not finite and positive in torch.float32"),
+    (torch.float32, {"scale": [1e40, 1.0]}, "scale is too large for torch.float32"),
+    (torch.float32, {"scale": [1e30, 1e30]}, "scale is too large for torch.float32"),
+    (torch.float64, {"scale": [1.0, -0.5]}, "scale must be positive"),
+    (torch.float64, {"scale": [1.0, 0.0]}, "scale must be positive"),
+])
+def test_evaluation_points_and_scales_must_be_finite_in_the_state_dtype(dtype, kwargs, match) -> None:
+    model, x, sig = _ok_args()
+    kwargs = {k: torch.tensor(v, dtype=torch.float64) for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        indis.sample(model, x.to(dtype), sig, "euler", **kwargs)
+
+
+def test_the_same_shift_and_scale_pass_in_float64() -> None:
+    model, x, sig = _ok_args()
+    shift = torch.tensor([0.0, -110.0], dtype=torch.float64)
+    out = indis.sample(model, x.double(), sig, "euler", shift=shift)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_check_output_names_the_samples_and_the_stage_of_a_nan(backend: str) -> None:
+    from indis.kernels import native
+
+    if backend == "native" and not native.available():
+        pytest.skip(native.REASON)
+    calls = []
+
+    def model(x, sigma):  # sample 2 goes NaN at the third call
+        calls.append(1)
+        out = x / (1 + sigma.view(-1, 1) ** 2)
+        if len(calls) == 3:
+            out = out.clone()
+            out[2] = float("nan")
+        return out
+
+    x = torch.randn(4, 3, dtype=torch.float64) * 80
+    sig = torch.tensor([80.0, 10.0, 1.0, 0.1, 0.002], dtype=torch.float64)
+    out = indis.sample(model, x, sig, "ipndm", backend=backend)  # off by default: the NaN passes through
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3]]).all()
+    calls.clear()
+    with pytest.raises(FloatingPointError, match=r"model output is NaN or inf at stage 2 \(step 2\) for "
+                                                 r"sample\(s\) \[2\] of 4"):
+        indis.sample(model, x, sig, "ipndm", backend=backend, check_output=True)
+    calls.clear()
+    clean = indis.sample(lambda x, s: x / (1 + s.view(-1, 1) ** 2), x, sig, "ipndm", backend=backend,
+                         check_output=True)
+    assert torch.isfinite(clean).all()
+
+
+def test_backend_names_and_availability_are_checked() -> None:
+    model, x, sig = _ok_args()
+    with pytest.raises(ValueError, match="backend='cuda': choose one of"):
+        indis.sample(model, x, sig, "euler", backend="cuda")
+    from indis.kernels.ragged_step import backend_for
+
+    with pytest.raises(RuntimeError, match="native: the C\\+\\+ step runs on CPU tensors"):
+        backend_for(torch.device("meta"), "native")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET")
+        with pytest.raises(RuntimeError, match="backend=triton on cpu: Triton runs on CUDA devices"):
+            backend_for(torch.device("cpu"), "triton")
+
+
 def test_heun_ve_frame_at_infinity_raises() -> None:
     den = Denoiser(lambda x, t: x, Flow(), "velocity", "t")
     with pytest.raises(ValueError, match="cannot start at sigma = inf"):

@@ -110,3 +110,17 @@ def test_bad_heuristic_arguments() -> None:
         indis.get_sigmas("edm", 5, 10.0, 0.1)
     with pytest.raises(ValueError, match="nfe"):
         indis.get_sigmas("edm", 0, 0.1, 10.0)
+
+
+def test_get_sigmas_refuses_what_has_no_grid() -> None:
+    import math
+
+    with pytest.raises(ValueError, match="sigma_max=inf: kind='edm' cannot start there"):
+        indis.get_sigmas("edm", 5, 0.002, math.inf)
+    with pytest.raises(ValueError, match="sigma_max=inf: kind='uniform_t'"):
+        indis.get_sigmas("uniform_t", 5, 0.002, math.inf)  # VE time is sigma: no finite start
+    flow = indis.get_sigmas("uniform_t", 4, 0.002, math.inf, family="flow")
+    assert math.isinf(flow[0]) and torch.isfinite(flow[1:]).all()
+    for rho in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="rho"):
+            indis.get_sigmas("edm", 5, 0.002, 80.0, rho=rho)
