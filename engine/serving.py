@@ -49,10 +49,10 @@ from indis.kernels.ragged_step import PackedTable, backend_for, fused, ragged_st
 
 from .allocation import NFEChooser
 from .families import Denoiser, as_denoiser
-from .sampling import check_grid
+from .sampling import check_inputs, check_solver, check_state
 from .schedules import HEURISTICS, Schedule, get_sigmas
 from .solvers import build_table
-from .teacher import noise_from_seeds
+from .teacher import initial_state, noise_from_seeds
 
 log = logging.getLogger("indis.serving")
 MAX_HISTORY = 3   # iPNDM order 4 and UniPC order 3 keep 3 older outputs
@@ -62,10 +62,12 @@ MAX_HISTORY = 3   # iPNDM order 4 and UniPC order 3 keep 3 older outputs
 class Request:
     """One sample to generate.
 
-    ``x_T`` (``[*shape]``, already at the grid's first noise level) or ``seed`` (``x_T = sigma_max *
-    noise_from_seeds(seed)``); ``schedule``: a heuristic name (``edm``, ``logsnr``, ...), ``"predictor"``
-    (the batcher's INDIS predictor for this NFE and solver), an explicit ``[N+1]`` grid or a
-    :class:`Schedule`; ``cond``: per-sample condition values (e.g. ``{"class_labels": 3}``). ``nfe="auto"``:
+    ``x_T`` (``[*shape]``, already at the grid's first noise level, in the model family's coordinate) or
+    ``seed`` (``x_T = teacher.initial_state(noise_from_seeds(seed), sigma_max, family)``: ``sigma_max`` times
+    the noise for VE, its VP / flow scaling otherwise); ``schedule``: a heuristic name (``edm``,
+    ``logsnr``, ...), ``"predictor"`` (the batcher's INDIS predictor for this NFE and solver), an explicit
+    ``[N+1]`` grid or a :class:`Schedule`; ``cond``: per-sample condition values (e.g.
+    ``{"class_labels": 3}``; None: none). ``nfe="auto"``:
     the batcher's :class:`~indis.engine.allocation.NFEChooser` picks it from x_T (and the condition) at
     admission; the future then carries it as ``future.nfe``.
     """
@@ -101,6 +103,15 @@ def _opts_key(opts: dict) -> tuple:
         kind = tuple(type(e).__name__ for e in v) if isinstance(v, tuple) else type(v).__name__
         items.append((k, kind, v))  # 2 and 2.0 (or 1 and True) hash alike but are different options
     return tuple(items)
+
+
+def _as_value_error(e: Exception) -> ValueError:
+    """A request's validation failure as ``ValueError`` (the original as its ``__cause__``)."""
+    if isinstance(e, ValueError):
+        return e
+    error = ValueError(_describe(e))
+    error.__cause__ = e
+    return error
 
 
 def _describe(e: BaseException) -> str:
@@ -148,7 +159,11 @@ class ContinuousBatcher:
         self.predictors, self.predictor_cond, self.chooser = dict(predictors or {}), predictor_cond, chooser
         self.conditions = dict(conditions or {})
         self.max_stages, self.max_waiting, self.policy = max_stages, max_waiting, policy
-        self.device, self.dtype, self.backend = torch.device(device), dtype, backend
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"dtype={dtype}: the pool holds samples in a floating-point dtype (float16, "
+                             f"bfloat16, float32 or float64)")
+        self.device, self.dtype = torch.device(device), dtype
+        self.backend = backend_for(self.device, backend)
         width = 3 + MAX_HISTORY
         c = capacity
         self.y = torch.zeros(c, *self.shape, device=self.device, dtype=dtype)
@@ -355,10 +370,9 @@ class ContinuousBatcher:
         torch twin); None for a device pool or the triton kernel (run interpreted on CPU)."""
         if self.device.type != "cpu":
             return None
-        backend = self.backend or backend_for(self.device)
-        if backend == "triton":
+        if self.backend == "triton":
             return None
-        return ragged_step_advance_native if fused(backend, self.dtype) else ragged_step_advance_torch
+        return ragged_step_advance_native if fused(self.backend, self.dtype) else ragged_step_advance_torch
 
     def _advance_host_counters(self, n: int) -> tuple[int, list[int], list[int]]:
         """After ``ragged_step`` (device pools, triton): advance ``self.step`` and the host copies of the live
@@ -397,11 +411,16 @@ class ContinuousBatcher:
             return
         n = len(self.live)
         if deliver:
-            results = self.y[torch.tensor(gone, device=self.device)].unbind(0) if error is None else None
+            if error is None:
+                rows = self.y[torch.tensor(gone, device=self.device)]
+                finite = torch.isfinite(rows.flatten(1)).all(1).tolist()  # nothing non-finite is a result
+                results = rows.unbind(0)
             for k, i in enumerate(gone):
                 fut = self.live[i].future
-                if error is not None:
-                    self._fail(fut, error)
+                if error is not None or not finite[k]:
+                    self._fail(fut, error or FloatingPointError(
+                        "the sample became NaN or inf (a non-finite model output, or a schedule whose scale "
+                        "overflows the pool's dtype); it is not delivered"))
                     continue
                 try:
                     fut.set_result(results[k])
@@ -460,7 +479,7 @@ class ContinuousBatcher:
                 key = (req.solver, req.nfe, _opts_key(req.solver_opts), item[2] is not None,
                        item[1] if isinstance(item[1], tuple) else None)
             except Exception as e:  # noqa: BLE001 - bad inputs fail this request alone
-                self._fail(fut, e if isinstance(e, ValueError) else ValueError(_describe(e)))
+                self._fail(fut, _as_value_error(e))
                 continue
             groups.setdefault(key, []).append((req, fut, item))
         ready = []
@@ -468,7 +487,7 @@ class ContinuousBatcher:
             try:
                 ready.append((members, *self._group_table(solver, {k: v for k, _, v in opts}, members)))
             except Exception as e:  # noqa: BLE001 - e.g. a solver option error: the group fails
-                error = e if isinstance(e, ValueError) else ValueError(_describe(e))
+                error = _as_value_error(e)
                 for _, fut, _ in members:
                     self._fail(fut, error)
         if ready:
@@ -479,26 +498,43 @@ class ContinuousBatcher:
                 self._unplace(ready, e)
 
     def _initial_state(self, req: Request) -> Tensor:
-        """The request's validated x_T (given, or sigma_max * its seed's noise), float64 on the CPU."""
+        """The request's validated x_T (given, or its seed's noise scaled to sigma_max in the model family's
+        coordinate, as ``teacher.initial_state``), float64 on the CPU; finite in the pool's dtype."""
         if (req.x_T is None) == (req.seed is None):
             raise ValueError("give exactly one of x_T and seed")
         if req.x_T is None:
-            return noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0] * self.sigma_max
-        x = torch.as_tensor(req.x_T).detach().to("cpu", torch.float64)
+            if isinstance(req.seed, bool) or not isinstance(req.seed, int) or req.seed < 0:
+                raise ValueError(f"seed={req.seed!r} must be a non-negative int")
+            noise = noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0]
+            return initial_state(noise, self.sigma_max, self.den.family)
+        try:
+            x = torch.as_tensor(req.x_T).detach().to("cpu", torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"x_T must be a tensor of shape {self.shape} ({e})") from e
         if tuple(x.shape) != self.shape:
             raise ValueError(f"x_T has shape {tuple(x.shape)}, this batcher serves {self.shape}")
-        if not torch.isfinite(x).all():
-            raise ValueError("x_T contains NaN or inf")
+        check_state(x[None].to(self.dtype), "x_T")
         return x
+
+    def _conditions(self, req: Request) -> dict[str, int]:
+        """The request's validated condition values (``None`` means none)."""
+        cond = {} if req.cond is None else req.cond
+        if not isinstance(cond, dict):
+            raise ValueError(f"cond={req.cond!r} must be a dict of condition names to ints")
+        for k, v in cond.items():
+            if k not in self.conditions:
+                raise ValueError(f"unknown condition {k!r}; this batcher takes {sorted(self.conditions)}")
+            lo, hi = self.conditions[k]
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
+                raise ValueError(f"condition {k}={v!r} must be an int in [{lo}, {hi})")
+        return dict(cond)
 
     def _choose_nfe(self, req: Request, fut: Future) -> Request:
         """``req`` with the NFE the chooser picks from its x_T (and condition), also set as ``fut.nfe``."""
         if self.chooser is None:
             raise ValueError("nfe='auto' needs a batcher built with an NFE chooser (chooser=NFEChooser(...))")
         x = self._initial_state(req)
-        c = req.cond.get(self.predictor_cond) if self.predictor_cond else None
-        if c is not None and not isinstance(c, int):
-            raise ValueError(f"condition {self.predictor_cond}={c!r} must be an int")
+        c = self._conditions(req).get(self.predictor_cond) if self.predictor_cond else None
         fut.nfe = self.chooser(x.to(self.device, torch.float32)[None],
                                None if c is None else torch.tensor([c], device=self.device))[0]
         return replace(req, nfe=fut.nfe)
@@ -511,43 +547,43 @@ class ContinuousBatcher:
             raise ValueError(f"nfe={req.nfe!r} must be an int in [1, {self.max_stages}] (this batcher's "
                              "max_stages)")
         x = self._initial_state(req)
-        for k, v in req.cond.items():
-            if k not in self.conditions:
-                raise ValueError(f"unknown condition {k!r}; this batcher takes {sorted(self.conditions)}")
-            lo, hi = self.conditions[k]
-            if not isinstance(v, int) or not lo <= v < hi:
-                raise ValueError(f"condition {k}={v!r} must be an int in [{lo}, {hi})")
-        shift = scale = None
+        cond = self._conditions(req)
+        check_solver(req.solver, req.solver_opts)
         sched = req.schedule
         if isinstance(sched, str) and sched in HEURISTICS:  # the same table for every such request: cached
             key = (req.solver, req.nfe, sched, _opts_key(req.solver_opts))
             if key not in self._tables:
                 grid = get_sigmas(sched, req.nfe, self.sigma_min, self.sigma_max, family=self.den.family)
                 self._tables[key] = self._table(req.solver, req.solver_opts, grid[None], None, None)
-            return x, key, None, None, dict(req.cond)
+            return x, key, None, None, cond
         if isinstance(sched, str) and sched == "predictor":
             phi = self.predictors.get((req.nfe, req.solver))
             if phi is None:
                 raise ValueError(f"no predictor for NFE {req.nfe} and {req.solver}; "
                                  f"have {sorted(self.predictors)}")
-            c = req.cond.get(self.predictor_cond) if self.predictor_cond else None
+            c = cond.get(self.predictor_cond) if self.predictor_cond else None
             with torch.no_grad():
                 sched = phi(x.to(self.device, torch.float32)[None],
                             None if c is None else torch.tensor([c], device=self.device))
-        if isinstance(sched, Schedule):
-            grid, shift, scale = (None if v is None else v.detach().to("cpu", torch.float64).reshape(-1)
-                                  for v in (sched.grid, sched.shift, sched.scale))
-        elif isinstance(sched, str):
+        if isinstance(sched, str):
             raise ValueError(f"schedule={sched!r}: use a heuristic {HEURISTICS}, 'predictor' or a grid")
+        if isinstance(sched, Schedule):
+            sched = Schedule(*(None if v is None else v.detach().to("cpu", torch.float64).reshape(1, -1)
+                               for v in (sched.grid, sched.shift, sched.scale)))
         else:
-            grid = torch.as_tensor(sched).detach().to("cpu", torch.float64).reshape(-1)
-        if grid.numel() != req.nfe + 1:
-            raise ValueError(f"the grid has {grid.numel()} points; NFE {req.nfe} needs {req.nfe + 1}")
-        check_grid(grid[None], self.den.family.sigma_range, allow_inf_start=False)
-        for name, v in (("shift", shift), ("scale", scale)):
-            if v is not None and (v.numel() != req.nfe or not torch.isfinite(v).all()):
-                raise ValueError(f"{name} must hold {req.nfe} finite values")
-        return x, grid, shift, scale, dict(req.cond)
+            try:
+                sched = torch.as_tensor(sched).detach().to("cpu", torch.float64).reshape(-1)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"schedule must be a heuristic name, 'predictor', a grid [N+1] or a "
+                                 f"Schedule, got {type(sched).__name__}") from e
+        grid, shift, scale = check_inputs(self.den, x[None].to(self.dtype), sched, req.solver,
+                                          solver_opts=req.solver_opts)
+        if grid.shape[-1] != req.nfe + 1:
+            raise ValueError(f"the grid has {grid.shape[-1]} points; NFE {req.nfe} needs {req.nfe + 1}")
+        if torch.isinf(grid[:, 0]).any():
+            raise ValueError("a grid starting at sigma = inf (a flow model's t = 1) is not served here; "
+                             "start at a finite sigma_max")
+        return x, grid[0], *(None if v is None else v[0] for v in (shift, scale)), cond
 
     def _table(self, solver: str, opts: dict, grids: Tensor, shift: Tensor | None,
                scale: Tensor | None) -> tuple[Tensor, Tensor, int]:

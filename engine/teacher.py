@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .families import get_family
+from .families import NoiseFamily, get_family
 
 LABEL_STREAM = 0x5EED1AB3  # offset of the label generator seed from the noise seed
 
@@ -44,7 +44,7 @@ def labels_from_seeds(seeds: Sequence[int] | Tensor, num_classes: int,
     return torch.tensor(labels, dtype=torch.long, device=device)
 
 
-def initial_state(noise: Tensor, sigma_max: float, family: str = "ve") -> Tensor:
+def initial_state(noise: Tensor, sigma_max: float, family: NoiseFamily | str = "ve") -> Tensor:
     """The sampler's start ``x_T`` in the family's coordinate: ``family.s(sigma_max) * noise``."""
     s = get_family(family).s(torch.tensor(sigma_max, dtype=torch.float64))
     return noise * float(s)

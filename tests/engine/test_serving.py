@@ -36,7 +36,7 @@ def _alone(req: Request, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     x = noise_from_seeds([req.seed], (6,), dtype=dtype) * 80.0
     sched = req.schedule if not isinstance(req.schedule, str) else indis.get_sigmas(req.schedule, req.nfe,
                                                                                     0.002, 80.0)
-    cond = {"class_labels": torch.tensor([req.cond.get("class_labels", -1)])}
+    cond = {"class_labels": torch.tensor([(req.cond or {}).get("class_labels", -1)])}
     return indis.sample(_labelled, x, sched, req.solver, cond=cond, **req.solver_opts)[0]
 
 
@@ -93,16 +93,65 @@ def test_bad_requests_fail_alone() -> None:
            Request(seed=1, cond={"class_labels": 10}), Request(seed=1, cond={"style": 1}),
            Request(seed=1, schedule="predictor"),
            Request(seed=1, nfe=3, solver="ipndm", solver_opts={"order": 4}),
-           Request(seed=1, nfe=12, solver="heun")]
-    good = [_request(i) for i in range(6)]
-    b = _batcher(capacity=4)
+           Request(seed=1, nfe=12, solver="heun"), Request(seed=1, schedule=None),
+           Request(seed=1, schedule=object()), Request(seed=1, cond=[1]), Request(seed=-1),
+           Request(seed=1, solver="dpm_fast"), Request(seed=1, solver_opts={"frobnicate": 1}),
+           Request(x_T=torch.full((6,), 1e39, dtype=torch.float64), nfe=3),  # inf in the float32 pool
+           Request(seed=1, nfe=2, schedule=indis.Schedule(torch.tensor([80.0, 1.0, 0.5]), None,
+                                                          torch.tensor([1.0, -1.0]))),
+           Request(seed=1, nfe=2, schedule=indis.Schedule(torch.tensor([80.0, 1.0, 0.5]),
+                                                          torch.tensor([1000.0, 0.0]), None))]
+    good = [_request(i) for i in range(6)] + [Request(seed=7, nfe=3, cond=None)]
+    b = _batcher(capacity=4, dtype=torch.float32)
     futures = [b.submit(r) for r in bad + good]
     while b.pending():
         b.iterate(flush=True)
     for f in futures[:len(bad)]:
         assert isinstance(f.exception(), ValueError), f.exception()
     for r, f in zip(good, futures[len(bad):], strict=True):
-        torch.testing.assert_close(f.result(), _alone(r), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(f.result(), _alone(r, torch.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_batcher_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        _batcher(dtype=torch.int64)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        _batcher(backend="cuda")
+
+
+def test_a_non_finite_result_is_never_delivered() -> None:
+    def nan_for_label_3(x, sigma, class_labels):
+        out = _labelled(x, sigma, class_labels)
+        return torch.where((class_labels == 3).view(-1, 1), torch.full_like(out, float("nan")), out)
+
+    b = ContinuousBatcher(nan_for_label_3, (6,), conditions={"class_labels": (-1, 10)}, capacity=4,
+                          dtype=torch.float64)
+    reqs = [Request(seed=i, nfe=3, cond={"class_labels": i % 5}) for i in range(10)]
+    futures = [b.submit(r) for r in reqs]
+    while b.pending():
+        b.iterate(flush=True)
+    for r, f in zip(reqs, futures, strict=True):
+        if r.cond["class_labels"] == 3:
+            assert isinstance(f.exception(), FloatingPointError), f.exception()
+        else:
+            torch.testing.assert_close(f.result(), _alone(r), rtol=1e-10, atol=1e-10)
+    assert b.stats["failed"] == 2 and b.stats["completed"] == 8
+
+
+def test_a_vp_model_served_by_seed_starts_where_the_teacher_does() -> None:
+    from indis.engine.families import Denoiser, VPLinear
+    from indis.engine.teacher import initial_state
+
+    fam = VPLinear()
+    den = Denoiser(lambda x, t: 0.1 * x, fam, "eps", "t", time_scale=999.0)
+    smax = float(fam.sigma_range[1])
+    b = ContinuousBatcher(den, (6,), capacity=4, sigma_max=smax, dtype=torch.float64)
+    out = b.run_all([Request(seed=s, nfe=4, solver="dpmpp_2m") for s in range(3)])
+    for s, o in enumerate(out):
+        x_T = initial_state(noise_from_seeds([s], (6,), dtype=torch.float64), smax, fam)
+        ref = indis.sample(den, x_T, indis.get_sigmas("edm", 4, 0.002, smax, family=fam), "dpmpp_2m")[0]
+        torch.testing.assert_close(o, ref, rtol=1e-10, atol=1e-10)
+        assert float(x_T.abs().max()) < 6  # the VP start is unit-scale noise, not sigma_max times it
 
 
 def test_denoiser_failure_fails_that_call_only() -> None:
