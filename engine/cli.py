@@ -6,18 +6,47 @@ the heuristic grids on held-out seeds (teacher MSE / PSNR). Both call the librar
 (``indis.fit_predictor``, ``indis.engine.tuning.evaluate``). ``indis export --model unet --model dit
 --predictor phi.safetensors --onnx-dir onnx --engine-dir engines`` writes ONNX files (checked against torch)
 and, where TensorRT is installed, engines -- with the TensorRT demo's flags (``indis.export``).
+
+A mistake of the user's (a bad value, a missing, corrupt or unwritable file: ``ValueError`` / ``OSError``)
+prints one line and exits with status 2, like argparse's own usage errors; any other exception is a bug and
+keeps its traceback. ``fit`` checks that ``--out`` can be written before it starts tuning.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+from .solvers import SOLVERS
+
 HELD_OUT = 1 << 20  # first held-out seed: never used for tuning (train/val seeds start at 0)
+#: Errors that are the user's to fix (a bad value, a missing or unwritable file): one line, exit status 2.
+USER_ERRORS = (ValueError, OSError)
+
+
+def check_writable(path: str | Path) -> Path:
+    """``path`` as a file this process can create (its folder made if missing), checked by writing a
+    probe file beside it -- before hours of work that would end in writing there."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        reason = "a part of its folder is a file" if isinstance(e, FileExistsError) else e.strerror or e
+        raise PermissionError(f"--out {path} cannot be written ({reason})") from e
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(f"--out {path} exists and is not writable")
+    return path
 
 
 def _fit(args: argparse.Namespace) -> None:
@@ -26,6 +55,7 @@ def _fit(args: argparse.Namespace) -> None:
     from .digits import load_backbone
     from .tuning import PHI_FIT, blind_stage_config, fit_predictor
 
+    check_writable(args.out)
     model = load_backbone(args.backbone)
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size))
                  if v is not None}
@@ -95,7 +125,7 @@ def _export(args: argparse.Namespace) -> None:
         jobs.append((name, lambda path=path, name=name: predictor_spec(Predictor.load(path), name=name,
                                                                        **batches)))
     if not jobs:
-        raise SystemExit("indis export: nothing to export (give --model and/or --predictor)")
+        raise ValueError("nothing to export (give --model and/or --predictor)")
     suffix = ".fp16.onnx" if args.fp16 else ".onnx"
     trt = tensorrt_version() if args.engine_dir else None
     if args.engine_dir and trt is None:
@@ -127,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f = sub.add_parser("fit", help="tune an INDIS predictor for a shipped digits backbone")
     f.add_argument("--backbone", choices=("unet", "dit"), default="unet")
     f.add_argument("--nfe", type=int, default=5)
-    f.add_argument("--solver", default="ipndm")
+    f.add_argument("--solver", default="ipndm", choices=SOLVERS)
     f.add_argument("--pool", type=int, default=None, help="average-pool the noise to pool x pool first")
     f.add_argument("--hidden", type=int, default=128)
     f.add_argument("--shift-bound", type=float, default=0.1)
@@ -164,7 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check")
     args = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    {"fit": _fit, "eval": _eval, "export": _export}[args.cmd](args)
+    try:
+        {"fit": _fit, "eval": _eval, "export": _export}[args.cmd](args)
+    except USER_ERRORS as e:  # the user's to fix: one line; anything else is ours and keeps its traceback
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"indis {args.cmd}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"indis {args.cmd}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,0 +1,42 @@
+"""The ``indis`` command line: a user's mistake is one line on stderr and exit status 2; ``fit`` checks its
+output path before any tuning."""
+
+from __future__ import annotations
+
+import pytest
+
+from indis.engine import cli
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["eval", "/nonexistent/phi.safetensors"], "does not exist"),
+    (["eval", "/"], "is a directory"),
+    (["fit", "--out", "/proc/phi.safetensors"], "cannot be written"),
+    (["fit", "--out", "/"], "is a directory"),
+    (["export"], "nothing to export"),
+])
+def test_user_mistakes_print_one_line_and_exit_2(argv: list[str], match: str, capsys,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import indis.engine.tuning as tuning
+
+    def no_tuning(*a, **kw):
+        raise AssertionError("tuning started before the output path was checked")
+
+    monkeypatch.setattr(tuning, "fit_predictor", no_tuning)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"indis {argv[0]}: error: ") and match in err, err
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    def broken(args):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(cli, "_export", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["export", "--model", "unet"])
+
+
+def test_check_writable_leaves_no_probe_behind(tmp_path) -> None:
+    out = cli.check_writable(tmp_path / "new" / "phi.safetensors")
+    assert out.parent.is_dir() and list(out.parent.iterdir()) == []
