@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -26,28 +27,30 @@ from .solvers import DEFAULT_ORDER, SOLVER_OPTIONS, SOLVERS, SolverTable, build_
 
 
 def check_grid(grid: Tensor, family_range: tuple[float, float], allow_inf_start: bool) -> None:
-    """Raise ``ValueError`` naming ``sigmas`` for any ``[B, N+1]`` float grid the solvers cannot use."""
-    if torch.isnan(grid).any():
+    """Raise ``ValueError`` naming ``sigmas`` for any ``[B, N+1]`` float grid the solvers cannot use (checked
+    on a host copy: one transfer, then numpy reductions -- cheaper than device ops on grids this small)."""
+    g = grid.detach().to("cpu", torch.float64).numpy()
+    if np.isnan(g).any():
         raise ValueError("sigmas contains NaN")
-    pos = grid[:, :-1]
-    if torch.isinf(grid[:, 1:]).any() or (torch.isinf(grid[:, 0]).any() and not allow_inf_start):
+    pos = g[:, :-1]
+    if np.isinf(g[:, 1:]).any() or (np.isinf(g[:, 0]).any() and not allow_inf_start):
         raise ValueError("sigmas contains inf (only a flow model's first point, t = 1, may be inf)")
-    if (pos <= 0).any() or (grid[:, -1] < 0).any():
+    if (pos <= 0).any() or (g[:, -1] < 0).any():
         raise ValueError("sigmas must be positive; only the last point may be 0")
-    diffs = torch.diff(grid, dim=-1)
+    diffs = np.diff(g, axis=-1)
     if (diffs == 0).any():
         raise ValueError("sigmas has duplicated grid points (each sample's grid must be strictly descending)")
     if (diffs > 0).any():
         raise ValueError("sigmas must be strictly descending in every row (non-monotone grid)")
-    zero_end = grid[:, -1] == 0
+    zero_end = g[:, -1] == 0
     if zero_end.any() and not zero_end.all():
         raise ValueError("sigmas: either every row ends at 0 or none does")
     lo, hi = family_range
-    finite = pos[torch.isfinite(pos)]
+    finite = pos[np.isfinite(pos)]
     slack = 1e-6  # float32 grids taken from another library's float32 tables land within this
-    if finite.numel() and (finite.min() < lo * (1 - slack) or finite.max() > hi * (1 + slack)):
-        raise ValueError(f"sigmas has values in [{float(finite.min()):.6g}, {float(finite.max()):.6g}] "
-                         f"outside the family's range [{lo:.6g}, {hi:.6g}]")
+    if finite.size and (finite.min() < lo * (1 - slack) or finite.max() > hi * (1 + slack)):
+        raise ValueError(f"sigmas has values in [{finite.min():.6g}, {finite.max():.6g}] outside the "
+                         f"family's range [{lo:.6g}, {hi:.6g}]")
 
 
 def per_step(name: str, value: Tensor | Sequence[float] | None, batch: int, steps: int,
@@ -78,29 +81,49 @@ def check_state(x: object, name: str = "x") -> None:
 def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Tensor | None,
                    dtype: torch.dtype) -> None:
     """Raise ``ValueError`` for a ``[B, N+1]`` grid with ``[B, N]`` shift / scale the sampler cannot run in
-    ``dtype``: the grid must suit the family (:func:`check_grid`), scales be positive and finite in
-    ``dtype``, and every point the network can be evaluated at -- a step's grid points times ``exp(shift)``
-    of that step -- be finite and positive, with a finite network time, in ``dtype`` (a flow model's t = 1
-    start is never shifted; a final sigma = 0 is never evaluated)."""
+    ``dtype``: the grid must suit the family (:func:`check_grid`), scales be positive and their product over
+    the steps times the largest sigma finite in ``dtype`` (a scale above 1 multiplies the state at every
+    step), and every point the network can be evaluated at -- a step's grid points times ``exp(shift)`` of
+    that step -- be finite and positive, with a finite network time, in ``dtype`` (a flow model's t = 1 start
+    is never shifted; a final sigma = 0 is never evaluated). Checked on host copies, like the grid."""
     check_grid(grid, den.family.sigma_range, allow_inf_start=isinstance(den.family, Flow))
-    if scale is not None:
-        if (scale <= 0).any():
-            raise ValueError("scale must be positive")
-        growth = scale.clamp(min=1).prod(dim=-1) * grid[:, 0].where(torch.isfinite(grid[:, 0]), grid[:, 1])
-        if not torch.isfinite(growth.to(dtype)).all():
-            raise ValueError(f"scale is too large for {dtype}: a scale above 1 multiplies the state at every "
-                             f"step, and the product of a row's scales times its largest sigma overflows")
-    points = torch.stack([grid[:, :-1], grid[:, 1:]])                        # [2, B, N]: a step's points
-    evaluated = points * (1.0 if shift is None else torch.exp(shift))
-    used = (points > 0) & torch.isfinite(points)
-    sigma = torch.where(used, evaluated, torch.ones_like(evaluated))
-    time = den.time(sigma)
-    ok = torch.isfinite(sigma.to(dtype)) & (sigma.to(dtype) > 0) & torch.isfinite(time.to(dtype))
-    if not ok.all():
-        k, b, n = (~ok).nonzero()[0].tolist()
-        raise ValueError(f"sample {b}, step {n}: the network would be evaluated at sigma = "
-                         f"{float(sigma[k, b, n]):.6g} (time {float(time[k, b, n]):.6g}), which is not "
-                         f"finite and positive in {dtype}; check sigmas and shift")
+    g = grid.detach().to("cpu", torch.float64).numpy()
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        if scale is not None:
+            sc = scale.detach().to("cpu", torch.float64).numpy()
+            if (sc <= 0).any():
+                raise ValueError("scale must be positive")
+            largest = np.where(np.isfinite(g[:, 0]), g[:, 0], g[:, 1])
+            if not np.all(np.prod(np.maximum(sc, 1), axis=-1) * largest <= torch.finfo(dtype).max):
+                raise ValueError(f"scale is too large for {dtype}: a scale above 1 multiplies the state at "
+                                 f"every step, and the product of a row's scales times its largest sigma "
+                                 f"overflows")
+        if shift is None:  # the grid's own points
+            points = evaluated = g
+        else:              # [2, B, N]: each step's two points, shifted by that step's shift
+            points = np.stack([g[:, :-1], g[:, 1:]])
+            evaluated = points * np.exp(shift.detach().to("cpu", torch.float64).numpy())
+    used = (points > 0) & np.isfinite(points)
+    if not used.any():
+        return
+    # The network time is monotone in sigma, so the extreme evaluation points decide.
+    ends = np.array([evaluated[used].min(), evaluated[used].max()])
+    if _usable(den, ends, dtype, grid.device).all():
+        return
+    bad = used & ~_usable(den, np.where(used, evaluated, 1.0), dtype, grid.device)  # masked: any fill works
+    where = tuple(np.argwhere(bad)[0])
+    step = f"grid point {where[-1]}" if shift is None else f"step {where[-1]}"
+    raise ValueError(f"sample {where[-2]}, {step}: the network would be evaluated at sigma = "
+                     f"{float(evaluated[where]):.6g}, which is not finite and positive in {dtype} or has no "
+                     f"finite network time there; check sigmas and shift")
+
+
+def _usable(den: Denoiser, sigma: np.ndarray, dtype: torch.dtype, device: torch.device) -> np.ndarray:
+    """Per point: ``sigma`` stays finite and nonzero rounded to ``dtype``, and so does its network time."""
+    fi = torch.finfo(dtype)
+    time = den.time(torch.as_tensor(sigma, dtype=torch.float64, device=device)).detach().cpu().numpy()
+    with np.errstate(invalid="ignore"):
+        return (sigma <= fi.max) & (sigma > fi.smallest_normal * fi.eps / 2) & (np.abs(time) <= fi.max)
 
 
 def check_solver(solver: object, solver_opts: dict | None) -> None:
