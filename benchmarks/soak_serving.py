@@ -2,7 +2,7 @@
 
 A background batcher (``ContinuousBatcher.start``) serves ``--requests`` requests submitted by 1..4 client
 threads with random (exponential) gaps. The stream mixes every way a request can be given -- seeds and
-explicit ``x_T``; heuristic names, explicit grids, INDIS :class:`Schedule` s with shift/scale and the
+explicit ``x_T``; heuristic names, explicit grids, INDIS :class:`Schedule` s with shift and/or scale and the
 batcher's predictor; seven solvers with their options (list-valued ones included); class labels -- with:
 
 * bad requests (about 10 %: NFE 10**6, NaN or wrongly shaped ``x_T``, unknown solver or option, a schedule
@@ -114,8 +114,10 @@ def make_case(i: int, rng: random.Random) -> Case:
         raw = torch.randn(1, nfe + 1, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
         grid = indis.grid_from_logits(raw, SIGMA_MIN, SIGMA_MAX)[0]
         gen = torch.Generator().manual_seed(i + 1)
-        schedule = indis.Schedule(grid, 0.05 * torch.randn(nfe, generator=gen, dtype=torch.float64),
-                                  1 + 0.02 * torch.randn(nfe, generator=gen, dtype=torch.float64))
+        shift = 0.05 * torch.randn(nfe, generator=gen, dtype=torch.float64)
+        scale = 1 + 0.02 * torch.randn(nfe, generator=gen, dtype=torch.float64)
+        schedule = indis.Schedule(grid, *rng.choice(((shift, scale), (shift, None), (None, scale),
+                                                    (None, None))))
     elif u < 0.4:
         schedule, solver, nfe, opts = "predictor", "ipndm", PREDICTOR_NFE, {}
     req = Request(seed=i, nfe=nfe, solver=solver, schedule=schedule, cond={"class_labels": label},

@@ -477,13 +477,13 @@ class ContinuousBatcher:
                 req = self._choose_nfe(req, fut) if req.nfe == "auto" else req
                 item = self._prepare(req)
                 key = (req.solver, req.nfe, _opts_key(req.solver_opts), item[2] is not None,
-                       item[1] if isinstance(item[1], tuple) else None)
+                       item[3] is not None, item[1] if isinstance(item[1], tuple) else None)
             except Exception as e:  # noqa: BLE001 - bad inputs fail this request alone
                 self._fail(fut, _as_value_error(e))
                 continue
             groups.setdefault(key, []).append((req, fut, item))
         ready = []
-        for (solver, _, opts, _, _), members in groups.items():
+        for (solver, _, opts, *_), members in groups.items():
             try:
                 ready.append((members, *self._group_table(solver, {k: v for k, _, v in opts}, members)))
             except Exception as e:  # noqa: BLE001 - e.g. a solver option error: the group fails
@@ -608,7 +608,8 @@ class ContinuousBatcher:
         return rows.to(self.device, self.rows.dtype), time.to(self.device), s
 
     def _group_table(self, solver: str, opts: dict, members: list) -> tuple[Tensor, Tensor, int]:
-        """A group's tables: the cached heuristic one (expanded) or theirs, built together."""
+        """A group's tables: the cached heuristic one (expanded) or theirs, built together (a group's members
+        all have a shift, or none does; the same for the scale: both are part of the group key)."""
         first = members[0][2][1]
         if isinstance(first, tuple):  # a cached heuristic table, shared by the whole group
             rows, time, s = self._tables[first]

@@ -112,6 +112,17 @@ def test_bad_requests_fail_alone() -> None:
         torch.testing.assert_close(f.result(), _alone(r, torch.float32), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 2, 1, 0), (1, 3, 0, 2)])
+def test_schedules_with_and_without_shift_or_scale_are_never_mixed_up(order: tuple[int, ...]) -> None:
+    grid = indis.get_sigmas("edm", 5, 0.002, 80.0)
+    ones = torch.ones(5, dtype=torch.float64)
+    schedules = [indis.Schedule(grid, None, None), indis.Schedule(grid, None, 0.9 * ones),
+                 indis.Schedule(grid, 0.05 * ones, None), indis.Schedule(grid, 0.05 * ones, 0.9 * ones)]
+    reqs = [Request(seed=1, nfe=5, schedule=schedules[i]) for i in order]
+    for r, out in zip(reqs, _batcher(capacity=8).run_all(reqs), strict=True):
+        torch.testing.assert_close(out, _alone(r), rtol=1e-10, atol=1e-10)
+
+
 def test_bad_batcher_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="floating-point dtype"):
         _batcher(dtype=torch.int64)
