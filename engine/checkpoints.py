@@ -10,6 +10,7 @@ tensors the file holds.
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 import threading
@@ -40,10 +41,13 @@ def checkpoint_file(path: str | Path, what: str) -> Path:
 
 def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in a safetensors file, read from its header alone."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
 
 
 def check_shapes(build: Callable[[], nn.Module], shapes: dict[str, tuple[int, ...]], what: str) -> None:
@@ -52,7 +56,8 @@ def check_shapes(build: Callable[[], nn.Module], shapes: dict[str, tuple[int, ..
     ``build`` is called under ``torch.device("meta")``, so even an absurd configuration allocates nothing,
     and is stopped as soon as it registers far more modules and tensors than the file holds (a
     ``num_blocks`` of 10**5 is refused in milliseconds); any exception it raises is reported as an invalid
-    configuration of ``what``.
+    configuration of ``what``. Buffers that are not saved (positional tables and the like) are counted too:
+    the whole module may hold at most twice the file's elements (plus 4096).
     """
     budget, count, me = 4 * len(shapes) + 64, 0, threading.get_ident()
 
@@ -70,14 +75,20 @@ def check_shapes(build: Callable[[], nn.Module], shapes: dict[str, tuple[int, ..
     hooks = [register(count_registration) for register in registries]
     try:
         with torch.device("meta"):
-            want = {k: tuple(v.shape) for k, v in build().state_dict().items()}
-    except (TypeError, ValueError, RuntimeError, OverflowError, KeyError) as e:
-        raise ValueError(f"{what} has an invalid configuration ({e})") from e
+            module = build()
+            want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            built = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+    except Exception as e:  # noqa: BLE001 - whatever a hostile configuration makes a constructor raise
+        raise ValueError(f"{what} has an invalid configuration ({type(e).__name__}: {e})") from e
     finally:
         for h in hooks:
             h.remove()
-    if want == shapes:
+    stored = sum(math.prod(s) for s in shapes.values())
+    if want == shapes and built <= 2 * stored + 4096:
         return
+    if want == shapes:  # buffers that are not saved (e.g. positional tables) grow with the configuration
+        raise ValueError(f"{what}: its configuration builds {built} elements (buffers derived from the "
+                         f"configuration included), more than twice the {stored} its tensors hold")
     missing, extra = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
     if missing or extra:
         raise ValueError(f"{what}: its configuration does not match its tensors (missing {missing[:4]}, "

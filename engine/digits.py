@@ -438,8 +438,8 @@ def _load(name: str, weights_dir: str | Path | None) -> nn.Module:
     try:
         meta = json.loads(mpath.read_text())
         arch = dict(meta["arch"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{mpath} is not valid digits model metadata ({e})") from e
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ValueError(f"{mpath} is not valid digits model metadata ({type(e).__name__}: {e})") from e
     check_shapes(lambda: _BUILDERS[name](**arch), stored_shapes(wpath), str(wpath))
     model = _BUILDERS[name](**arch)
     model.load_state_dict(load_file(str(wpath)), strict=True)

@@ -315,13 +315,13 @@ class Predictor(_Head):
         try:
             meta = json.loads(header["indis"])
             fmt = meta.get("format")
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path} has no valid indis predictor metadata ({e})") from e
+        except (AttributeError, KeyError, TypeError, ValueError, RecursionError) as e:
+            raise ValueError(f"{path} has no valid indis predictor metadata ({type(e).__name__}: {e})") from e
         check_format(fmt, str(path))
         try:
             config = PredictorConfig.from_json(meta["config"])
-        except (KeyError, TypeError, ValueError, OverflowError) as e:
-            raise ValueError(f"{path} has no valid indis predictor metadata ({e})") from e
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError, RecursionError) as e:
+            raise ValueError(f"{path} has no valid indis predictor metadata ({type(e).__name__}: {e})") from e
         check_shapes(lambda: cls(config, base=torch.zeros(config.schedule.width)), shapes, str(path))
         tensors = load_file(str(path), device="cpu")
         if _checksum(tensors, config) != meta.get("checksum"):

@@ -128,3 +128,33 @@ def test_check_shapes_counts_only_its_own_thread_and_removes_its_hooks() -> None
     check_shapes(build_while_another_thread_builds, shapes, "linear")
     assert len(built) == 1 and len(built[0]) == 500
     assert len(torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(500)])) == 500  # no hook left
+
+
+def test_buffers_derived_from_the_configuration_count_too(tmp_path) -> None:
+    """The DiT's positional table is not saved: a larger img_resolution builds a bigger one from the
+    configuration alone -- refused before it is allocated."""
+    for f in digits.WEIGHTS_DIR.glob("digits_dit.*"):
+        shutil.copy(f, tmp_path)
+    meta_path = tmp_path / "digits_dit.json"
+    meta = json.loads(meta_path.read_text())
+    meta["arch"]["img_resolution"] = 2000
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="more than twice"):
+        digits.load_backbone("dit", weights_dir=tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deeply nested JSON", "heads 0"])
+def test_every_broken_digits_file_is_a_value_error(tmp_path, damage: str) -> None:
+    for f in digits.WEIGHTS_DIR.glob("digits_dit.*"):
+        shutil.copy(f, tmp_path)
+    weights, meta_path = tmp_path / "digits_dit.safetensors", tmp_path / "digits_dit.json"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "deeply nested JSON":
+        meta_path.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        meta = json.loads(meta_path.read_text())
+        meta["arch"]["heads"] = 0
+        meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError):
+        digits.load_backbone("dit", weights_dir=tmp_path)
