@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from indis.engine.checkpoints import checkpoint_file
+
 from .models import ExportSpec
 
 log = logging.getLogger("indis.export")
@@ -36,6 +38,9 @@ CONTENT_KEY = "indis.content_sha256"
 #: How the content hash's metadata entry is encoded (StringStringEntryProto: key = field 1, value = field 2,
 #: 64 bytes), so its value can be found in the file's bytes without parsing the model.
 _CONTENT_MARKER = b"\x0a" + bytes([len(CONTENT_KEY)]) + CONTENT_KEY.encode() + b"\x12\x40"
+#: The encoded metadata key ``indis.name`` that every indis export carries (model metadata entries only:
+#: a foreign graph may mention indis modules in node names or node metadata values).
+_NAME_MARKER = b"\x0a\x0aindis.name\x12"
 _UNSET = b"0" * 64
 _verified: dict[str, tuple[int, ...]] = {}
 _verified_lock = threading.Lock()
@@ -71,7 +76,9 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 
 def _side_files(path: Path) -> list[Path]:
-    return [path, *sorted(path.parent.glob(path.name + ".data"))]
+    """The file and its external-data side file, if any (named literally: no glob, so ``[`` is safe)."""
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.exists() else [path]
 
 
 def _content_sha256(path: Path) -> tuple[str, int | None, bool]:
@@ -84,7 +91,7 @@ def _content_sha256(path: Path) -> tuple[str, int | None, bool]:
             if i == 0 and os.fstat(fh.fileno()).st_size:
                 with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                     at = mm.find(_CONTENT_MARKER)
-                    indis = mm.find(b"indis.") >= 0  # any indis metadata: then it must be sealed
+                    indis = mm.find(_NAME_MARKER) >= 0  # an indis export: then it must be sealed
                     if at >= 0 and mm.find(_CONTENT_MARKER, at + 1) < 0:
                         offset = at + len(_CONTENT_MARKER)
                         h.update(memoryview(mm)[:offset])
@@ -99,17 +106,20 @@ def _content_sha256(path: Path) -> tuple[str, int | None, bool]:
 
 
 def _stamp(path: Path) -> tuple[int, ...]:
-    return tuple(v for p in _side_files(path) for st in [p.stat()] for v in (st.st_size, st.st_mtime_ns))
+    """What identifies a file's current bytes without reading them: size, mtime, ctime (which ``utime``
+    cannot set back) and inode, for the file and its external data."""
+    return tuple(v for p in _side_files(path) for st in [p.stat()]
+                 for v in (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
 
 
 def verify_export(path: str | Path) -> None:
     """Refuse (``ValueError``) an exported file whose bytes do not match its ``indis.content_sha256``.
 
     One streaming pass over the file and its external data; a file verified before with the same sizes and
-    modification times is not hashed again. A foreign ONNX file (no ``indis.`` metadata key anywhere in it)
-    has nothing to verify.
+    modification and change times is not hashed again. A foreign ONNX file (no ``indis.name`` metadata
+    entry) has nothing to verify.
     """
-    path = Path(path)
+    path = checkpoint_file(path, "ONNX file")  # a FIFO would block the hash forever
     key, stamp = str(path.resolve()), _stamp(path)
     with _verified_lock:
         if _verified.get(key) == stamp:
@@ -243,11 +253,13 @@ def verify_onnx(spec: ExportSpec, path: str | Path, *, fp16: bool = False,
 
 
 def is_current(spec: ExportSpec, path: str | Path, *, fp16: bool = False) -> bool:
-    """Whether ``path`` is an export of this spec (same weights, batch range and precision)."""
+    """Whether ``path`` is an intact export of this spec (content hash verified; same weights, batch range
+    and precision)."""
     path = Path(path)
     if not path.is_file():
         return False
     try:
+        verify_export(path)
         meta = spec_from_onnx(path)
     except Exception:  # noqa: BLE001 - an unreadable file is simply not current
         return False

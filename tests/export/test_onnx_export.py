@@ -186,17 +186,41 @@ def test_external_data_is_covered_and_verification_is_cached_by_size_and_mtime(
     assert len(calls) == 1  # the second call found the file unchanged
     stat = data.stat()
     _poke(data, 0.5, b"\x00\x01\x02\x03")
-    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size, mtime set back: ctime still moved
     with pytest.raises(ValueError, match="corrupt"):
         verify_export(path)
     assert len(calls) == 2
+
+
+def test_names_with_glob_characters_keep_their_external_data_covered(exported: dict, tmp_path) -> None:
+    path = tmp_path / "unet[v2].onnx"
+    export_onnx(exported["specs"]["unet"], path, external_data=True, verify=False)
+    verify_export(path)
+    _poke(path.with_name(path.name + ".data"), 0.5, b"\x00\x01\x02\x03")
+    with pytest.raises(ValueError, match="corrupt"):
+        verify_export(path)
+
+
+def test_a_corrupt_export_is_not_current_and_a_fifo_is_refused(exported: dict, tmp_path) -> None:
+    import os
+
+    spec = exported["specs"]["unet"]
+    path = tmp_path / "unet.onnx"
+    export_onnx(spec, path, verify=False)
+    assert is_current(spec, path)
+    _poke(path, 0.6, b"\xff" * 8)
+    assert not is_current(spec, path)  # so `indis export` writes it again instead of calling it up to date
+    os.mkfifo(tmp_path / "pipe.onnx")
+    with pytest.raises(ValueError, match="not a regular file"):
+        verify_export(tmp_path / "pipe.onnx")
 
 
 def test_foreign_files_have_nothing_to_verify_and_an_unsealed_export_is_refused(exported: dict,
                                                                                  tmp_path) -> None:
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+    node = helper.make_node("Relu", ["x"], ["y"], doc_string="m: indis.engine.digits.DigitsUNet")
+    graph = helper.make_graph([node], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     foreign = tmp_path / "foreign.onnx"
