@@ -79,13 +79,13 @@ def check_state(x: object, name: str = "x") -> None:
 
 
 def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Tensor | None,
-                   dtype: torch.dtype) -> None:
-    """Raise ``ValueError`` for a ``[B, N+1]`` grid with ``[B, N]`` shift / scale the sampler cannot run in
-    ``dtype``: the grid must suit the family (:func:`check_grid`), scales be positive and their product over
-    the steps times the largest sigma finite in ``dtype`` (a scale above 1 multiplies the state at every
-    step), and every point the network can be evaluated at -- a step's grid points times ``exp(shift)`` of
-    that step -- be finite and positive, with a finite network time, in ``dtype`` (a flow model's t = 1 start
-    is never shifted; a final sigma = 0 is never evaluated). Checked on host copies, like the grid."""
+                   dtype: torch.dtype, solver: str) -> None:
+    """Raise ``ValueError`` for a ``[B, N+1]`` grid with ``[B, N]`` shift / scale that ``solver`` cannot
+    run in ``dtype``: the grid must suit the family (:func:`check_grid`), scales be positive and their
+    product over the steps times the largest sigma finite in ``dtype`` (a scale above 1 multiplies the state
+    at every step), and the network time of every point the solver evaluates -- step n's sigma_n times
+    ``exp(shift_n)``, and for Heun also its sigma_{n+1} -- be finite in ``dtype`` and not rounded to 0 (a
+    flow model's t = 1 start is never shifted; sigma = 0 is never evaluated). Checked on host copies."""
     check_grid(grid, den.family.sigma_range, allow_inf_start=isinstance(den.family, Flow))
     g = grid.detach().to("cpu", torch.float64).numpy()
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
@@ -98,11 +98,10 @@ def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Ten
                 raise ValueError(f"scale is too large for {dtype}: a scale above 1 multiplies the state at "
                                  f"every step, and the product of a row's scales times its largest sigma "
                                  f"overflows")
-        if shift is None:  # the grid's own points
-            points = evaluated = g
-        else:              # [2, B, N]: each step's two points, shifted by that step's shift
-            points = np.stack([g[:, :-1], g[:, 1:]])
-            evaluated = points * np.exp(shift.detach().to("cpu", torch.float64).numpy())
+        points = np.stack([g[:, :-1], g[:, 1:]]) if solver == "heun" else g[:, :-1]  # each step's points
+        if shift is not None:
+            shift_np = shift.detach().to("cpu", torch.float64).numpy()
+        evaluated = points if shift is None else points * np.exp(shift_np)
     used = (points > 0) & np.isfinite(points)
     if not used.any():
         return
@@ -112,18 +111,20 @@ def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Ten
         return
     bad = used & ~_usable(den, np.where(used, evaluated, 1.0), dtype, grid.device)  # masked: any fill works
     where = tuple(np.argwhere(bad)[0])
-    step = f"grid point {where[-1]}" if shift is None else f"step {where[-1]}"
-    raise ValueError(f"sample {where[-2]}, {step}: the network would be evaluated at sigma = "
-                     f"{float(evaluated[where]):.6g}, which is not finite and positive in {dtype} or has no "
-                     f"finite network time there; check sigmas and shift")
+    sigma = float(evaluated[where])
+    time = float(den.time(torch.tensor(sigma, dtype=torch.float64, device=grid.device)))
+    raise ValueError(f"sample {where[-2]}, step {where[-1]}: the network would be evaluated at sigma = "
+                     f"{sigma:.6g}, time {time:.6g}, which is not finite (or rounds to 0) in {dtype}; check "
+                     f"sigmas and shift")
 
 
 def _usable(den: Denoiser, sigma: np.ndarray, dtype: torch.dtype, device: torch.device) -> np.ndarray:
-    """Per point: ``sigma`` stays finite and nonzero rounded to ``dtype``, and so does its network time."""
+    """Per point: the network time at ``sigma`` is finite in ``dtype`` and, if not 0, does not round to 0."""
     fi = torch.finfo(dtype)
     time = den.time(torch.as_tensor(sigma, dtype=torch.float64, device=device)).detach().cpu().numpy()
+    size = np.abs(time)
     with np.errstate(invalid="ignore"):
-        return (sigma <= fi.max) & (sigma > fi.smallest_normal * fi.eps / 2) & (np.abs(time) <= fi.max)
+        return (size <= fi.max) & ((size == 0) | (size > fi.smallest_normal * fi.eps / 2))
 
 
 def check_solver(solver: object, solver_opts: dict | None) -> None:
@@ -158,7 +159,7 @@ def check_inputs(den: Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Sc
     steps = grid.shape[-1] - 1
     shift_t = per_step("shift", shift, x.shape[0], steps, x.device)
     scale_t = per_step("scale", scale, x.shape[0], steps, x.device)
-    check_schedule(den, grid, shift_t, scale_t, x.dtype)
+    check_schedule(den, grid, shift_t, scale_t, x.dtype, solver)
     return grid, shift_t, scale_t
 
 

@@ -49,7 +49,7 @@ from indis.kernels.ragged_step import PackedTable, backend_for, fused, ragged_st
 
 from .allocation import NFEChooser
 from .families import Denoiser, as_denoiser
-from .sampling import check_inputs, check_solver, check_state
+from .sampling import check_inputs, check_schedule, check_solver, check_state
 from .schedules import HEURISTICS, Schedule, get_sigmas
 from .solvers import build_table
 from .teacher import initial_state, noise_from_seeds
@@ -506,7 +506,9 @@ class ContinuousBatcher:
             if isinstance(req.seed, bool) or not isinstance(req.seed, int) or req.seed < 0:
                 raise ValueError(f"seed={req.seed!r} must be a non-negative int")
             noise = noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0]
-            return initial_state(noise, self.sigma_max, self.den.family)
+            x = initial_state(noise, self.sigma_max, self.den.family)
+            check_state(x[None].to(self.dtype), f"x_T (seed {req.seed} at sigma_max {self.sigma_max})")
+            return x
         try:
             x = torch.as_tensor(req.x_T).detach().to("cpu", torch.float64)
         except (TypeError, ValueError, RuntimeError) as e:
@@ -554,6 +556,7 @@ class ContinuousBatcher:
             key = (req.solver, req.nfe, sched, _opts_key(req.solver_opts))
             if key not in self._tables:
                 grid = get_sigmas(sched, req.nfe, self.sigma_min, self.sigma_max, family=self.den.family)
+                check_schedule(self.den, grid[None], None, None, self.dtype, req.solver)
                 self._tables[key] = self._table(req.solver, req.solver_opts, grid[None], None, None)
             return x, key, None, None, cond
         if isinstance(sched, str) and sched == "predictor":

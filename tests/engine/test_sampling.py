@@ -200,7 +200,7 @@ def test_bad_x_raises() -> None:
 @pytest.mark.parametrize(("dtype", "kwargs", "match"), [
     (torch.float64, {"shift": [1000.0, 0.0]}, "sample 0, step 0: the network would be evaluated at sigma = "
                                               "inf"),
-    (torch.float32, {"shift": [0.0, -110.0]}, "step 1: .*not finite and positive in torch.float32"),
+    (torch.float32, {"shift": [0.0, -110.0]}, "step 1: .*rounds to 0\\) in torch.float32"),
     (torch.float32, {"scale": [1e40, 1.0]}, "scale is too large for torch.float32"),
     (torch.float32, {"scale": [1e30, 1e30]}, "scale is too large for torch.float32"),
     (torch.float64, {"scale": [1.0, -0.5]}, "scale must be positive"),
@@ -211,6 +211,20 @@ def test_evaluation_points_and_scales_must_be_finite_in_the_state_dtype(dtype, k
     kwargs = {k: torch.tensor(v, dtype=torch.float64) for k, v in kwargs.items()}
     with pytest.raises(ValueError, match=match):
         indis.sample(model, x.to(dtype), sig, "euler", **kwargs)
+
+
+def test_only_points_the_solver_evaluates_and_only_the_network_time_count() -> None:
+    from indis.engine.families import Flow
+
+    model = lambda x, s: x  # noqa: E731
+    x = torch.zeros(2, 3, dtype=torch.float16)
+    tiny_end = torch.tensor([10.0, 1.0, 1e-9], dtype=torch.float64)  # 1e-9 rounds to 0 in float16
+    assert torch.isfinite(indis.sample(model, x, tiny_end, "euler", backend="torch")).all()  # never evaluated
+    with pytest.raises(ValueError, match="step 1: .* rounds to 0"):
+        indis.sample(model, x, tiny_end, "heun", backend="torch")  # Heun's corrector evaluates sigma_min
+    flow = Denoiser(lambda x, t: torch.zeros_like(x), Flow(), "velocity", "t", time_scale=1000.0)
+    near_one = torch.tensor([float("inf"), 1e5, 1.0, 0.0], dtype=torch.float64)  # t = 0.99999: time 999.99
+    assert torch.isfinite(indis.sample(flow, x, near_one, "euler", backend="torch")).all()
 
 
 def test_the_same_shift_and_scale_pass_in_float64() -> None:

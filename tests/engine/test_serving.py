@@ -123,6 +123,23 @@ def test_schedules_with_and_without_shift_or_scale_are_never_mixed_up(order: tup
         torch.testing.assert_close(out, _alone(r), rtol=1e-10, atol=1e-10)
 
 
+def test_heuristic_schedules_pass_the_same_checks_before_any_model_call() -> None:
+    calls = []
+
+    def counted(x, sigma, class_labels):
+        calls.append(1)
+        return _labelled(x, sigma, class_labels)
+
+    b = ContinuousBatcher(counted, (6,), conditions={"class_labels": (-1, 10)}, dtype=torch.float16,
+                          sigma_min=1e-9, sigma_max=1e5)
+    futures = [b.submit(Request(seed=1, nfe=3, solver="heun")),
+               b.submit(Request(x_T=torch.zeros(6), nfe=3, solver="heun"))]
+    while b.pending():
+        b.iterate(flush=True)
+    assert "x_T (seed 1 at sigma_max 100000.0) contains NaN or inf" in str(futures[0].exception())
+    assert "rounds to 0" in str(futures[1].exception()) and not calls
+
+
 def test_bad_batcher_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match="floating-point dtype"):
         _batcher(dtype=torch.int64)
