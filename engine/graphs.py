@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .families import Denoiser, as_denoiser
 from .profiling import nvtx_range
-from .sampling import check_finite, check_inputs, check_solver, check_state, make_plan, run
+from .sampling import check_finite, check_inputs, check_schedule, check_solver, check_state, make_plan, run
 from .schedules import Schedule, as_grid
 from .solvers import build_table
 
@@ -51,7 +51,7 @@ class GraphSampler:
     next replay). ``check_output``: raise ``FloatingPointError`` naming the samples whose output holds NaN or
     inf (eagerly also the stage where it first appears; a captured graph is checked after its replay).
     Each call's inputs pass the same checks as ``indis.sample`` (``sampling.check_inputs``) unless the call
-    says ``validate=False``.
+    says ``validate=False``; with a predictor, its schedules' bounds are checked once per state dtype.
     """
 
     def __init__(self, model: Callable[..., Tensor] | Denoiser, solver: str = "ipndm", *,
@@ -65,6 +65,7 @@ class GraphSampler:
         self.backend, self.warmup, self.clone_output = backend, warmup, clone_output
         self.check_output = check_output
         self.captured = 0            # number of graphs captured so far (re-captures included)
+        self._bounds_checked: set[torch.dtype] = set()
         self._cache: dict[tuple, _Entry] = {}
 
     # ------------------------------------------------------------------------------------------- public
@@ -119,6 +120,9 @@ class GraphSampler:
             if sigmas is not None:
                 raise ValueError("this GraphSampler runs its predictor inside the graph: do not pass sigmas")
             sc = self.predictor.config.schedule
+            if validate and x.dtype not in self._bounds_checked:
+                self._check_predictor_bounds(x.dtype, x.device)
+                self._bounds_checked.add(x.dtype)
             return inputs, (bool(sc.final_zero), math.isinf(sc.sigma_max))
         if sigmas is None:
             raise ValueError("pass sigmas ([N+1], [B, N+1] or a Schedule), or build the sampler with a "
@@ -140,6 +144,23 @@ class GraphSampler:
                 v = torch.as_tensor(v, dtype=torch.float64, device=x.device)
                 inputs[name] = v.expand(x.shape[0], steps)
         return inputs, (final_zero, infinite_start)
+
+    def _check_predictor_bounds(self, dtype: torch.dtype, device: torch.device) -> None:
+        """The predictor's schedules are made inside the graph, where nothing can be checked without a sync;
+        but every one lies within its configuration's bounds -- a grid from sigma_max to sigma_min, shifts
+        within +-shift_bound, scales within 1 +- scale_bound -- so the extremes are checked once per dtype,
+        as ``indis.sample`` checks a schedule (``sampling.check_schedule``)."""
+        sc = self.predictor.config.schedule
+        grid = sc.init_grid().to(device).expand(2, -1)
+        bound = torch.full((2, sc.nfe), sc.shift_bound, dtype=torch.float64, device=device)
+        bound[1] *= -1
+        scale = torch.full_like(bound, 1 + sc.scale_bound)
+        try:
+            check_schedule(self.denoiser, grid, bound, scale, dtype, self.solver)
+        except ValueError as e:
+            raise ValueError(f"the predictor's bounds (sigma in [{sc.sigma_min}, {sc.sigma_max}], shift "
+                             f"within +-{sc.shift_bound}, scale within 1 +- {sc.scale_bound}) do not fit "
+                             f"{dtype}: {e}") from e
 
     def _fingerprint(self) -> tuple:
         modules = [m for m in (self.denoiser.net, self.predictor) if isinstance(m, nn.Module)]

@@ -145,6 +145,18 @@ def test_graph_sampler_applies_the_checks_of_sample() -> None:
         GraphSampler(small_mixture(), "euler", backend="cuda")(x, sched)
 
 
+def test_graph_sampler_checks_its_predictors_bounds_once_per_dtype() -> None:
+    model = small_mixture()
+    sc = indis.ScheduleConfig(nfe=4, sigma_min=0.002, sigma_max=80.0, shift_bound=12.0)
+    phi = indis.Predictor(indis.PredictorConfig(sc, "ipndm", (6,)))
+    sampler = GraphSampler(model, "ipndm", predictor=phi)
+    x, _ = _inputs()
+    assert torch.isfinite(sampler(x)).all()  # float32: 80 e^12 is fine
+    with pytest.raises(ValueError, match="predictor's bounds .* do not fit torch.float16"):
+        sampler(x.half())  # 80 e^12 = 1.3e7 overflows float16: refused before the graph runs
+    assert sampler._bounds_checked == {torch.float32}
+
+
 def test_graph_sampler_check_output_names_the_samples() -> None:
     def nan_for_sample_1(x: Tensor, sigma: Tensor) -> Tensor:
         out = small_mixture()(x, sigma)
