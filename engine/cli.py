@@ -34,8 +34,9 @@ USER_ERRORS = (ValueError, OSError)
 def check_writable(path: str | Path) -> Path:
     """``path`` as a file this process can create (its folder made if missing), checked by writing a
     probe file beside it -- before hours of work that would end in writing there."""
+    named_as_folder = str(path).endswith(("/", os.sep))
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or named_as_folder:
         raise IsADirectoryError(f"--out {path} is a directory; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -390,6 +390,10 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
     start grid, the candidates' teacher MSE and the shrink factor), ``fit_results`` (blind stage, phi stage)
     and ``blind`` (the tuned blind head, or None).
     """
+    early = _schedule_config(model, nfe, sigma_min, sigma_max, family, space, init, final_zero, shift_bound,
+                             scale_bound)  # this and the next line check the arguments before any tuning
+    PredictorConfig(early, solver, tuple(shape), backbone=backbone, hidden=hidden, depth=depth, pool=pool,
+                    blind=blind, num_classes=num_classes)
     sc, setup, (train, val), base, start = _prepare(
         model, nfe=nfe, solver=solver, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, family=family,
         space=space, init=init, final_zero=final_zero, shift_bound=shift_bound, scale_bound=scale_bound,
@@ -469,6 +473,19 @@ def _beats(loss: Tensor, null: Tensor, margin: float) -> bool:
     return bool(diff.mean() > margin * diff.std() / math.sqrt(len(diff)))
 
 
+def _schedule_config(model: Callable[..., Tensor], nfe: int, sigma_min: float, sigma_max: float,
+                     family: str | None, space: str, init: str, final_zero: bool, shift_bound: float,
+                     scale_bound: float) -> ScheduleConfig:
+    """The schedule configuration of a tuning run (the family taken from the model); cheap, so it is built
+    -- and its values checked -- before any teacher end point."""
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is unknown; choose one of {INITS}")
+    return ScheduleConfig(nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max,
+                          family=model_family(model, family), space=space,
+                          init="edm" if init == "auto" else init, final_zero=final_zero,
+                          shift_bound=shift_bound, scale_bound=scale_bound)
+
+
 def _prepare(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tuple[int, ...], sigma_min: float,
              sigma_max: float, family: str | None, space: str, init: str, final_zero: bool,
              shift_bound: float, scale_bound: float, num_classes: int, backbone: str, teacher: TeacherSpec,
@@ -476,11 +493,8 @@ def _prepare(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tupl
              init_grid: Tensor | None, solver_opts: dict):
     """What every tuning entry point does first: the schedule config (family from the model), the tuning
     data (teacher cache) and the start (``init``/``init_grid``) as a raw base vector."""
-    if init not in INITS:
-        raise ValueError(f"init={init!r} is unknown; choose one of {INITS}")
-    sc = ScheduleConfig(nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max, family=model_family(model, family),
-                        space=space, init="edm" if init == "auto" else init, final_zero=final_zero,
-                        shift_bound=shift_bound, scale_bound=scale_bound)
+    sc = _schedule_config(model, nfe, sigma_min, sigma_max, family, space, init, final_zero, shift_bound,
+                          scale_bound)
     setup = TuningSetup(model, sc, solver, tuple(shape), backbone, num_classes, teacher, num_train, num_val,
                         cache_dir, solver_opts=solver_opts)
     train, val = data if data is not None else setup.data()

@@ -224,7 +224,8 @@ def backend_for(device: torch.device, requested: str | None = None) -> str:
     from indis.kernels import native
 
     where = "backend" if requested is not None else "INDIS_KERNELS"
-    choice = requested if requested is not None else os.environ.get("INDIS_KERNELS", "").strip().lower()
+    choice = requested if requested is not None else os.environ.get("INDIS_KERNELS", "")
+    choice = choice.strip().lower() if isinstance(choice, str) else choice
     if not isinstance(choice, str) or (choice not in BACKENDS and (choice or requested is not None)):
         raise ValueError(f"{where}={choice!r}: choose one of {BACKENDS}")
     if not choice:

@@ -13,6 +13,7 @@ from indis.engine import cli
     (["eval", "/"], "is a directory"),
     (["fit", "--out", "/proc/phi.safetensors"], "cannot be written"),
     (["fit", "--out", "/"], "is a directory"),
+    (["fit", "--out", "/tmp/no-such-folder-indis/"], "is a directory"),
     (["export"], "nothing to export"),
 ])
 def test_user_mistakes_print_one_line_and_exit_2(argv: list[str], match: str, capsys,
@@ -26,6 +27,19 @@ def test_user_mistakes_print_one_line_and_exit_2(argv: list[str], match: str, ca
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"indis {argv[0]}: error: ") and match in err, err
+
+
+def test_fit_checks_its_arguments_before_building_teacher_end_points(tmp_path, capsys,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import indis.engine.tuning as tuning
+
+    def no_teacher(self):
+        raise AssertionError("teacher end points were built before the arguments were checked")
+
+    monkeypatch.setattr(tuning.TuningSetup, "data", no_teacher)
+    for bad in (["--pool", "0"], ["--hidden", "0"], ["--shift-bound", "-1"]):
+        assert cli.main(["fit", *bad, "--out", str(tmp_path / "phi.safetensors")]) == 2
+        assert capsys.readouterr().err.startswith("indis fit: error: ")
 
 
 def test_an_internal_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
