@@ -10,6 +10,8 @@ tensors the file holds.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import stat
@@ -98,4 +100,15 @@ def check_shapes(build: Callable[[], nn.Module], shapes: dict[str, tuple[int, ..
                      f"{list(want[name])} by the configuration, the file holds {list(shapes[name])})")
 
 
-__all__ = ["check_shapes", "checkpoint_file", "stored_shapes"]
+def state_checksum(tensors: dict[str, torch.Tensor], config: dict) -> str:
+    """SHA-256 over a configuration (canonical JSON) and every tensor's name and bytes: what a file's
+    checksum must cover, so that an edited configuration is detected like a flipped weight."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(t.view(torch.int16).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+    return h.hexdigest()
+
+
+__all__ = ["check_shapes", "checkpoint_file", "state_checksum", "stored_shapes"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .checkpoints import check_shapes, checkpoint_file, stored_shapes
+from .checkpoints import check_shapes, checkpoint_file, state_checksum, stored_shapes
 from .teacher import noise_from_seeds
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -441,8 +441,12 @@ def _load(name: str, weights_dir: str | Path | None) -> nn.Module:
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{mpath} is not valid digits model metadata ({type(e).__name__}: {e})") from e
     check_shapes(lambda: _BUILDERS[name](**arch), stored_shapes(wpath), str(wpath))
+    tensors = load_file(str(wpath))
+    if state_checksum(tensors, arch) != meta.get("checksum"):
+        raise ValueError(f"{wpath} and {mpath.name} are corrupt or were edited: their tensors and `arch` "
+                         f"do not match the checksum in {mpath.name}")
     model = _BUILDERS[name](**arch)
-    model.load_state_dict(load_file(str(wpath)), strict=True)
+    model.load_state_dict(tensors, strict=True)
     model.eval().requires_grad_(False)
     model.metadata = meta  # type: ignore[assignment]
     return model
@@ -649,8 +653,9 @@ def save_model(name: str, model: nn.Module, record: dict[str, Any], out: str | P
     """Write ``digits_{name}.safetensors`` and ``digits_{name}.json`` into ``out`` (default: shipped dir)."""
     wpath, mpath = _weight_paths(name, out)
     wpath.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(wpath),
-              {"format": "pt", "kind": name})
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(wpath), {"format": "pt", "kind": name})
+    record = {**record, "checksum": state_checksum(tensors, record["arch"])}
     mpath.write_text(json.dumps(record, indent=2) + "\n")
     _cached.cache_clear()
     _data_features.cache_clear()

@@ -23,7 +23,6 @@ training sample). Checkpoints are safetensors with the configuration as JSON met
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoints import check_shapes, checkpoint_file, stored_shapes
+from .checkpoints import check_shapes, checkpoint_file, state_checksum, stored_shapes
 from .families import get_family
 from .profiling import nvtx_range
 from .schedules import Schedule, Space, get_sigmas, grid_from_logits, logits_from_grid
@@ -371,13 +370,7 @@ def check_format(fmt: object, what: str) -> None:
 
 
 def _checksum(tensors: dict[str, Tensor], config: PredictorConfig) -> str:
-    """SHA-256 over the configuration (canonical JSON) and every tensor's name and bytes."""
-    h = hashlib.sha256(json.dumps(config.to_json(), sort_keys=True).encode())
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].numpy().tobytes() if tensors[k].dtype != torch.bfloat16
-                 else tensors[k].view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
+    return state_checksum(tensors, config.to_json())
 
 
 __all__ = ["FORMAT", "HEURISTICS", "PerInstanceSchedule", "Predictor", "PredictorConfig", "ScheduleConfig"]

@@ -158,3 +158,17 @@ def test_every_broken_digits_file_is_a_value_error(tmp_path, damage: str) -> Non
         meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError):
         digits.load_backbone("dit", weights_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value"), [("heads", 8), ("sigma_data", float("nan")), ("dropout", 0.5)])
+def test_digits_edits_that_keep_every_shape_fail_the_checksum(tmp_path, key: str, value: object) -> None:
+    for f in digits.WEIGHTS_DIR.glob("digits_unet.*"):
+        shutil.copy(f, tmp_path)
+    digits.load_backbone("unet", weights_dir=tmp_path)  # the untouched copy loads
+    meta_path = tmp_path / "digits_unet.json"
+    meta = json.loads(meta_path.read_text())
+    meta["arch"][key] = value
+    meta_path.write_text(json.dumps(meta))
+    digits._cached.cache_clear()
+    with pytest.raises(ValueError, match="corrupt or were edited"):
+        digits.load_backbone("unet", weights_dir=tmp_path)
