@@ -149,14 +149,15 @@ class GraphSampler:
         """The predictor's schedules are made inside the graph, where nothing can be checked without a sync;
         but every one lies within its configuration's bounds -- a grid from sigma_max to sigma_min, shifts
         within +-shift_bound, scales within 1 +- scale_bound -- so the extremes are checked once per dtype,
-        as ``indis.sample`` checks a schedule (``sampling.check_schedule``)."""
+        as ``indis.sample`` checks a schedule (``sampling.check_schedule``), counting sigma_min as evaluated
+        whatever the solver (a predicted grid may put any step's point next to it)."""
         sc = self.predictor.config.schedule
         grid = sc.init_grid().to(device).expand(2, -1)
         bound = torch.full((2, sc.nfe), sc.shift_bound, dtype=torch.float64, device=device)
         bound[1] *= -1
         scale = torch.full_like(bound, 1 + sc.scale_bound)
         try:
-            check_schedule(self.denoiser, grid, bound, scale, dtype, self.solver)
+            check_schedule(self.denoiser, grid, bound, scale, dtype, "heun")  # "heun": every grid point
         except ValueError as e:
             raise ValueError(f"the predictor's bounds (sigma in [{sc.sigma_min}, {sc.sigma_max}], shift "
                              f"within +-{sc.shift_bound}, scale within 1 +- {sc.scale_bound}) do not fit "

@@ -81,11 +81,13 @@ def check_state(x: object, name: str = "x") -> None:
 def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Tensor | None,
                    dtype: torch.dtype, solver: str) -> None:
     """Raise ``ValueError`` for a ``[B, N+1]`` grid with ``[B, N]`` shift / scale that ``solver`` cannot
-    run in ``dtype``: the grid must suit the family (:func:`check_grid`), scales be positive and their
-    product over the steps times the largest sigma finite in ``dtype`` (a scale above 1 multiplies the state
-    at every step), and the network time of every point the solver evaluates -- step n's sigma_n times
-    ``exp(shift_n)``, and for Heun also its sigma_{n+1} -- be finite in ``dtype`` and not rounded to 0 (a
-    flow model's t = 1 start is never shifted; sigma = 0 is never evaluated). Checked on host copies."""
+    run in ``dtype``: the grid must suit the family (:func:`check_grid`); scales must be positive, and their
+    product over the steps times the state's noise scale at the largest sigma (``family.s``: sigma for VE,
+    at most 1 for VP and flow) finite in ``dtype`` (a scale above 1 multiplies the state at every step);
+    the network time of every point the solver evaluates -- step n's sigma_n times ``exp(shift_n)``, and
+    for Heun also its sigma_{n+1} -- must be finite in ``dtype`` (for a network that takes sigma itself,
+    also not rounded to 0), as must the time at a flow model's t = 1 start (never shifted; sigma = 0 is
+    never evaluated). Checked on host copies."""
     check_grid(grid, den.family.sigma_range, allow_inf_start=isinstance(den.family, Flow))
     g = grid.detach().to("cpu", torch.float64).numpy()
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
@@ -93,15 +95,19 @@ def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Ten
             sc = scale.detach().to("cpu", torch.float64).numpy()
             if (sc <= 0).any():
                 raise ValueError("scale must be positive")
-            largest = np.where(np.isfinite(g[:, 0]), g[:, 0], g[:, 1])
-            if not np.all(np.prod(np.maximum(sc, 1), axis=-1) * largest <= torch.finfo(dtype).max):
+            largest = torch.from_numpy(np.where(np.isfinite(g[:, 0]), g[:, 0], g[:, 1]))
+            size = np.maximum(den.family.s(largest).numpy(), 1.0)  # the state's noise scale there
+            if not np.all(np.prod(np.maximum(sc, 1), axis=-1) * size <= torch.finfo(dtype).max):
                 raise ValueError(f"scale is too large for {dtype}: a scale above 1 multiplies the state at "
-                                 f"every step, and the product of a row's scales times its largest sigma "
-                                 f"overflows")
+                                 f"every step, and the product of a row's scales times the state's size at "
+                                 f"its largest sigma overflows")
         points = np.stack([g[:, :-1], g[:, 1:]]) if solver == "heun" else g[:, :-1]  # each step's points
         if shift is not None:
             shift_np = shift.detach().to("cpu", torch.float64).numpy()
         evaluated = points if shift is None else points * np.exp(shift_np)
+    if np.isinf(g[:, 0]).any() and not _usable(den, np.array([np.inf]), dtype, grid.device).all():
+        raise ValueError(f"sigmas starts at sigma = inf (t = 1), but this model's network time there is not "
+                         f"finite in {dtype} (a model that takes sigma itself cannot start at t = 1)")
     used = (points > 0) & np.isfinite(points)
     if not used.any():
         return
@@ -119,12 +125,27 @@ def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Ten
 
 
 def _usable(den: Denoiser, sigma: np.ndarray, dtype: torch.dtype, device: torch.device) -> np.ndarray:
-    """Per point: the network time at ``sigma`` is finite in ``dtype`` and, if not 0, does not round to 0."""
+    """Per point: the network time at ``sigma`` is finite in ``dtype``; a network that takes sigma itself
+    must not see a positive sigma rounded to 0 (t near 0 is an ordinary input of a t-input network)."""
     fi = torch.finfo(dtype)
     time = den.time(torch.as_tensor(sigma, dtype=torch.float64, device=device)).detach().cpu().numpy()
     size = np.abs(time)
     with np.errstate(invalid="ignore"):
-        return (size <= fi.max) & ((size == 0) | (size > fi.smallest_normal * fi.eps / 2))
+        ok = size <= fi.max
+        if den.time_input == "sigma":
+            ok &= (size == 0) | (size > fi.smallest_normal * fi.eps / 2)
+    return ok
+
+
+def check_coefficients(table: SolverTable, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` if a coefficient of ``table`` overflows ``dtype``, to which the loop casts them
+    (e.g. Heun's 1 / sigma_min = 1e5 in float16)."""
+    if dtype == torch.float64:
+        return
+    largest = torch.stack([t.detach().abs().amax() for t in (table.conv, table.coef, table.in_scale)]).amax()
+    if float(largest) > torch.finfo(dtype).max:
+        raise ValueError(f"{table.solver}: a coefficient of this grid ({float(largest):.4g}) overflows "
+                         f"{dtype}; use a larger sigma_min or a wider state dtype (float32)")
 
 
 def check_solver(solver: object, solver_opts: dict | None) -> None:
@@ -225,6 +246,7 @@ def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor |
     with nvtx_range("coefficients"):
         table = build_table(solver, grid, den.family, prediction=den.prediction, shift=shift, scale=scale,
                             **solver_opts)
+        check_coefficients(table, x.dtype)
         return make_plan(den, table, x)
 
 
@@ -375,8 +397,8 @@ sample_ipndm = _kd("ipndm")
 sample_ipndm_v = _kd("ipndm_v")
 sample_unipc = _kd("unipc")
 
-__all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_finite", "check_grid", "check_inputs", "check_schedule",
-           "check_solver", "check_state",
+__all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_coefficients", "check_finite", "check_grid",
+           "check_inputs", "check_schedule", "check_solver", "check_state",
            "make_plan", "per_step", "prepare", "run", "run_fused", "run_table", "sample",
            "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_ipndm",
            "sample_ipndm_v", "sample_unipc"]

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .families import FAMILIES, NoiseFamily, as_denoiser, get_family, raw_to_x0
 from .predictor import HEURISTICS, PerInstanceSchedule, Predictor, PredictorConfig, ScheduleConfig
-from .sampling import sample
+from .sampling import check_solver, sample
 from .schedules import Schedule, get_sigmas
 from .teacher import TeacherCache, TeacherSpec, TuningData
 
@@ -394,6 +394,7 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
                              scale_bound)  # this and the next line check the arguments before any tuning
     PredictorConfig(early, solver, tuple(shape), backbone=backbone, hidden=hidden, depth=depth, pool=pool,
                     blind=blind, num_classes=num_classes)
+    check_solver(solver, solver_opts)
     sc, setup, (train, val), base, start = _prepare(
         model, nfe=nfe, solver=solver, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, family=family,
         space=space, init=init, final_zero=final_zero, shift_bound=shift_bound, scale_bound=scale_bound,

@@ -15,6 +15,7 @@ remembers a verified file by path, size and modification time.
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import json
 import logging
@@ -120,6 +121,8 @@ def verify_export(path: str | Path) -> None:
     entry) has nothing to verify.
     """
     path = checkpoint_file(path, "ONNX file")  # a FIFO would block the hash forever
+    for side in _side_files(path)[1:]:
+        checkpoint_file(side, "ONNX external data file")
     key, stamp = str(path.resolve()), _stamp(path)
     with _verified_lock:
         if _verified.get(key) == stamp:
@@ -218,7 +221,7 @@ def export_onnx(spec: ExportSpec, path: str | Path, *, fp16: bool = False, opset
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
-    for f in tmp.parent.glob(tmp.name + "*"):
+    for f in tmp.parent.glob(glob.escape(tmp.name) + "*"):
         f.unlink()
     _seal(path)
     onnx.checker.check_model(str(path))

@@ -155,6 +155,11 @@ def test_graph_sampler_checks_its_predictors_bounds_once_per_dtype() -> None:
     with pytest.raises(ValueError, match="predictor's bounds .* do not fit torch.float16"):
         sampler(x.half())  # 80 e^12 = 1.3e7 overflows float16: refused before the graph runs
     assert sampler._bounds_checked == {torch.float32}
+    tiny = indis.ScheduleConfig(nfe=3, sigma_min=1e-8, sigma_max=1.0, shift_bound=0.0, scale_bound=0.0)
+    phi_tiny = indis.Predictor(indis.PredictorConfig(tiny, "euler", (6,)))
+    euler = GraphSampler(model, "euler", predictor=phi_tiny)
+    with pytest.raises(ValueError, match="sigma = 1e-08"):  # a predicted grid may evaluate next to sigma_min
+        euler(x.half())
 
 
 def test_graph_sampler_check_output_names_the_samples() -> None:

@@ -213,6 +213,9 @@ def test_a_corrupt_export_is_not_current_and_a_fifo_is_refused(exported: dict, t
     os.mkfifo(tmp_path / "pipe.onnx")
     with pytest.raises(ValueError, match="not a regular file"):
         verify_export(tmp_path / "pipe.onnx")
+    os.mkfifo(tmp_path / "unet.onnx.data")  # an external-data side file that would block the hash
+    with pytest.raises(ValueError, match="external data file .* not a regular file"):
+        verify_export(path)
 
 
 def test_foreign_files_have_nothing_to_verify_and_an_unsealed_export_is_refused(exported: dict,
