@@ -86,8 +86,9 @@ def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Ten
     at most 1 for VP and flow) finite in ``dtype`` (a scale above 1 multiplies the state at every step);
     the network time of every point the solver evaluates -- step n's sigma_n times ``exp(shift_n)``, and
     for Heun also its sigma_{n+1} -- must be finite in ``dtype`` (for a network that takes sigma itself,
-    also not rounded to 0), as must the time at a flow model's t = 1 start (never shifted; sigma = 0 is
-    never evaluated). Checked on host copies."""
+    also not rounded to 0). A flow model's t = 1 start is never shifted and is passed as it is (a network
+    that takes sigma sees sigma = inf there, by design); sigma = 0 is never evaluated. Checked on host
+    copies."""
     check_grid(grid, den.family.sigma_range, allow_inf_start=isinstance(den.family, Flow))
     g = grid.detach().to("cpu", torch.float64).numpy()
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
@@ -105,9 +106,6 @@ def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Ten
         if shift is not None:
             shift_np = shift.detach().to("cpu", torch.float64).numpy()
         evaluated = points if shift is None else points * np.exp(shift_np)
-    if np.isinf(g[:, 0]).any() and not _usable(den, np.array([np.inf]), dtype, grid.device).all():
-        raise ValueError(f"sigmas starts at sigma = inf (t = 1), but this model's network time there is not "
-                         f"finite in {dtype} (a model that takes sigma itself cannot start at t = 1)")
     used = (points > 0) & np.isfinite(points)
     if not used.any():
         return

@@ -229,8 +229,7 @@ def test_only_points_the_solver_evaluates_and_only_the_network_time_count() -> N
 
 def test_family_aware_limits_in_float16() -> None:
     """The scale bound uses the state's noise scale (a flow state stays near 1 however large sigma is); a
-    t-input network may see t near 0; a sigma-input flow network cannot start at t = 1; coefficients
-    must fit the state dtype."""
+    t-input network may see t near 0; coefficients must fit the state dtype."""
     from indis.engine.families import Flow, VPCosine
 
     x = torch.zeros(2, 3, dtype=torch.float16)
@@ -241,10 +240,6 @@ def test_family_aware_limits_in_float16() -> None:
     vp = Denoiser(lambda x, t: torch.zeros_like(x), VPCosine(), "eps", "t")
     grid = indis.get_sigmas("logsnr", 4, 2e-5, 10.0, family=VPCosine())
     assert torch.isfinite(indis.sample(vp, x, grid, "heun", backend="torch")).all()  # time 1e-8 is fine
-    sigma_input = Denoiser(lambda x, s: torch.zeros_like(x), Flow(), "velocity", "sigma")
-    with pytest.raises(ValueError, match="takes sigma itself cannot start at t = 1"):
-        indis.sample(sigma_input, x.float(), torch.tensor([float("inf"), 1.0, 0.0], dtype=torch.float64),
-                     "euler")
     with pytest.raises(ValueError, match="heun: a coefficient of this grid .* overflows torch.float16"):
         indis.sample(lambda x, s: x, x, torch.tensor([10.0, 1.0, 1e-5], dtype=torch.float64), "heun")
 
