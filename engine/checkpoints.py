@@ -52,14 +52,33 @@ def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
 
 
-def check_shapes(build: Callable[[], nn.Module], shapes: dict[str, tuple[int, ...]], what: str) -> None:
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+             "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def stored_bytes(path: str | Path) -> int:
+    """The bytes a safetensors file's tensors hold, read from its header alone."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) * _ITEMSIZE.get(f.get_slice(k).get_dtype(), 8)
+                       for k in f.keys())  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+
+
+def check_shapes(build: Callable[[], nn.Module], shapes: dict[str, tuple[int, ...]], what: str,
+                 nbytes: int | None = None) -> None:
     """Refuse (``ValueError``) a configuration whose module would not hold exactly ``shapes``.
 
     ``build`` is called under ``torch.device("meta")``, so even an absurd configuration allocates nothing,
     and is stopped as soon as it registers far more modules and tensors than the file holds (a
     ``num_blocks`` of 10**5 is refused in milliseconds); any exception it raises is reported as an invalid
     configuration of ``what``. Buffers that are not saved (positional tables and the like) are counted too:
-    the whole module may hold at most twice the file's elements (plus 4096).
+    the whole module may hold at most twice what the file holds (plus 4096 elements) -- in bytes when
+    ``nbytes`` (the file's, :func:`stored_bytes`) is given, so a file re-saved in a narrower dtype cannot
+    stretch the bound.
     """
     budget, count, me = 4 * len(shapes) + 64, 0, threading.get_ident()
 
@@ -79,18 +98,22 @@ def check_shapes(build: Callable[[], nn.Module], shapes: dict[str, tuple[int, ..
         with torch.device("meta"):
             module = build()
             want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-            built = sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+            tensors = (*module.parameters(), *module.buffers())
+            built = sum(t.numel() * (t.element_size() if nbytes is not None else 1) for t in tensors)
     except Exception as e:  # noqa: BLE001 - whatever a hostile configuration makes a constructor raise
         raise ValueError(f"{what} has an invalid configuration ({type(e).__name__}: {e})") from e
     finally:
         for h in hooks:
             h.remove()
-    stored = sum(math.prod(s) for s in shapes.values())
-    if want == shapes and built <= 2 * stored + 4096:
+    if nbytes is None:
+        stored, unit, slack = sum(math.prod(s) for s in shapes.values()), "elements", 4096
+    else:
+        stored, unit, slack = nbytes, "bytes", 4096 * 8
+    if want == shapes and built <= 2 * stored + slack:
         return
     if want == shapes:  # buffers that are not saved (e.g. positional tables) grow with the configuration
-        raise ValueError(f"{what}: its configuration builds {built} elements (buffers derived from the "
-                         f"configuration included), more than twice the {stored} its tensors hold")
+        raise ValueError(f"{what}: its configuration builds {built} {unit} (buffers derived from the "
+                         f"configuration included), more than twice the {stored} {unit} its tensors hold")
     missing, extra = sorted(set(want) - set(shapes)), sorted(set(shapes) - set(want))
     if missing or extra:
         raise ValueError(f"{what}: its configuration does not match its tensors (missing {missing[:4]}, "
@@ -111,4 +134,4 @@ def state_checksum(tensors: dict[str, torch.Tensor], config: dict) -> str:
     return h.hexdigest()
 
 
-__all__ = ["check_shapes", "checkpoint_file", "state_checksum", "stored_shapes"]
+__all__ = ["check_shapes", "checkpoint_file", "state_checksum", "stored_bytes", "stored_shapes"]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoints import check_shapes, checkpoint_file, state_checksum, stored_shapes
+from .checkpoints import check_shapes, checkpoint_file, state_checksum, stored_bytes, stored_shapes
 from .families import get_family
 from .profiling import nvtx_range
 from .schedules import Schedule, Space, get_sigmas, grid_from_logits, logits_from_grid
@@ -308,7 +308,7 @@ class Predictor(_Head):
         try:
             with safe_open(str(path), "pt") as f:
                 header = f.metadata() or {}
-            shapes = stored_shapes(path)
+            shapes, nbytes = stored_shapes(path), stored_bytes(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path} is not a readable safetensors predictor checkpoint ({e})") from e
         try:
@@ -321,7 +321,7 @@ class Predictor(_Head):
             config = PredictorConfig.from_json(meta["config"])
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError, RecursionError) as e:
             raise ValueError(f"{path} has no valid indis predictor metadata ({type(e).__name__}: {e})") from e
-        check_shapes(lambda: cls(config, base=torch.zeros(config.schedule.width)), shapes, str(path))
+        check_shapes(lambda: cls(config, base=torch.zeros(config.schedule.width)), shapes, str(path), nbytes)
         tensors = load_file(str(path), device="cpu")
         if _checksum(tensors, config) != meta.get("checksum"):
             raise ValueError(f"{path} is corrupt: its tensors or configuration do not match the checksum in "

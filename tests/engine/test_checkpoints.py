@@ -172,3 +172,18 @@ def test_digits_edits_that_keep_every_shape_fail_the_checksum(tmp_path, key: str
     digits._cached.cache_clear()
     with pytest.raises(ValueError, match="corrupt or were edited"):
         digits.load_backbone("unet", weights_dir=tmp_path)
+
+
+def test_a_file_resaved_in_a_narrower_dtype_cannot_stretch_the_bound(tmp_path) -> None:
+    from indis.engine.checkpoints import state_checksum
+
+    for f in digits.WEIGHTS_DIR.glob("digits_dit.*"):
+        shutil.copy(f, tmp_path)
+    weights, meta_path = tmp_path / "digits_dit.safetensors", tmp_path / "digits_dit.json"
+    narrow = {k: v.to(torch.uint8) for k, v in load_file(str(weights)).items()}
+    save_file(narrow, str(weights))
+    meta = json.loads(meta_path.read_text())
+    meta["checksum"] = state_checksum(narrow, meta["arch"])  # resealed: only the size rule can catch it
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="bytes .* more than twice"):
+        digits.load_backbone("dit", weights_dir=tmp_path)
