@@ -109,8 +109,7 @@ class GraphSampler:
     # ------------------------------------------------------------------------------------------ helpers
     def _inputs(self, x: Tensor, sigmas: Tensor | Schedule | None, cond: dict,
                 validate: bool) -> tuple[dict[str, Tensor], tuple[bool, bool]]:
-        if validate or not isinstance(x, Tensor):
-            check_state(x)
+        check_state(x, finite=validate)  # the shape and dtype always; the values unless the caller vouches
         inputs = {"x": x}
         for k, v in cond.items():
             if not isinstance(v, Tensor) or v.device != x.device or v.shape[:1] != x.shape[:1]:

@@ -68,13 +68,14 @@ def per_step(name: str, value: Tensor | Sequence[float] | None, batch: int, step
     return v.expand(batch, -1)
 
 
-def check_state(x: object, name: str = "x") -> None:
-    """Raise ``ValueError`` unless ``x`` is a finite floating-point tensor ``[B, ...]`` with B > 0."""
+def check_state(x: object, name: str = "x", finite: bool = True) -> None:
+    """Raise ``ValueError`` unless ``x`` is a (finite: the one check that reads the values) floating-point
+    tensor ``[B, ...]`` with B > 0."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor [B, ...]")
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"{name} must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if finite and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf")
 
 
