@@ -41,31 +41,22 @@ def checkpoint_file(path: str | Path, what: str) -> Path:
     return path
 
 
-def stored_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape in a safetensors file, read from its header alone."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
-
-
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
              "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def stored_bytes(path: str | Path) -> int:
-    """The bytes a safetensors file's tensors hold, read from its header alone."""
+def stored_tensors(path: str | Path) -> tuple[dict[str, tuple[int, ...]], int]:
+    """Every tensor's shape in a safetensors file and the bytes they hold, read from its header alone."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            return sum(math.prod(f.get_slice(k).get_shape()) * _ITEMSIZE.get(f.get_slice(k).get_dtype(), 8)
-                       for k in f.keys())  # noqa: SIM118 - not a dict
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+            shapes = {k: tuple(v.get_shape()) for k, v in slices.items()}
+            nbytes = sum(math.prod(shapes[k]) * _ITEMSIZE.get(v.get_dtype(), 8) for k, v in slices.items())
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+    return shapes, nbytes
 
 
 def check_shapes(build: Callable[[], nn.Module], shapes: dict[str, tuple[int, ...]], what: str,
@@ -77,7 +68,7 @@ def check_shapes(build: Callable[[], nn.Module], shapes: dict[str, tuple[int, ..
     ``num_blocks`` of 10**5 is refused in milliseconds); any exception it raises is reported as an invalid
     configuration of ``what``. Buffers that are not saved (positional tables and the like) are counted too:
     the whole module may hold at most twice what the file holds (plus 4096 elements) -- in bytes when
-    ``nbytes`` (the file's, :func:`stored_bytes`) is given, so a file re-saved in a narrower dtype cannot
+    ``nbytes`` (the file's, :func:`stored_tensors`) is given, so a file re-saved in a narrower dtype cannot
     stretch the bound.
     """
     budget, count, me = 4 * len(shapes) + 64, 0, threading.get_ident()
@@ -134,4 +125,4 @@ def state_checksum(tensors: dict[str, torch.Tensor], config: dict) -> str:
     return h.hexdigest()
 
 
-__all__ = ["check_shapes", "checkpoint_file", "state_checksum", "stored_bytes", "stored_shapes"]
+__all__ = ["check_shapes", "checkpoint_file", "state_checksum", "stored_tensors"]

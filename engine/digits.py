@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .checkpoints import check_shapes, checkpoint_file, state_checksum, stored_bytes, stored_shapes
+from .checkpoints import check_shapes, checkpoint_file, state_checksum, stored_tensors
 from .teacher import noise_from_seeds
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -440,7 +440,8 @@ def _load(name: str, weights_dir: str | Path | None) -> nn.Module:
         arch = dict(meta["arch"])
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         raise ValueError(f"{mpath} is not valid digits model metadata ({type(e).__name__}: {e})") from e
-    check_shapes(lambda: _BUILDERS[name](**arch), stored_shapes(wpath), str(wpath), stored_bytes(wpath))
+    shapes, nbytes = stored_tensors(wpath)
+    check_shapes(lambda: _BUILDERS[name](**arch), shapes, str(wpath), nbytes)
     tensors = load_file(str(wpath))
     if state_checksum(tensors, arch) != meta.get("checksum"):
         raise ValueError(f"{wpath} and {mpath.name} are corrupt or were edited: their tensors and `arch` "

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoints import check_shapes, checkpoint_file, state_checksum, stored_bytes, stored_shapes
+from .checkpoints import check_shapes, checkpoint_file, state_checksum, stored_tensors
 from .families import get_family
 from .profiling import nvtx_range
 from .schedules import Schedule, Space, get_sigmas, grid_from_logits, logits_from_grid
@@ -308,7 +308,7 @@ class Predictor(_Head):
         try:
             with safe_open(str(path), "pt") as f:
                 header = f.metadata() or {}
-            shapes, nbytes = stored_shapes(path), stored_bytes(path)
+            shapes, nbytes = stored_tensors(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path} is not a readable safetensors predictor checkpoint ({e})") from e
         try:

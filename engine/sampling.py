@@ -26,9 +26,10 @@ from .schedules import Schedule, as_grid
 from .solvers import DEFAULT_ORDER, SOLVER_OPTIONS, SOLVERS, SolverTable, build_table
 
 
-def check_grid(grid: Tensor, family_range: tuple[float, float], allow_inf_start: bool) -> None:
+def check_grid(grid: Tensor, family_range: tuple[float, float], allow_inf_start: bool) -> np.ndarray:
     """Raise ``ValueError`` naming ``sigmas`` for any ``[B, N+1]`` float grid the solvers cannot use (checked
-    on a host copy: one transfer, then numpy reductions -- cheaper than device ops on grids this small)."""
+    on a host copy: one transfer, then numpy reductions -- cheaper than device ops on grids this small).
+    Returns that float64 host copy."""
     g = grid.detach().to("cpu", torch.float64).numpy()
     if np.isnan(g).any():
         raise ValueError("sigmas contains NaN")
@@ -51,6 +52,7 @@ def check_grid(grid: Tensor, family_range: tuple[float, float], allow_inf_start:
     if finite.size and (finite.min() < lo * (1 - slack) or finite.max() > hi * (1 + slack)):
         raise ValueError(f"sigmas has values in [{finite.min():.6g}, {finite.max():.6g}] outside the "
                          f"family's range [{lo:.6g}, {hi:.6g}]")
+    return g
 
 
 def per_step(name: str, value: Tensor | Sequence[float] | None, batch: int, steps: int,
@@ -90,8 +92,7 @@ def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Ten
     also not rounded to 0). A flow model's t = 1 start is never shifted and is passed as it is (a network
     that takes sigma sees sigma = inf there, by design); sigma = 0 is never evaluated. Checked on host
     copies."""
-    check_grid(grid, den.family.sigma_range, allow_inf_start=isinstance(den.family, Flow))
-    g = grid.detach().to("cpu", torch.float64).numpy()
+    g = check_grid(grid, den.family.sigma_range, allow_inf_start=isinstance(den.family, Flow))
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         if scale is not None:
             sc = scale.detach().to("cpu", torch.float64).numpy()

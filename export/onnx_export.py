@@ -9,7 +9,7 @@ Integrity: ``indis.content_sha256`` in the metadata is a SHA-256 over every byte
 external-data side file, computed with that value's own 64 bytes read as zeros (the value is patched in place
 after the hash, which changes no other byte). :func:`verify_export` recomputes it in one streaming pass
 before a backend loads the file -- a flipped bit in a weight, the graph or the metadata is refused -- and
-remembers a verified file by path, size and modification time.
+remembers a verified file by path, size, modification and change time and inode.
 """
 
 from __future__ import annotations

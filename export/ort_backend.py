@@ -18,8 +18,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from indis.engine.checkpoints import checkpoint_file
-
 from .models import check_feeds
 from .onnx_export import verify_export
 
@@ -55,8 +53,7 @@ class OrtModel:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"ONNX file {self.path} does not exist (create it with `indis export`)")
-        checkpoint_file(self.path, "ONNX file")
-        verify_export(self.path)
+        verify_export(self.path)  # also refuses a directory or FIFO
         requested = list(providers or default_providers())
         available = ort.get_available_providers()
         usable = [p for p in requested if p in available]

@@ -224,14 +224,14 @@ def backend_for(device: torch.device, requested: str | None = None) -> str:
     from indis.kernels import native
 
     where = "backend" if requested is not None else "INDIS_KERNELS"
-    choice = requested if requested is not None else os.environ.get("INDIS_KERNELS", "")
+    choice = os.environ.get("INDIS_KERNELS", "") if requested is None else requested
     choice = choice.strip().lower() if isinstance(choice, str) else choice
-    if not isinstance(choice, str) or (choice not in BACKENDS and (choice or requested is not None)):
-        raise ValueError(f"{where}={choice!r}: choose one of {BACKENDS}")
-    if not choice:
+    if requested is None and not choice:  # nothing asked for: the device's default
         if device.type == "cuda":
             return "triton" if triton is not None else "torch"
         return "native" if device.type == "cpu" and native.available() else "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"{where}={choice!r}: choose one of {BACKENDS}")
     if choice == "triton":
         if triton is None:
             raise RuntimeError(f"{where}=triton but the `triton` package is not installed")
