@@ -227,7 +227,9 @@ def test_foreign_files_have_nothing_to_verify_and_an_unsealed_export_is_refused(
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     foreign = tmp_path / "foreign.onnx"
-    onnx.save_model(helper.make_model(graph), str(foreign))
+    # a pinned IR version and opset: helper.make_model's defaults can be newer than the onnxruntime beside it
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(foreign))
     verify_export(foreign)
     assert OrtModel(foreign).run({"x": torch.tensor([-1.0, 2.0])})[0].tolist() == [0.0, 2.0]
     path = _copy(exported, tmp_path)
