@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build and install the optional C++ extension indis_native (native/, CMakeLists.txt) into .venv.
+# Build and install the optional C++ extension indis_native (kernels/csrc/, CMakeLists.txt) into .venv.
 # Optional: without a C++ compiler or cmake (>= 3.18) it says why and exits 0, and indis runs without it
 # (indis.kernels.native.available() is False). A build that starts and fails exits non-zero.
-# Rebuilds only when native/, CMakeLists.txt or this script changed (stamp in .venv).
+# Rebuilds only when kernels/csrc/, CMakeLists.txt or this script changed (stamp in .venv).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=.venv/bin/python
@@ -22,7 +22,7 @@ fi
 [ -n "$cxx" ] && command -v "$cxx" >/dev/null 2>&1 || skip "no C++ compiler (c++, g++, clang++ or \$CXX)"
 
 stamp=.venv/.indis-native-built
-sources=(native/pyproject.toml native/*.cpp CMakeLists.txt .ci/build_native.sh)
+sources=(kernels/csrc/pyproject.toml kernels/csrc/*.cpp CMakeLists.txt .ci/build_native.sh)
 want="$(cat "${sources[@]}" | sha256sum | cut -d' ' -f1)"
 check='from indis.kernels.native import available; raise SystemExit(not available())'
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "$check" 2>/dev/null; then
@@ -31,7 +31,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "$check" 2>/de
 fi
 echo "build_native: building indis_native with $cxx, cmake $cmake_version"
 "$PY" -m pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.13"
-CXX="$cxx" "$PY" -m pip install --quiet --no-build-isolation ./native
+CXX="$cxx" "$PY" -m pip install --quiet --no-build-isolation ./kernels/csrc
 "$PY" -c "from indis.kernels.native import REASON, available; assert available(), REASON"
 echo "$want" > "$stamp"
 threading="$("$PY" -c 'import indis_native; print(indis_native.THREADING)')"

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from indis.engine.serving import ContinuousBatcher, Request
+from indis.engine.serving.batcher import ContinuousBatcher, Request
 from indis.kernels import native
 
 CAPACITIES = (32, 64)

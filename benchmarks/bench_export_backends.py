@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from indis.engine.digits import load_backbone
+from indis.engine.testbeds.digits import load_backbone
 from indis.export import ExportedDenoiser, denoiser_spec, export_onnx
 from indis.export.ort_backend import OrtModel
 

@@ -16,8 +16,8 @@ import time
 import torch
 
 import indis
-from indis.engine.digits import load_backbone
-from indis.engine.predictor import Predictor, PredictorConfig, ScheduleConfig
+from indis.engine.core.predictor import Predictor, PredictorConfig, ScheduleConfig
+from indis.engine.testbeds.digits import load_backbone
 
 
 def median_s(fn, repeats: int) -> float:

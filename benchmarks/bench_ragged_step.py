@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 
 import indis
-from indis.engine.sampling import prepare
+from indis.engine.core.sampling import prepare
 from indis.kernels.ragged_step import PackedTable, launch_config, ragged_step_torch, ragged_step_triton
 
 SOLVERS = {"dpmpp_2m": {}, "ipndm": {}, "unipc": {"variant": "bh2", "order": 2}}

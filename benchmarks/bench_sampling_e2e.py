@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 import indis
-from indis.engine.digits import DigitsUNet
-from indis.engine.graphs import GraphSampler
-from indis.engine.sampling import make_plan, run
-from indis.engine.solvers import build_table
+from indis.engine.core.graphs import GraphSampler
+from indis.engine.core.sampling import make_plan, run
+from indis.engine.core.solvers import build_table
+from indis.engine.testbeds.digits import DigitsUNet
 
 NFE = 5
 SHAPE = (4, 64, 64)

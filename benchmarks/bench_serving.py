@@ -1,4 +1,4 @@
-"""Continuous vs static batching on a heterogeneous request stream (mirrors ``engine/serving.py``).
+"""Continuous vs static batching on a heterogeneous request stream (mirrors ``engine/serving/batcher.py``).
 
 The project's digits UNet; each ``--nfe`` is one request stream with NFEs drawn uniformly (``3,5,7``) or with
 weights (``3:0.54,5:0.42,7:0.04``, e.g. the mix an NFE allocator chose), iPNDM, EDM grids, one seed each,
@@ -33,8 +33,8 @@ import time
 
 import torch
 
-from indis.engine.digits import load_backbone
-from indis.engine.serving import ContinuousBatcher, Request
+from indis.engine.serving.batcher import ContinuousBatcher, Request
+from indis.engine.testbeds.digits import load_backbone
 
 
 class Timed:
@@ -116,8 +116,8 @@ def serve(policy: str, requests: list[Request], arrivals: list[float], capacity:
 
 
 # The NFE shares the allocator on x_T chose at an average budget of 4 NFE on the digits UNet
-# (benchmarks/results/allocation/digits-unet.md, `python -m indis.engine.allocation`): the request stream an
-# NFE-allocating server sees.
+# (benchmarks/results/allocation/digits-unet.md, `python -m indis.engine.studies.allocation`): the request
+# stream an NFE-allocating server sees.
 ALLOCATOR_BUDGET_4 = "3:0.55,5:0.41,7:0.05"
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from indis.engine.digits import load_backbone
-from indis.engine.tuning import FitResult, fit_predictor
+from indis.engine.testbeds.digits import load_backbone
+from indis.engine.tuning.fit import FitResult, fit_predictor
 
 
 def stage_steps(r: FitResult) -> str:

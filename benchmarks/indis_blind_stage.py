@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from indis.engine.predictor import Predictor, PredictorConfig
-from indis.engine.quality import (
+from indis.engine.core.predictor import Predictor, PredictorConfig
+from indis.engine.studies.quality import (
     CHECK_MIXTURES,
     DEVELOPMENT,
     TESTBEDS,
@@ -38,7 +38,7 @@ from indis.engine.quality import (
     development_data,
     mixture_testbed,
 )
-from indis.engine.tuning import FitConfig, evaluate, fit, start_grid
+from indis.engine.tuning.fit import FitConfig, evaluate, fit, start_grid
 
 VARIANTS = ("600:3e-2:best", "600:2e-2:last", "1200:1e-2:last", "1200:2e-2:last", "1200:3e-2:last")
 LONG = "3000:1e-2:last:1024"

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from indis.engine.predictor import Predictor, PredictorConfig
-from indis.engine.quality import TESTBEDS, Testbed, mixture_testbed
-from indis.engine.tuning import FitConfig, fit, phi_from_blind, start_grid
+from indis.engine.core.predictor import Predictor, PredictorConfig
+from indis.engine.studies.quality import TESTBEDS, Testbed, mixture_testbed
+from indis.engine.tuning.fit import FitConfig, fit, phi_from_blind, start_grid
 
 
 def _curve(result) -> list[tuple[int, float]]:

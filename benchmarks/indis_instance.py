@@ -47,12 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from indis.engine.digits import fd_to_data, load_classifier
-from indis.engine.predictor import Predictor, PredictorConfig
-from indis.engine.quality import HELD_OUT, TESTBEDS, Testbed, generate
-from indis.engine.schedules import Schedule
-from indis.engine.teacher import TuningData
-from indis.engine.tuning import (
+from indis.engine.core.predictor import Predictor, PredictorConfig
+from indis.engine.core.schedules import Schedule
+from indis.engine.studies.quality import HELD_OUT, TESTBEDS, Testbed, generate
+from indis.engine.testbeds.digits import fd_to_data, load_classifier
+from indis.engine.tuning.fit import (
     BLIND_FIT,
     PHI_FIT,
     FitConfig,
@@ -63,6 +62,7 @@ from indis.engine.tuning import (
     shrink_toward_mean,
     start_grid,
 )
+from indis.engine.tuning.teacher import TuningData
 
 BIG = 8192  # tuning seeds of the "8x" variants
 

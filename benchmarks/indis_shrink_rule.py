@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from indis.engine.quality import TESTBEDS, development_data
-from indis.engine.tuning import SHRINK_FACTORS, evaluate, fit_predictor, shrink_toward_mean
+from indis.engine.studies.quality import TESTBEDS, development_data
+from indis.engine.tuning.fit import SHRINK_FACTORS, evaluate, fit_predictor, shrink_toward_mean
 
 
 def z_vs_mean(loss: torch.Tensor, null: torch.Tensor) -> float:

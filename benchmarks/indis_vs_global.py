@@ -31,12 +31,11 @@ from pathlib import Path
 
 import torch
 
-from indis.engine.predictor import Predictor, PredictorConfig, ScheduleConfig
-from indis.engine.quality import CHECK_MIXTURES, EXACT, HELD_OUT
-from indis.engine.sampling import sample
-from indis.engine.teacher import TeacherCache
-from indis.engine.testbeds import random_mixture
-from indis.engine.tuning import (
+from indis.engine.core.predictor import Predictor, PredictorConfig, ScheduleConfig
+from indis.engine.core.sampling import sample
+from indis.engine.studies.quality import CHECK_MIXTURES, EXACT, HELD_OUT
+from indis.engine.testbeds.mixtures import random_mixture
+from indis.engine.tuning.fit import (
     BLIND_FIT,
     FitConfig,
     TuningSetup,
@@ -45,6 +44,7 @@ from indis.engine.tuning import (
     sample_loss,
     start_grid,
 )
+from indis.engine.tuning.teacher import TeacherCache
 
 LONG = FitConfig(steps=3000, batch_size=1024, lr=1e-2, patience=10**9, val_every=100, progress=False)
 

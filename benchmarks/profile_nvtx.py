@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 import indis
-from indis.engine.digits import load_backbone
-from indis.engine.profiling import enabled
+from indis.engine.core.profiling import enabled
+from indis.engine.testbeds.digits import load_backbone
 
 
 def main() -> None:

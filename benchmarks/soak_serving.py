@@ -1,4 +1,4 @@
-"""Soak of the continuous batcher under faults and bad input (mirrors ``engine/serving.py``; not a test).
+"""Soak of the continuous batcher under faults and bad input (``engine/serving/batcher.py``; not a test).
 
 A background batcher (``ContinuousBatcher.start``) serves ``--requests`` requests submitted by 1..4 client
 threads with random (exponential) gaps. The stream mixes every way a request can be given -- seeds and
@@ -41,9 +41,9 @@ from pathlib import Path
 import torch
 
 import indis
-from indis.engine.convergence import small_mixture
-from indis.engine.serving import ContinuousBatcher, Request
-from indis.engine.teacher import noise_from_seeds
+from indis.engine.serving.batcher import ContinuousBatcher, Request
+from indis.engine.studies.convergence import small_mixture
+from indis.engine.tuning.teacher import noise_from_seeds
 
 SHAPE = (6,)
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0

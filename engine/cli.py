@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .solvers import SOLVERS
+from indis.engine.core.solvers import SOLVERS
 
 HELD_OUT = 1 << 20  # first held-out seed: never used for tuning (train/val seeds start at 0)
 #: Errors that are the user's to fix (a bad value, a missing or unwritable file): one line, exit status 2.
@@ -53,8 +53,8 @@ def check_writable(path: str | Path) -> Path:
 def _fit(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from .digits import load_backbone
-    from .tuning import PHI_FIT, blind_stage_config, fit_predictor
+    from indis.engine.testbeds.digits import load_backbone
+    from indis.engine.tuning.fit import PHI_FIT, blind_stage_config, fit_predictor
 
     check_writable(args.out)
     model = load_backbone(args.backbone)
@@ -79,9 +79,9 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .digits import load_backbone
-    from .predictor import HEURISTICS, Predictor, PredictorConfig, ScheduleConfig
-    from .tuning import TuningSetup, evaluate
+    from indis.engine.core.predictor import HEURISTICS, Predictor, PredictorConfig, ScheduleConfig
+    from indis.engine.testbeds.digits import load_backbone
+    from indis.engine.tuning.fit import TuningSetup, evaluate
 
     phi = Predictor.load(args.checkpoint)
     c = phi.config
@@ -107,12 +107,11 @@ def _export(args: argparse.Namespace) -> None:
     import time
     from pathlib import Path
 
+    from indis.engine.core.predictor import Predictor
+    from indis.engine.testbeds.digits import load_backbone
     from indis.export.models import denoiser_spec, predictor_spec
     from indis.export.onnx_export import export_onnx, is_current
     from indis.export.tensorrt_backend import build_engine, tensorrt_version
-
-    from .digits import load_backbone
-    from .predictor import Predictor
 
     batch_opt = args.batch_opt or min(8, args.batch_max)
     batches = {"batch_min": args.batch_min, "batch_opt": batch_opt, "batch_max": args.batch_max}

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from indis.engine.predictor import check_format
-from indis.engine.schedules import Schedule
+from indis.engine.core.predictor import check_format
+from indis.engine.core.schedules import Schedule
 
 log = logging.getLogger("indis.export")
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from indis.engine.predictor import FORMAT, Predictor
+from indis.engine.core.predictor import FORMAT, Predictor
 
 BATCH = "batch"
 

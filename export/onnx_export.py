@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from indis.engine.checkpoints import checkpoint_file
+from indis.engine.core.checkpoints import checkpoint_file
 
 from .models import ExportSpec
 

@@ -1,6 +1,6 @@
 """The fused ragged solver step: one launch advances every sample by one stage of its own coefficient table.
 
-The generic update of ``indis.engine.solvers`` (DESIGN.md invariant 2), per sample ``b`` at stage
+The generic update of ``indis.engine.core.solvers`` (DESIGN.md invariant 2), per sample ``b`` at stage
 ``s = step[b]`` of its own table::
 
     h      = conv_state * y + conv_raw * raw                  # raw output -> the solver's variable
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from indis.engine.solvers import SolverTable
+    from indis.engine.core.solvers import SolverTable
 
 try:
     import triton

@@ -6,10 +6,19 @@ k-diffusion denoiser convention, heuristic discretizations, and the INDIS schedu
 whole-call CUDA graphs (``GraphSampler``). The implementation lives in ``indis.engine``.
 """
 
-from indis.engine.families import VE, Denoiser, Flow, NoiseFamily, VPCosine, VPDiscrete, VPLinear, get_family
-from indis.engine.graphs import GraphSampler
-from indis.engine.predictor import PerInstanceSchedule, Predictor, PredictorConfig, ScheduleConfig
-from indis.engine.sampling import (
+from indis.engine.core.families import (
+    VE,
+    Denoiser,
+    Flow,
+    NoiseFamily,
+    VPCosine,
+    VPDiscrete,
+    VPLinear,
+    get_family,
+)
+from indis.engine.core.graphs import GraphSampler
+from indis.engine.core.predictor import PerInstanceSchedule, Predictor, PredictorConfig, ScheduleConfig
+from indis.engine.core.sampling import (
     Plan,
     prepare,
     run,
@@ -24,7 +33,7 @@ from indis.engine.sampling import (
     sample_ipndm_v,
     sample_unipc,
 )
-from indis.engine.schedules import (
+from indis.engine.core.schedules import (
     AYS_TABLES,
     Schedule,
     as_grid,
@@ -32,9 +41,9 @@ from indis.engine.schedules import (
     grid_from_logits,
     logits_from_grid,
 )
-from indis.engine.solvers import SOLVERS, SolverTable, build_table
-from indis.engine.teacher import TeacherCache, TeacherSpec, noise_from_seeds
-from indis.engine.tuning import FitConfig, fit_global, fit_oracle, fit_predictor
+from indis.engine.core.solvers import SOLVERS, SolverTable, build_table
+from indis.engine.tuning.fit import FitConfig, fit_global, fit_oracle, fit_predictor
+from indis.engine.tuning.teacher import TeacherCache, TeacherSpec, noise_from_seeds
 
 __version__ = "0.1.0"
 

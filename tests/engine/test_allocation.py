@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from indis.engine.allocation import NFEChooser, allocate, blind_mix, curve, fit_error_predictor
+from indis.engine.serving.allocation import NFEChooser, allocate, fit_error_predictor
+from indis.engine.studies.allocation import blind_mix, curve
 
 NFES = [3, 5, 7]
 

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from indis.engine import digits
-from indis.engine.checkpoints import check_shapes, checkpoint_file
-from indis.engine.predictor import Predictor, PredictorConfig, ScheduleConfig
+from indis.engine.core.checkpoints import check_shapes, checkpoint_file
+from indis.engine.core.predictor import Predictor, PredictorConfig, ScheduleConfig
+from indis.engine.testbeds import digits
 
 
 def _head(tmp_path: Path) -> Path:
@@ -175,7 +175,7 @@ def test_digits_edits_that_keep_every_shape_fail_the_checksum(tmp_path, key: str
 
 
 def test_a_file_resaved_in_a_narrower_dtype_cannot_stretch_the_bound(tmp_path) -> None:
-    from indis.engine.checkpoints import state_checksum
+    from indis.engine.core.checkpoints import state_checksum
 
     for f in digits.WEIGHTS_DIR.glob("digits_dit.*"):
         shutil.copy(f, tmp_path)

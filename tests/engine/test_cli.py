@@ -18,7 +18,7 @@ from indis.engine import cli
 ])
 def test_user_mistakes_print_one_line_and_exit_2(argv: list[str], match: str, capsys,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import indis.engine.tuning as tuning
+    import indis.engine.tuning.fit as tuning
 
     def no_tuning(*a, **kw):
         raise AssertionError("tuning started before the output path was checked")
@@ -31,7 +31,7 @@ def test_user_mistakes_print_one_line_and_exit_2(argv: list[str], match: str, ca
 
 def test_fit_checks_its_arguments_before_building_teacher_end_points(tmp_path, capsys,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import indis.engine.tuning as tuning
+    import indis.engine.tuning.fit as tuning
 
     def no_teacher(self):
         raise AssertionError("teacher end points were built before the arguments were checked")

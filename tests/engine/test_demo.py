@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from indis.engine import demo
-from indis.engine.quality import SHIPPED, TESTBEDS, load_heads
+from indis.engine.studies import demo
+from indis.engine.studies.quality import TESTBEDS, load_heads
+from indis.engine.testbeds.digits import SHIPPED_HEADS
 
 
 def _run(tmp_path: Path, *extra: str) -> str:
@@ -22,8 +23,9 @@ def _run(tmp_path: Path, *extra: str) -> str:
 
 
 def test_demo_with_shipped_heads(tmp_path: Path) -> None:
-    if load_heads(SHIPPED, TESTBEDS["digits-unet"](), 3) is None:
-        pytest.fail(f"no shipped NFE-3 heads under {SHIPPED}: run python -m indis.engine.quality --ship")
+    if load_heads(SHIPPED_HEADS, TESTBEDS["digits-unet"](), 3) is None:
+        pytest.fail(f"no shipped NFE-3 heads under {SHIPPED_HEADS}: "
+                    "run python -m indis.engine.studies.quality --ship engine/weights/indis")
     _run(tmp_path)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from indis.engine import digits as d
+from indis.engine.testbeds import digits as d
 
 KINDS = ("unet", "dit")
 TINY = {"unet": dict(channels=(8, 16, 16), num_blocks=1, emb_dim=32, heads=2),
@@ -203,9 +203,9 @@ def test_cli_trains_classifier(tmp_path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_missing_weights_error(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="run python -m indis.engine.digits train"):
+    with pytest.raises(FileNotFoundError, match="run python -m indis.engine.studies.train_digits train"):
         d.load_backbone("dit", weights_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="run python -m indis.engine.digits train"):
+    with pytest.raises(FileNotFoundError, match="run python -m indis.engine.studies.train_digits train"):
         d.load_classifier(tmp_path / "nothing")
     with pytest.raises(ValueError, match="kind"):
         d.load_backbone("vae")  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import indis
-from indis.engine.families import Denoiser, Flow, VPCosine, VPDiscrete, VPLinear, raw_to_x0
+from indis.engine.core.families import Denoiser, Flow, VPCosine, VPDiscrete, VPLinear, raw_to_x0
 
 FAMILIES = [indis.VE(), VPLinear(), VPCosine(), VPDiscrete.from_config(), Flow()]
 

@@ -15,10 +15,10 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 import indis
-from indis.engine.convergence import small_mixture
-from indis.engine.graphs import GraphSampler
-from indis.engine.sampling import make_plan, prepare, run_fused, run_table
-from indis.engine.solvers import build_table
+from indis.engine.core.graphs import GraphSampler
+from indis.engine.core.sampling import make_plan, prepare, run_fused, run_table
+from indis.engine.core.solvers import build_table
+from indis.engine.studies.convergence import small_mixture
 from tests.devices import KERNEL_DEVICE
 from tests.engine.test_sampling import IDS, SOLVER_CASES, _ragged_grids
 
@@ -219,7 +219,7 @@ def test_cuda_graph_replays_new_grids_without_recapture() -> None:
 
 @cuda_only
 def test_cuda_graph_with_the_predictor_and_the_digits_unet() -> None:
-    from indis.engine.digits import load_backbone
+    from indis.engine.testbeds.digits import load_backbone
 
     unet = load_backbone("unet").cuda()
     cfg = indis.PredictorConfig(indis.ScheduleConfig(nfe=5, sigma_min=0.002, sigma_max=80.0), "ipndm",

@@ -53,7 +53,7 @@ from torch import Tensor
 
 import indis
 from indis import Denoiser, Flow, VPDiscrete
-from indis.engine.testbeds import GaussianMixture
+from indis.engine.testbeds.mixtures import GaussianMixture
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers 0.42 + numpy 2: np.array(float32 tensor) warns about the `copy` keyword inside set_timesteps.

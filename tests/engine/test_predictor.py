@@ -11,15 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import indis
-from indis.engine.predictor import (
+from indis.engine.core.predictor import (
     HEURISTICS,
     PerInstanceSchedule,
     Predictor,
     PredictorConfig,
     ScheduleConfig,
 )
-from indis.engine.teacher import TeacherCache, TeacherSpec, noise_from_seeds
-from indis.engine.tuning import (
+from indis.engine.tuning.fit import (
     BLIND_FIT,
     PHI_FIT,
     FitConfig,
@@ -30,6 +29,7 @@ from indis.engine.tuning import (
     fit_oracle,
     fit_predictor,
 )
+from indis.engine.tuning.teacher import TeacherCache, TeacherSpec, noise_from_seeds
 
 
 def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
@@ -175,7 +175,7 @@ def test_tuning_improves_and_keeps_best(tmp_path) -> None:
 def test_fit_early_stopping_restores_best() -> None:
     sc = ScheduleConfig(nfe=2, sigma_min=0.002, sigma_max=80.0)
     head = Predictor(PredictorConfig(sc, "euler", (4,), blind=True))
-    from indis.engine.teacher import TuningData
+    from indis.engine.tuning.teacher import TuningData
 
     x_T = noise_from_seeds(range(8), (4,), dtype=torch.float64) * 80
     target = indis.sample(gaussian_denoiser, x_T, sc.init_grid(), "euler")  # the init is already optimal
@@ -189,7 +189,7 @@ def test_fit_early_stopping_restores_best() -> None:
 def test_fit_keep_last_returns_the_final_state() -> None:
     """keep="last" runs every step and returns where the optimiser ended, even when validation got worse:
     the same state as a run with no validation set at all."""
-    from indis.engine.teacher import TuningData
+    from indis.engine.tuning.teacher import TuningData
 
     sc = ScheduleConfig(nfe=2, sigma_min=0.002, sigma_max=80.0)
     x_T = noise_from_seeds(range(8), (4,), dtype=torch.float64) * 80
@@ -217,7 +217,7 @@ def test_fit_keep_last_returns_the_final_state() -> None:
 def test_fit_adds_the_weighted_feature_distance_to_the_loss() -> None:
     """With features = the flattened end point (d = 4), the feature term is 4 x the per-sample MSE, so the
     first step's objective (before any update) is (1 + 4 w) x the plain one."""
-    from indis.engine.teacher import TuningData
+    from indis.engine.tuning.teacher import TuningData
 
     sc = ScheduleConfig(nfe=2, sigma_min=0.002, sigma_max=80.0)
     x_T = noise_from_seeds(range(16), (4,), dtype=torch.float64) * 80
@@ -237,8 +237,8 @@ def test_fit_adds_the_weighted_feature_distance_to_the_loss() -> None:
 def test_fit_lbfgs_finish_reaches_a_stationary_point_of_the_full_batch_loss() -> None:
     """The L-BFGS finish minimises the mean loss over the whole training split: from the start it lowers
     that loss and shrinks its gradient by orders of magnitude, which Adam's steps alone do not."""
-    from indis.engine.teacher import TuningData
-    from indis.engine.tuning import sample_loss, unroll
+    from indis.engine.tuning.fit import sample_loss, unroll
+    from indis.engine.tuning.teacher import TuningData
 
     sc = ScheduleConfig(nfe=2, sigma_min=0.002, sigma_max=80.0, scale_bound=0.1)
     x_T = noise_from_seeds(range(32), (4,), dtype=torch.float64) * 80
@@ -302,7 +302,7 @@ def test_raw_from_grid_decodes_to_that_grid() -> None:
 
 
 def test_fit_from_an_init_grid_starts_there() -> None:
-    from indis.engine.teacher import TuningData
+    from indis.engine.tuning.teacher import TuningData
 
     x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0)) * 80
     x0 = indis.sample(gaussian_denoiser, x_T, indis.get_sigmas("edm", 30, 0.002, 80.0), "ipndm")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from indis.engine import profiling
+from indis.engine.core import profiling
 
 
 def test_ranges_are_cached_and_nest() -> None:
@@ -21,7 +21,8 @@ def test_ranges_are_cached_and_nest() -> None:
 
 
 def test_indis_nvtx_zero_disables_ranges() -> None:
-    code = "from indis.engine import profiling as p; r = p.nvtx_range('x'); r.__enter__(); r.__exit__(); " \
+    code = "from indis.engine.core import profiling as p; " \
+           "r = p.nvtx_range('x'); r.__enter__(); r.__exit__(); " \
            "print(p.enabled())"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "INDIS_NVTX": "0"},
                          capture_output=True, text=True, check=True).stdout

@@ -8,8 +8,10 @@ import math
 import pytest
 import torch
 
-from indis.engine.predictor import Predictor
-from indis.engine.quality import (
+from indis.engine.core.predictor import Predictor
+from indis.engine.core.sampling import sample
+from indis.engine.core.schedules import get_sigmas
+from indis.engine.studies.quality import (
     AYS_ROW,
     GITS_ROW,
     MEAN_ROW,
@@ -24,11 +26,9 @@ from indis.engine.quality import (
     plots,
     run_cell,
 )
-from indis.engine.sampling import sample
-from indis.engine.schedules import get_sigmas
-from indis.engine.teacher import TeacherSpec
-from indis.engine.testbeds import GaussianMixture
-from indis.engine.tuning import FitConfig, fit_predictor, sample_loss
+from indis.engine.testbeds.mixtures import GaussianMixture
+from indis.engine.tuning.fit import FitConfig, fit_predictor, sample_loss
+from indis.engine.tuning.teacher import TeacherSpec
 
 
 def toy_mixture() -> GaussianMixture:
@@ -63,7 +63,7 @@ def test_cell_measures_every_method_on_the_same_held_out_seeds(toy_cell) -> None
     assert set(rows) == expected
     assert all(math.isfinite(r["mse"]) and r["mse"] > 0 for r in rows.values())
     # the heuristic row is the EDM grid's teacher MSE, recomputed here independently
-    from indis.engine.teacher import TeacherCache
+    from indis.engine.tuning.teacher import TeacherCache
 
     cache = TeacherCache(root / "cache", backbone="toy", shape=(2,), sigma_min=0.002, sigma_max=10.0,
                          teacher=TeacherSpec("ipndm", 40), shard_size=32, dtype=torch.float64)
@@ -124,7 +124,7 @@ def test_mean_schedule_control(toy_cell) -> None:
 
 
 def test_exhaustive_grids_global_is_the_best_shared_grid() -> None:
-    from indis.engine.teacher import TuningData
+    from indis.engine.tuning.teacher import TuningData
 
     model = toy_mixture()
     x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 10
@@ -175,7 +175,7 @@ def test_staged_conditional_phi_starts_from_the_tuned_blind_head() -> None:
         mu = torch.where(class_labels.view(-1, 1) == 1, 1.0, -1.0).to(x.dtype)
         return (x + mu * s2) / (1 + s2)
 
-    from indis.engine.teacher import TuningData
+    from indis.engine.tuning.teacher import TuningData
 
     n = 32
     labels = torch.arange(n) % 2
@@ -196,7 +196,7 @@ def test_staged_conditional_phi_starts_from_the_tuned_blind_head() -> None:
 def test_gits_dynamic_programming_is_the_best_path() -> None:
     import itertools
 
-    from indis.engine.tuning import fit_gits
+    from indis.engine.tuning.fit import fit_gits
 
     model = toy_mixture()
     x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 10
@@ -223,7 +223,7 @@ def test_report_warns_about_cells_tuned_under_other_settings(tmp_path, capsys) -
     settings says so instead of passing it off as the current defaults' result."""
     from pathlib import Path
 
-    from indis.engine.quality import TESTBEDS, fit_configs, main
+    from indis.engine.studies.quality import TESTBEDS, fit_configs, main
 
     committed = json.loads((Path(__file__).parents[2] / "benchmarks/results/quality/cells/tree_nfe3.json")
                            .read_text())

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import indis
-from indis.engine.convergence import (
+from indis.engine.core.families import Denoiser, Flow, VPLinear
+from indis.engine.studies.convergence import (
     GLOBAL_ORDER,
     LOCAL_ORDER,
     fitted_order,
@@ -18,8 +19,7 @@ from indis.engine.convergence import (
     local_order,
     small_mixture,
 )
-from indis.engine.families import Denoiser, Flow, VPLinear
-from indis.engine.testbeds import GaussianMixture
+from indis.engine.testbeds.mixtures import GaussianMixture
 
 SOLVER_CASES = [
     ("euler", {}), ("heun", {}), ("ipndm", {}), ("ipndm", {"order": 2}), ("ipndm_v", {}),
@@ -214,7 +214,7 @@ def test_evaluation_points_and_scales_must_be_finite_in_the_state_dtype(dtype, k
 
 
 def test_only_points_the_solver_evaluates_and_only_the_network_time_count() -> None:
-    from indis.engine.families import Flow
+    from indis.engine.core.families import Flow
 
     model = lambda x, s: x  # noqa: E731
     x = torch.zeros(2, 3, dtype=torch.float16)
@@ -230,7 +230,7 @@ def test_only_points_the_solver_evaluates_and_only_the_network_time_count() -> N
 def test_family_aware_limits_in_float16() -> None:
     """The scale bound uses the state's noise scale (a flow state stays near 1 however large sigma is); a
     t-input network may see t near 0; coefficients must fit the state dtype."""
-    from indis.engine.families import Flow, VPCosine
+    from indis.engine.core.families import Flow, VPCosine
 
     x = torch.zeros(2, 3, dtype=torch.float16)
     flow = Denoiser(lambda x, t: torch.zeros_like(x), Flow(), "velocity", "t", time_scale=1000.0)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import indis
-from indis.engine.families import Flow, VPLinear
+from indis.engine.core.families import Flow, VPLinear
 
 
 @pytest.mark.parametrize("kind", ["edm", "logsnr", "uniform_t", "time_quadratic", "ays"])

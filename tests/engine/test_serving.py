@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import indis
-from indis.engine.allocation import NFEChooser
-from indis.engine.convergence import small_mixture
-from indis.engine.serving import ContinuousBatcher, Request
-from indis.engine.teacher import noise_from_seeds
+from indis.engine.serving.allocation import NFEChooser
+from indis.engine.serving.batcher import ContinuousBatcher, Request
+from indis.engine.studies.convergence import small_mixture
+from indis.engine.tuning.teacher import noise_from_seeds
 from tests.devices import KERNEL_DEVICE
 
 SOLVERS = ["ipndm", "unipc", "dpmpp_2m", "heun", "euler", "dpmpp_3m", "ipndm_v"]
@@ -167,8 +167,8 @@ def test_a_non_finite_result_is_never_delivered() -> None:
 
 
 def test_a_vp_model_served_by_seed_starts_where_the_teacher_does() -> None:
-    from indis.engine.families import Denoiser, VPLinear
-    from indis.engine.teacher import initial_state
+    from indis.engine.core.families import Denoiser, VPLinear
+    from indis.engine.tuning.teacher import initial_state
 
     fam = VPLinear()
     den = Denoiser(lambda x, t: 0.1 * x, fam, "eps", "t", time_scale=999.0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import indis
-from indis.engine.families import VE, Denoiser, Flow, VPLinear
+from indis.engine.core.families import VE, Denoiser, Flow, VPLinear
 from tests.reference import eps_form
 
 FAMILIES = {"ve": (VE(), "x0"), "vp": (VPLinear(), "eps"), "flow": (Flow(), "velocity")}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from indis.engine.testbeds import GaussianMixture, digits_mixture, reference_solve, tree_mixture
+from indis.engine.testbeds.mixtures import GaussianMixture, digits_mixture, reference_solve, tree_mixture
 
 SIGMAS = [0.002, 0.03, 0.5, 3.0, 80.0, 1e4]
 
@@ -153,7 +153,7 @@ def test_batch_invariance_per_sample_sigma(isotropic: bool) -> None:
 
 def test_full_covariance_chunking_is_invisible(tree: GaussianMixture,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import indis.engine.testbeds as tb
+    import indis.engine.testbeds.mixtures as tb
 
     x = tree.sample(50, _gen(9)) + 0.1 * torch.randn(50, 2, generator=_gen(10), dtype=torch.float64)
     sigma = torch.linspace(0.01, 1.0, 50, dtype=torch.float64)

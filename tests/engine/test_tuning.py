@@ -10,11 +10,19 @@ import pytest
 import torch
 
 import indis
-from indis.engine.families import Denoiser, Flow, VPLinear
-from indis.engine.predictor import FORMAT, Predictor, PredictorConfig, ScheduleConfig
-from indis.engine.teacher import TuningData
-from indis.engine.testbeds import random_mixture
-from indis.engine.tuning import FitConfig, fit, fit_gits, fit_global, fit_predictor, model_family, start_grid
+from indis.engine.core.families import Denoiser, Flow, VPLinear
+from indis.engine.core.predictor import FORMAT, Predictor, PredictorConfig, ScheduleConfig
+from indis.engine.testbeds.mixtures import random_mixture
+from indis.engine.tuning.fit import (
+    FitConfig,
+    fit,
+    fit_gits,
+    fit_global,
+    fit_predictor,
+    model_family,
+    start_grid,
+)
+from indis.engine.tuning.teacher import TuningData
 
 NO_STEPS = FitConfig(steps=0, progress=False)
 
@@ -129,7 +137,7 @@ def test_checkpoints_of_the_old_scale_definition_are_refused(tmp_path) -> None:
 
 
 def test_shrink_toward_the_mean_is_folded_into_the_weights_exactly() -> None:
-    from indis.engine.tuning import shrink_toward_mean
+    from indis.engine.tuning.fit import shrink_toward_mean
 
     gmm = random_mixture(seed=4)
     data = _data(gmm, n=48)
@@ -169,7 +177,7 @@ def test_shrink_toward_the_mean_is_folded_into_the_weights_exactly() -> None:
 
 
 def test_a_shrink_factor_beats_the_mean_schedule_only_by_the_paired_margin() -> None:
-    from indis.engine.tuning import _beats
+    from indis.engine.tuning.fit import _beats
 
     null = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     loss = null - torch.tensor([0.5, 1.5, 0.5, 1.5], dtype=torch.float64)  # gain: mean 1, s.e. 0.2887

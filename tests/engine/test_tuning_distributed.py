@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from indis.engine.predictor import Predictor, PredictorConfig, ScheduleConfig
-from indis.engine.teacher import TuningData, initial_state, labels_from_seeds, noise_from_seeds
-from indis.engine.testbeds import GaussianMixture
-from indis.engine.tuning import FitConfig, fit, sample_loss, unroll
+from indis.engine.core.predictor import Predictor, PredictorConfig, ScheduleConfig
+from indis.engine.testbeds.mixtures import GaussianMixture
+from indis.engine.tuning.fit import FitConfig, fit, sample_loss, unroll
+from indis.engine.tuning.teacher import TuningData, initial_state, labels_from_seeds, noise_from_seeds
 
 SEEDS = [0, 5, 123456]
 SHAPE = (4,)
@@ -39,7 +39,7 @@ def test_noise_and_labels_regenerate_bit_exactly_in_another_process(tmp_path: Pa
     out = tmp_path / "noise.pt"
     code = textwrap.dedent(f"""
         import torch
-        from indis.engine.teacher import labels_from_seeds, noise_from_seeds
+        from indis.engine.tuning.teacher import labels_from_seeds, noise_from_seeds
         torch.save({{"noise": noise_from_seeds({SEEDS!r}, (1, 8, 8)),
                      "labels": labels_from_seeds({SEEDS!r}, 10)}}, {str(out)!r})
     """)

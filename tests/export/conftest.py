@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import indis
-from indis.engine.digits import load_backbone
+from indis.engine.testbeds.digits import load_backbone
 from indis.export import denoiser_spec, export_onnx, predictor_spec
 
 HEAD = Path(__file__).parents[2] / "engine/weights/indis/digits-unet_ipndm_nfe5_phi.safetensors"

@@ -75,7 +75,7 @@ def test_fallback_chain_decisions(exported: dict, tmp_path) -> None:
 def test_continuous_batcher_serves_exported_models(exported: dict, kind: str) -> None:
     """The production path: the exported denoiser (and INDIS predictor) behind the continuous batcher, with
     buckets inside the exported batch range, serves the same samples as the torch models."""
-    from indis.engine.serving import ContinuousBatcher, Request
+    from indis.engine.serving.batcher import ContinuousBatcher, Request
 
     conditions = {"class_labels": (-1, 10)} if kind == "dit" else None
     reqs = [Request(seed=i, nfe=(3, 5, 7)[i % 3], schedule="edm",

@@ -13,10 +13,10 @@ import dataclasses
 import pytest
 import torch
 
-from indis.engine.convergence import small_mixture
-from indis.engine.sampling import run_fused, run_table
-from indis.engine.serving import ContinuousBatcher, Request
-from indis.engine.solvers import SolverTable
+from indis.engine.core.sampling import run_fused, run_table
+from indis.engine.core.solvers import SolverTable
+from indis.engine.serving.batcher import ContinuousBatcher, Request
+from indis.engine.studies.convergence import small_mixture
 from indis.kernels import native
 from indis.kernels.ragged_step import PackedTable, pack_table, ragged_step_torch
 from tests.kernels.test_ragged_step import IDS, SOLVER_CASES, _buffers, _table, loop_case

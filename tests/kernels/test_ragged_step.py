@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import indis
-from indis.engine.convergence import small_mixture
-from indis.engine.families import Denoiser, Flow, VPLinear
-from indis.engine.sampling import prepare, run, run_fused, run_table
+from indis.engine.core.families import Denoiser, Flow, VPLinear
+from indis.engine.core.sampling import prepare, run, run_fused, run_table
+from indis.engine.studies.convergence import small_mixture
 from indis.kernels import native
 from indis.kernels.ragged_step import (
     backend_for,

@@ -1,6 +1,6 @@
 """Independent eps-form loops of INDIS's corrected network call, one sample at a time (float64).
 
-Written from the paper's definition, not from ``indis.engine.solvers``: each step calls the network at
+Written from the paper's definition, not from ``indis.engine.core.solvers``: each step calls the network at
 ``sigma_eval = sigma_n * exp(dtau_n)`` on the same point x_n, takes *that call's own noise prediction* in the
 model's family (a VE x0 model: ``(x - D) / sigma_eval``; a VP eps model: its output; a flow velocity model:
 ``x_t + (1 - t) v``), multiplies it by ``gamma_n`` and steps on the unshifted grid with it:

@@ -10,17 +10,14 @@
   (:func:`frechet_distance`, :func:`fd_to_data`): standard FID needs Inception weights we cannot download.
 * :func:`load_backbone` / :func:`load_classifier` -- the shipped weights in ``weights/`` (safetensors + JSON).
 
-``python -m indis.engine.digits train [--which unet|dit|classifier|all] [--steps N] [--out DIR]`` retrains
-(seeded; 2 CPU threads); ``python -m indis.engine.digits check`` prints accuracy and FD numbers.
+Training and the check of the shipped weights run from ``python -m indis.engine.studies.train_digits``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,10 +29,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .checkpoints import check_shapes, checkpoint_file, state_checksum, stored_tensors
-from .teacher import noise_from_seeds
+from indis.engine.core.checkpoints import check_shapes, checkpoint_file, state_checksum, stored_tensors
+from indis.engine.tuning.teacher import noise_from_seeds
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"  # package data of indis.engine
+SHIPPED_HEADS = WEIGHTS_DIR / "indis"  # the INDIS schedule heads for the digits UNet
 N_TEST = 297  # the last 297 of sklearn's 1797 digits are the held-out test split
 SIGMA_DATA = 0.5
 Split = Literal["train", "test", "all"]
@@ -433,7 +431,8 @@ def _load(name: str, weights_dir: str | Path | None) -> nn.Module:
     wpath, mpath = _weight_paths(name, weights_dir)
     if not wpath.exists() or not mpath.exists():
         raise FileNotFoundError(f"digits {name} weights not found at {wpath} (and {mpath.name}); "
-                                f"run python -m indis.engine.digits train --which {name}")
+                                f"run python -m indis.engine.studies.train_digits train --which {name} "
+                                "--out DIR")
     wpath, mpath = checkpoint_file(wpath, f"digits {name} weights"), checkpoint_file(mpath, "metadata")
     try:
         meta = json.loads(mpath.read_text())
@@ -650,8 +649,8 @@ def classifier_accuracy(classifier: DigitsClassifier | None = None, split: Split
     return float((clf(x).argmax(1) == y).float().mean())
 
 
-def save_model(name: str, model: nn.Module, record: dict[str, Any], out: str | Path | None = None) -> Path:
-    """Write ``digits_{name}.safetensors`` and ``digits_{name}.json`` into ``out`` (default: shipped dir)."""
+def save_model(name: str, model: nn.Module, record: dict[str, Any], out: str | Path) -> Path:
+    """Write ``digits_{name}.safetensors`` and ``digits_{name}.json`` into the directory ``out``."""
     wpath, mpath = _weight_paths(name, out)
     wpath.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -669,8 +668,8 @@ def sample_backbone(model: EDMDenoiser, n: int, steps: int = 30, solver: str = "
                     class_labels: Tensor | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0,
                     batch_size: int = 500) -> Tensor:
     """``n`` samples: ``indis.sample`` on the EDM rho=7 grid from per-sample seeded noise times sigma_max."""
-    from .sampling import sample
-    from .schedules import get_sigmas
+    from indis.engine.core.sampling import sample
+    from indis.engine.core.schedules import get_sigmas
 
     sigmas = get_sigmas("edm", steps, sigma_min, sigma_max)
     res = model.config["img_resolution"]
@@ -722,41 +721,3 @@ def check(n: int = 1797, steps: int = 30, solvers: Sequence[str] = ("heun", "ipn
                   f"297 uncond vs train {res[f'fd_{key}_uncond297_vs_train']:.3f}; "
                   f"classifier agrees with label {res[f'acc_{key}_cond']:.4f}", flush=True)
     return res
-
-
-# ============================================================================================== CLI
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m indis.engine.digits", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    tp = sub.add_parser("train", help="retrain and write weights")
-    tp.add_argument("--which", choices=["unet", "dit", "classifier", "all"], default="all")
-    tp.add_argument("--steps", type=int, default=None, help="training steps (default: per-model config)")
-    tp.add_argument("--out", type=Path, default=WEIGHTS_DIR)
-    tp.add_argument("--threads", type=int, default=2)
-    tp.add_argument("--seed", type=int, default=0)
-    cp = sub.add_parser("check", help="print classifier accuracy and FD of samples")
-    cp.add_argument("--n", type=int, default=1797)
-    cp.add_argument("--steps", type=int, default=30)
-    cp.add_argument("--weights", type=Path, default=WEIGHTS_DIR)
-    cp.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.cmd == "train":
-        order = ["classifier", "unet", "dit"] if args.which == "all" else [args.which]
-        for name in order:
-            if name == "classifier":
-                model, rec = train_classifier(args.steps, seed=args.seed)
-                extra = f"test accuracy {rec['test_accuracy']:.4f}"
-            else:
-                model, rec = train_backbone(name, args.steps, seed=args.seed)  # type: ignore[arg-type]
-                extra = (f"EMA test loss uncond {rec['eval_loss_test_uncond']:.4f} / "
-                         f"cond {rec['eval_loss_test_cond']:.4f}")
-            path = save_model(name, model, rec, args.out)
-            print(f"{name}: {rec['params']:,} params, {rec['steps']} steps in {rec['wall_time_s']:.1f} s, "
-                  f"final loss {rec['final_loss']:.4f}, {extra} -> {path}", flush=True)
-    else:
-        check(args.n, args.steps, weights_dir=args.weights)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -8,7 +8,7 @@ Every head maps its input to one raw vector per sample, ``[logits (N+1) | o_shif
   ``final_zero``);
 * time shift ``dtau_n = b_shift * tanh(o/2)`` in log-sigma units (the network sees ``sigma_n * exp(dtau_n)``);
 * output scale ``gamma_n = 1 + b_scale * tanh(o/2)`` on that call's noise prediction (the corrected call
-  ``eps_hat_n = gamma_n * eps_theta(x_n, tau_n + dtau_n)``, defined in ``indis.engine.solvers``).
+  ``eps_hat_n = gamma_n * eps_theta(x_n, tau_n + dtau_n)``, defined in ``indis.engine.core.solvers``).
 
 Each head's raw vector is ``base + residual``: ``base`` (float64) starts at the raw vector of the ``init``
 heuristic grid with zero shift/scale outputs, and the residual layer starts at weight 0, so at initialisation
@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoints import check_shapes, checkpoint_file, state_checksum, stored_tensors
-from .families import get_family
-from .profiling import nvtx_range
-from .schedules import Schedule, Space, get_sigmas, grid_from_logits, logits_from_grid
-from .solvers import SOLVERS
+from indis.engine.core.checkpoints import check_shapes, checkpoint_file, state_checksum, stored_tensors
+from indis.engine.core.families import get_family
+from indis.engine.core.profiling import nvtx_range
+from indis.engine.core.schedules import Schedule, Space, get_sigmas, grid_from_logits, logits_from_grid
+from indis.engine.core.solvers import SOLVERS
 
 FORMAT = "indis-predictor/3"
 #: Formats this version refuses, with the reason a user reads.

@@ -69,7 +69,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .families import VE, Flow, NoiseFamily, Prediction, raw_to_x0
+from indis.engine.core.families import VE, Flow, NoiseFamily, Prediction, raw_to_x0
 
 Frame = Literal["ve", "flow"]
 SOLVERS = ("euler", "heun", "ipndm", "ipndm_v", "dpmpp_2m", "dpmpp_3m", "unipc")

@@ -24,11 +24,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .families import Denoiser, as_denoiser
-from .profiling import nvtx_range
-from .sampling import check_finite, check_inputs, check_schedule, check_solver, check_state, make_plan, run
-from .schedules import Schedule, as_grid
-from .solvers import build_table
+from indis.engine.core.families import Denoiser, as_denoiser
+from indis.engine.core.profiling import nvtx_range
+from indis.engine.core.sampling import (
+    check_finite,
+    check_inputs,
+    check_schedule,
+    check_solver,
+    check_state,
+    make_plan,
+    run,
+)
+from indis.engine.core.schedules import Schedule, as_grid
+from indis.engine.core.solvers import build_table
 
 
 @dataclass

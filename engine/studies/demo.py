@@ -1,9 +1,10 @@
 """The README's main command: INDIS on the shipped digits UNet at NFE 3/5/7 against the best global schedules.
 
-    python -m indis.engine.demo [--samples 512] [--nfe 3 5 7] [--out indis-demo]
+    python -m indis.engine.studies.demo [--samples 512] [--nfe 3 5 7] [--out indis-demo]
 
 Loads the shipped schedule heads (``engine/weights/indis``: phi, its blind ablation, phi without shift/scale
-and LD3-global, tuned by ``python -m indis.engine.quality --testbeds digits-unet --ship``); where a head set
+and LD3-global, tuned by ``python -m indis.engine.studies.quality --testbeds digits-unet
+--ship engine/weights/indis``); where a head set
 is missing it tunes one on the spot with ``--fit-steps`` optimiser steps per stage. It also computes phi's
 mean schedule and the GITS grid (dynamic programming, a few seconds). Every method then samples
 the same held-out seeds; the demo prints teacher MSE / PSNR and the Fréchet distances (digits-classifier
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from .quality import (
+from indis.engine.core.schedules import Schedule
+from indis.engine.studies.quality import (
     GITS_ROW,
     MEAN_ROW,
     NOSS_ROW,
-    SHIPPED,
     TESTBEDS,
     Bench,
     _fixed,
@@ -34,8 +35,8 @@ from .quality import (
     mean_schedule,
     plots,
 )
-from .schedules import Schedule
-from .tuning import fit_gits, fit_global, fit_predictor
+from indis.engine.testbeds.digits import SHIPPED_HEADS
+from indis.engine.tuning.fit import fit_gits, fit_global, fit_predictor
 
 
 def _tune(bench: Bench, steps: int) -> dict:
@@ -79,10 +80,11 @@ def verdict(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m indis.engine.demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m indis.engine.studies.demo",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=512, help="held-out seeds per NFE")
     p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 7])
-    p.add_argument("--heads", default=str(SHIPPED), help="directory of tuned heads")
+    p.add_argument("--heads", default=str(SHIPPED_HEADS), help="directory of tuned heads")
     p.add_argument("--fit-steps", type=int, default=100, help="steps per stage when a head set is missing")
     p.add_argument("--out", default="indis-demo")
     p.add_argument("--cache", default=".indis-cache/teacher")

@@ -1,6 +1,6 @@
 """INDIS quality tables (Yuan et al., CVPR 2026): every schedule method on the same held-out seeds.
 
-    python -m indis.engine.quality [--testbeds tree digits-unet digits-dit digits-gmm] [--out DIR]
+    python -m indis.engine.studies.quality [--testbeds tree digits-unet digits-dit digits-gmm] [--out DIR]
 
 Testbeds (``TESTBEDS``): the 2-D tree mixture of the paper's synthetic study (class A, Euler, NFE 3, exact
 ODE end points; ``tree`` with sigma_max 80, ``tree-s5`` with 5), the shipped digits UNet (unconditional) and
@@ -39,11 +39,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .predictor import HEURISTICS, Predictor, PredictorConfig, ScheduleConfig
-from .sampling import sample
-from .schedules import Schedule, get_sigmas
-from .teacher import TeacherSpec, TuningData
-from .tuning import (
+from indis.engine.core.predictor import HEURISTICS, Predictor, PredictorConfig, ScheduleConfig
+from indis.engine.core.sampling import sample
+from indis.engine.core.schedules import Schedule, get_sigmas
+from indis.engine.tuning.fit import (
     BLIND_FIT,
     PHI_FIT,
     FitConfig,
@@ -55,10 +54,10 @@ from .tuning import (
     fit_predictor,
     sample_loss,
 )
+from indis.engine.tuning.teacher import TeacherSpec, TuningData
 
 HELD_OUT = 1 << 20                    # first held-out seed (tuning seeds start at 0)
 DEVELOPMENT = 1 << 21                 # first development seed: where studies choose defaults
-SHIPPED = Path(__file__).resolve().parent / "weights" / "indis"
 EXACT = TeacherSpec(solver="exact")
 MEAN_ROW = "phi's mean schedule (global)"
 AYS_ROW = "AYS (SVD table, stretched)"
@@ -106,7 +105,7 @@ class Testbed:
 
 
 def _tree(sigma_max: float) -> Testbed:
-    from .testbeds import tree_mixture
+    from indis.engine.testbeds.mixtures import tree_mixture
 
     return Testbed(f"tree-s{sigma_max:g}" if sigma_max != 80 else "tree", lambda: tree_mixture(0), (2,),
                    sigma_max, solver="euler", nfes=(3,), teacher=EXACT, dtype=torch.float64, images=False,
@@ -116,14 +115,14 @@ def _tree(sigma_max: float) -> Testbed:
 
 
 def _digits(kind: str) -> Testbed:
-    from .digits import load_backbone
+    from indis.engine.testbeds.digits import load_backbone
 
     return Testbed(f"digits-{kind}", lambda: load_backbone(kind), (1, 8, 8), 80.0,
                    num_classes=10 if kind == "dit" else 0)
 
 
 def _digits_gmm() -> Testbed:
-    from .testbeds import digits_mixture
+    from indis.engine.testbeds.mixtures import digits_mixture
 
     return Testbed("digits-gmm", digits_mixture, (1, 8, 8), 80.0, teacher=EXACT, shard_size=128)
 
@@ -134,7 +133,7 @@ CHECK_MIXTURES = 100  # mixture_testbed seeds from here on check defaults; small
 def mixture_testbed(seed: int) -> Testbed:
     """A random 16-D anisotropic mixture (``testbeds.random_mixture(seed=seed)``; exact denoiser, exact ODE
     teacher), Euler at NFE 3 / 5: where studies choose defaults (small seeds) and check them (seeds 100+)."""
-    from .testbeds import random_mixture
+    from indis.engine.testbeds.mixtures import random_mixture
 
     return Testbed(f"mixture16-s{seed}", lambda: random_mixture(seed=seed), (16,), 80.0, solver="euler",
                    nfes=(3, 5), teacher=EXACT, dtype=torch.float64, images=False, shard_size=128, pool=None)
@@ -175,7 +174,7 @@ def metrics(samples: Tensor, data: TuningData, images: bool, teacher_features: T
     per = sample_loss(samples, data.x0, "l2")
     out = {"mse": float(per.mean()), "mse_sum": float(per.mean()) * math.prod(samples.shape[1:])}
     if images:
-        from .digits import classifier_features, fd_to_data, frechet_distance
+        from indis.engine.testbeds.digits import classifier_features, fd_to_data, frechet_distance
 
         out["psnr"] = float((10 * torch.log10(4.0 / per.clamp_min(1e-20))).mean())
         out["fd_data"] = fd_to_data(samples)
@@ -229,7 +228,7 @@ class Bench:
         self.held = cache.load(self.seeds)
         self.teacher_features = None
         if tb.images:
-            from .digits import classifier_features
+            from indis.engine.testbeds.digits import classifier_features
 
             self.teacher_features = classifier_features(self.held.x0)
         self.rows: dict[str, dict] = {}
@@ -398,7 +397,8 @@ def load_phi(heads_dir: Path, tb: Testbed, nfe: int) -> Predictor:
     """The INDIS head :func:`run_cell` saved for ``tb`` at ``nfe`` (checked against NFE, solver, backbone)."""
     path = Path(heads_dir) / f"{_head_stem(tb, nfe)}_phi.safetensors"
     if not path.exists():
-        raise FileNotFoundError(f"no INDIS head {path} (python -m indis.engine.quality --testbeds {tb.name})")
+        raise FileNotFoundError(f"no INDIS head {path} "
+                                f"(python -m indis.engine.studies.quality --testbeds {tb.name})")
     return Predictor.load(path, nfe=nfe, solver=tb.solver, backbone=tb.name).eval()
 
 
@@ -449,7 +449,7 @@ def gain(record: dict, metric: str = "mse") -> float:
 def teacher_fd_to_data(tb: Testbed, record: dict, cache_dir: str) -> float:
     """FD between the teacher end points of a cell's held-out seeds and the data: the floor for FD to data
     (teacher shards the cache lacks are computed first)."""
-    from .digits import fd_to_data
+    from indis.engine.testbeds.digits import fd_to_data
 
     model = tb.load()
     cache = tb.tuning_setup(model, record["nfe"], cache_dir).cache()
@@ -597,7 +597,8 @@ def _write_json(path: Path, record: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m indis.engine.quality", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m indis.engine.studies.quality",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--testbeds", nargs="+", choices=tuple(TESTBEDS), default=list(TESTBEDS))
     p.add_argument("--nfe", type=int, nargs="+", default=None, help="override each testbed's NFE list")
     p.add_argument("--samples", type=int, default=1024, help="held-out seeds per cell")
@@ -610,7 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="recompute cells that are already written")
     p.add_argument("--report-only", action="store_true",
                    help="tabulate the cells already written; tune nothing")
-    p.add_argument("--ship", action="store_true", help="copy the digits-unet heads into engine/weights/indis")
+    p.add_argument("--ship", type=Path, default=None, metavar="DIR",
+                   help="also copy the digits-unet heads into DIR (the repository's engine/weights/indis "
+                        "holds the shipped ones)")
     a = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     out = Path(a.out)
@@ -651,10 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in plots(records, out):
         print(f"wrote {f}")
     if a.ship:
-        SHIPPED.mkdir(parents=True, exist_ok=True)
+        a.ship.mkdir(parents=True, exist_ok=True)
         for f in sorted((out / "heads").glob("digits-unet_*")):
-            shutil.copy2(f, SHIPPED / f.name)
-            print(f"shipped {SHIPPED / f.name}")
+            shutil.copy2(f, a.ship / f.name)
+            print(f"shipped {a.ship / f.name}")
     return 0
 
 

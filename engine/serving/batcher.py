@@ -44,15 +44,14 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from indis.engine.core.families import Denoiser, as_denoiser
+from indis.engine.core.sampling import check_inputs, check_schedule, check_solver, check_state
+from indis.engine.core.schedules import HEURISTICS, Schedule, get_sigmas
+from indis.engine.core.solvers import build_table
+from indis.engine.serving.allocation import NFEChooser
+from indis.engine.tuning.teacher import initial_state, noise_from_seeds
 from indis.kernels.native import SlotCompactor, ragged_step_advance_native, ragged_step_advance_torch
 from indis.kernels.ragged_step import PackedTable, backend_for, fused, ragged_step
-
-from .allocation import NFEChooser
-from .families import Denoiser, as_denoiser
-from .sampling import check_inputs, check_schedule, check_solver, check_state
-from .schedules import HEURISTICS, Schedule, get_sigmas
-from .solvers import build_table
-from .teacher import initial_state, noise_from_seeds
 
 log = logging.getLogger("indis.serving")
 MAX_HISTORY = 3   # iPNDM order 4 and UniPC order 3 keep 3 older outputs

@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from indis.engine.core.families import Denoiser, Flow, as_denoiser
+from indis.engine.core.profiling import nvtx_range
+from indis.engine.core.schedules import Schedule, as_grid
+from indis.engine.core.solvers import DEFAULT_ORDER, SOLVER_OPTIONS, SOLVERS, SolverTable, build_table
 from indis.kernels.ragged_step import PackedTable, backend_for, fused, pack_table, ragged_step
-
-from .families import Denoiser, Flow, as_denoiser
-from .profiling import nvtx_range
-from .schedules import Schedule, as_grid
-from .solvers import DEFAULT_ORDER, SOLVER_OPTIONS, SOLVERS, SolverTable, build_table
 
 
 def check_grid(grid: Tensor, family_range: tuple[float, float], allow_inf_start: bool) -> np.ndarray:

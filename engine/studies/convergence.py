@@ -13,11 +13,11 @@ import math
 
 import torch
 
-from .families import VE
-from .sampling import sample
-from .schedules import get_sigmas
-from .solvers import build_table
-from .testbeds import GaussianMixture, reference_solve
+from indis.engine.core.families import VE
+from indis.engine.core.sampling import sample
+from indis.engine.core.schedules import get_sigmas
+from indis.engine.core.solvers import build_table
+from indis.engine.testbeds.mixtures import GaussianMixture, reference_solve
 
 #: Global order of the full loop with the solvers' own warm-up. A first-order first step has O(h^2) local
 #: error, which caps the global order of a multistep method at 2; UniPC's corrector lifts that step, so

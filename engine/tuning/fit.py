@@ -28,11 +28,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .families import FAMILIES, NoiseFamily, as_denoiser, get_family, raw_to_x0
-from .predictor import HEURISTICS, PerInstanceSchedule, Predictor, PredictorConfig, ScheduleConfig
-from .sampling import check_solver, sample
-from .schedules import Schedule, get_sigmas
-from .teacher import TeacherCache, TeacherSpec, TuningData
+from indis.engine.core.families import FAMILIES, NoiseFamily, as_denoiser, get_family, raw_to_x0
+from indis.engine.core.predictor import (
+    HEURISTICS,
+    PerInstanceSchedule,
+    Predictor,
+    PredictorConfig,
+    ScheduleConfig,
+)
+from indis.engine.core.sampling import check_solver, sample
+from indis.engine.core.schedules import Schedule, get_sigmas
+from indis.engine.tuning.teacher import TeacherCache, TeacherSpec, TuningData
 
 Loss = Literal["l2", "l1", "huber"]
 DEFAULT_TEACHER = TeacherSpec()  # iPNDM, 30 EDM steps

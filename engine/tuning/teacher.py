@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .families import NoiseFamily, get_family
+from indis.engine.core.families import NoiseFamily, get_family
 
 LABEL_STREAM = 0x5EED1AB3  # offset of the label generator seed from the noise seed
 
@@ -100,7 +100,7 @@ class TeacherCache:
 
     # ------------------------------------------------------------------------------------------- teacher
     def teacher_grid(self) -> Tensor:
-        from .schedules import get_sigmas
+        from indis.engine.core.schedules import get_sigmas
 
         t = self.teacher
         return get_sigmas(t.schedule, t.steps, self.sigma_min, self.sigma_max, rho=t.rho, family=self.family,
@@ -111,11 +111,11 @@ class TeacherCache:
         cond = {} if labels is None else {"class_labels": labels}
         with torch.no_grad():
             if self.teacher.solver == "exact":
-                from .testbeds import reference_solve
+                from indis.engine.testbeds.mixtures import reference_solve
 
                 end = 0.0 if self.final_zero else self.sigma_min
                 return reference_solve(model, x_T, self.sigma_max, end, cond=cond).to(x_T.dtype)
-            from .sampling import sample
+            from indis.engine.core.sampling import sample
 
             return sample(model, x_T, self.teacher_grid(), self.teacher.solver, cond=cond)
 

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .families import NoiseFamily, get_family
+from indis.engine.core.families import NoiseFamily, get_family
 
 HEURISTICS = ("edm", "logsnr", "uniform_t", "time_quadratic", "ays")
 Space = Literal["lambda", "t", "sigma"]
@@ -190,8 +190,8 @@ def logits_from_grid(sigmas: Tensor, space: Space = "lambda", family: NoiseFamil
 class Schedule:
     """A per-sample INDIS schedule: ``grid`` ``[B, N+1]`` (or shared ``[N+1]``) descending sigmas, the
     evaluation ``shift`` ``[B, N]`` (log-sigma units: the network sees ``sigma_n * exp(shift_n)``) and the
-    output ``scale`` ``[B, N]`` (multiplies that call's noise prediction; ``indis.engine.solvers`` defines the
-    corrected call). ``indis.sample`` accepts it as ``sigmas``."""
+    output ``scale`` ``[B, N]`` (multiplies that call's noise prediction; ``indis.engine.core.solvers``
+    defines the corrected call). ``indis.sample`` accepts it as ``sigmas``."""
 
     grid: Tensor
     shift: Tensor | None = None

@@ -1,0 +1,1 @@
+"""Step-level continuous batching of sampling requests and instance-aware NFE allocation."""
