@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 import indis
+from indis.engine.core.sampling import run_table
 
 SHAPE = (3, 32, 32)
 BARE = "bare torch DPM++(2M) loop (Python-float coefs)"
@@ -198,7 +199,7 @@ def build_benches(batch: int, steps: int) -> list[Bench]:
             opts = {"variant": "bh2", "order": 2} if solver == "unipc" else {}
             plan = indis.prepare(kd_model, x, grid, solver, **opts)
             benches.append(Bench(f"indis run_table {solver} ({grid_name} grid)",
-                                 timed(lambda plan=plan: indis.run_table(plan, x)), plan.table.nfe, "loop"))
+                                 timed(lambda plan=plan: run_table(plan, x)), plan.table.nfe, "loop"))
     # (e): indis.sample end to end, and prepare on its own.
     for solver in ("dpmpp_2m", "unipc"):
         for grid_name, grid in (("shared", shared), ("ragged", ragged)):

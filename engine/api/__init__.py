@@ -1,9 +1,12 @@
 """indis: instance-aware few-step diffusion sampling (INDIS, Yuan et al., CVPR 2026).
 
-Public surface: per-sample ("ragged") multistep solvers over ``[B, N+1]`` grids, noise families and the
-k-diffusion denoiser convention, heuristic discretizations, and the INDIS schedule predictor with its tuning
-(``fit_predictor``, ``fit_global`` for LD3, ``fit_oracle``), the fused Triton step (``indis.kernels``) and
-whole-call CUDA graphs (``GraphSampler``). The implementation lives in ``indis.engine``.
+What users call: ``sample`` (and ``prepare`` / ``run`` to split host work from the loop) with per-sample
+("ragged") multistep solvers over ``[B, N+1]`` grids, the k-diffusion-shaped ``sample_*`` samplers, noise
+families and the denoiser convention, heuristic discretizations and ``Schedule``, the INDIS schedule predictor
+and its tuning (``fit_predictor``; ``fit_global`` for LD3, ``fit_gits`` for GITS, ``fit_oracle``),
+whole-call CUDA graphs (``GraphSampler``) and step-level continuous batching (``ContinuousBatcher``,
+``Request``). The layers underneath live in ``indis.engine`` (``core``, ``tuning``, ``serving``,
+``testbeds``, ``studies``), ``indis.kernels`` (the fused step) and ``indis.export`` (ONNX / TensorRT).
 """
 
 from indis.engine.core.families import (
@@ -22,8 +25,6 @@ from indis.engine.core.sampling import (
     Plan,
     prepare,
     run,
-    run_fused,
-    run_table,
     sample,
     sample_dpmpp_2m,
     sample_dpmpp_3m,
@@ -42,17 +43,19 @@ from indis.engine.core.schedules import (
     logits_from_grid,
 )
 from indis.engine.core.solvers import SOLVERS, SolverTable, build_table
-from indis.engine.tuning.fit import FitConfig, fit_global, fit_oracle, fit_predictor
-from indis.engine.tuning.teacher import TeacherCache, TeacherSpec, noise_from_seeds
+from indis.engine.serving.allocation import NFEChooser
+from indis.engine.serving.batcher import ContinuousBatcher, Request
+from indis.engine.tuning.fit import FitConfig, fit_gits, fit_global, fit_oracle, fit_predictor
+from indis.engine.tuning.teacher import TeacherSpec, noise_from_seeds
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AYS_TABLES", "SOLVERS", "VE", "Denoiser", "FitConfig", "Flow", "GraphSampler", "NoiseFamily",
-    "PerInstanceSchedule", "Plan", "Predictor", "PredictorConfig", "Schedule", "ScheduleConfig",
-    "SolverTable", "TeacherCache", "TeacherSpec", "VPCosine", "VPDiscrete", "VPLinear", "as_grid",
-    "fit_global", "fit_oracle",
-    "fit_predictor", "noise_from_seeds", "build_table", "get_family", "get_sigmas", "grid_from_logits",
-    "logits_from_grid", "prepare", "run", "run_fused", "run_table", "sample", "sample_dpmpp_2m",
-    "sample_dpmpp_3m", "sample_euler", "sample_heun", "sample_ipndm", "sample_ipndm_v", "sample_unipc",
+    "AYS_TABLES", "SOLVERS", "VE", "ContinuousBatcher", "Denoiser", "FitConfig", "Flow", "GraphSampler",
+    "NFEChooser", "NoiseFamily", "PerInstanceSchedule", "Plan", "Predictor", "PredictorConfig", "Request",
+    "Schedule", "ScheduleConfig", "SolverTable", "TeacherSpec", "VPCosine", "VPDiscrete", "VPLinear",
+    "as_grid", "build_table", "fit_gits", "fit_global", "fit_oracle", "fit_predictor", "get_family",
+    "get_sigmas", "grid_from_logits", "logits_from_grid", "noise_from_seeds", "prepare", "run", "sample",
+    "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_euler", "sample_heun", "sample_ipndm", "sample_ipndm_v",
+    "sample_unipc",
 ]
