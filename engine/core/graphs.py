@@ -34,9 +34,9 @@ from indis.engine.core.sampling import (
     check_state,
     make_plan,
     run,
+    table_for,
 )
 from indis.engine.core.schedules import Schedule, as_grid
-from indis.engine.core.solvers import build_table
 
 
 @dataclass
@@ -185,10 +185,9 @@ class GraphSampler:
             grid, shift, scale = entry.inputs["grid"], entry.inputs.get("shift"), entry.inputs.get("scale")
         final_zero, infinite_start = entry.flags
         den = self.denoiser
-        with nvtx_range("coefficients"):
-            table = build_table(self.solver, grid, den.family, prediction=den.prediction, shift=shift,
-                                scale=scale, final_zero=final_zero, infinite_start=infinite_start,
-                                check_finite=False, **self.solver_opts)
+        with nvtx_range("coefficients"):  # no checks in the graph: _inputs checked the inputs on the host
+            table = table_for(den, grid, self.solver, x.dtype, shift=shift, scale=scale, check=False,
+                              final_zero=final_zero, infinite_start=infinite_start, **self.solver_opts)
             plan = make_plan(den, table, x)
         return run(plan, x, cond, backend=self.backend, check_output=check_output)
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from indis.engine.core.families import Denoiser, Flow, as_denoiser
+from indis.engine.core.families import Denoiser, Flow, as_denoiser, raw_to_x0
 from indis.engine.core.profiling import nvtx_range
 from indis.engine.core.schedules import Schedule, as_grid
 from indis.engine.core.solvers import DEFAULT_ORDER, SOLVER_OPTIONS, SOLVERS, SolverTable, build_table
@@ -195,58 +196,159 @@ class Stage:
     stash_terms: tuple[tuple[int, Tensor], ...]  # empty: the stash is left as it is
 
 
-@dataclass(frozen=True)
 class Plan:
-    """A validated solver table turned into per-stage views for one state shape and dtype.
+    """A validated solver table for one state shape and dtype, with the two layouts the loops read: per-stage
+    views (:attr:`stages`, for :func:`run_table`) and packed rows (:attr:`packed`, for :func:`run_fused`).
 
-    Built once per batch by :func:`prepare`; :func:`run_table` then only calls the network and combines
-    tensors -- no slicing, casting or host synchronisation inside the loop.
+    Built once per batch by :func:`prepare`; each layout is made on first use, so a plan builds only the
+    one its backend reads. The loops then only call the network and combine tensors -- no slicing, casting
+    or host synchronisation inside the loop.
     """
 
-    denoiser: Denoiser
-    table: SolverTable
-    stages: tuple[Stage, ...]
-    packed: PackedTable  # the same table laid out for the fused step
+    def __init__(self, denoiser: Denoiser, table: SolverTable, x: Tensor) -> None:
+        self.denoiser, self.table = denoiser, table
+        self.shape, self.dtype = tuple(x.shape), x.dtype
+        self._time: Tensor | None = None
+        self._stages: tuple[Stage, ...] | None = None
+        self._packed: PackedTable | None = None
+        self._reports: tuple[Report, ...] | None = None
+
+    @property
+    def time(self) -> Tensor:
+        """The network's time input at each evaluated sigma ``[B, S]`` (float64)."""
+        if self._time is None:
+            self._time = self.denoiser.time(self.table.sigma_eval)
+        return self._time
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """Per-stage views of the table, cast to the state's dtype once."""
+        if self._stages is None:
+            self._stages = _stage_views(self.table, self.time, self.shape, self.dtype)
+        return self._stages
+
+    @property
+    def reports(self) -> tuple[Report, ...]:
+        """What a callback is told at each stage (made on the first call with a callback)."""
+        if self._reports is None:
+            self._reports = _reports(self.denoiser, self.table, self.shape, self.dtype)
+        return self._reports
+
+    @property
+    def packed(self) -> PackedTable:
+        """The table laid out for the fused step (``indis.kernels.ragged_step.pack_table``)."""
+        if self._packed is None:
+            self._packed = pack_table(self.table, self.time, self.dtype)
+        return self._packed
+
+
+def _stage_views(table: SolverTable, time: Tensor, shape: tuple[int, ...], dtype: torch.dtype
+                 ) -> tuple[Stage, ...]:
+    view = (shape[0],) + (1,) * (len(shape) - 1)
+
+    def cols(t: Tensor) -> tuple[Tensor, ...]:  # [B, S] -> S views [B, 1, ...]
+        return t.to(dtype).t().reshape(-1, *view).unbind(0)
+
+    coef = table.coef.to(dtype).permute(1, 2, 3, 0).reshape(*table.coef.shape[1:], *view)  # [S, 2, W, B..]
+    in_scale, raw_scale = cols(table.in_scale), cols(table.conv[..., 1])
+    state_scale = cols(table.conv[..., 0])
+    times = time.to(dtype).unbind(1)
+    return tuple(Stage(times[k], in_scale[k] if table.scaled_input else None,
+                       raw_scale[k] if table.conv_scales_raw[k] else None,
+                       state_scale[k] if table.conv_uses_state[k] else None,
+                       tuple((i, coef[k, 0, i]) for i in y_idx),
+                       tuple((i, coef[k, 1, i]) for i in s_idx))
+                 for k, (y_idx, s_idx) in enumerate(table.support))
+
+
+@dataclass(frozen=True)
+class Report:
+    """One stage as k-diffusion's callback contract names it: step ``i``, the grid's ``sigma`` there and the
+    evaluated ``sigma_hat`` (``[B]``, per sample; with an INDIS shift ``sigma * exp(shift)``), and the
+    coefficients of ``denoised = a * network input + b * raw`` (broadcastable against the state)."""
+
+    i: int
+    sigma: Tensor
+    sigma_hat: Tensor
+    a: Tensor
+    b: Tensor
+
+
+def _reports(den: Denoiser, table: SolverTable, shape: tuple[int, ...], dtype: torch.dtype
+             ) -> tuple[Report, ...]:
+    view = (shape[0],) + (1,) * (len(shape) - 1)
+    a, b = raw_to_x0(den.prediction, den.family, table.sigma_eval)
+    return tuple(Report(i, table.grid[:, i].to(dtype), table.sigma_eval[:, k].to(dtype),
+                        a[:, k].to(dtype).reshape(view), b[:, k].to(dtype).reshape(view))
+                 for k, i in enumerate(table.step_of_stage))
+
+
+def _tell(callback: Callable[[dict], None], report: Report, k: int, x: Tensor, inp: Tensor, raw: Tensor
+          ) -> None:
+    """k-diffusion's callback contract (``x``, ``i``, ``sigma``, ``sigma_hat``, ``denoised``), plus ``stage``
+    and the network's ``raw`` output."""
+    callback({"x": x, "i": report.i, "sigma": report.sigma, "sigma_hat": report.sigma_hat,
+              "denoised": report.a * inp + report.b * raw, "stage": k, "step": report.i, "raw": raw})
+
+
+def _stage_range(stages: int, progress: bool | None) -> Sequence[int]:
+    """The stage indices, behind a progress bar unless ``progress`` is False (None: tqdm's choice, shown
+    on a terminal only -- k-diffusion's ``disable=None``)."""
+    if progress is False:
+        return range(stages)
+    return tqdm(range(stages), disable=None if progress is None else not progress, leave=False, desc="indis")
 
 
 def make_plan(den: Denoiser, table: SolverTable, x: Tensor) -> Plan:
-    """Per-stage views of ``table`` for states shaped like ``x`` (cast to ``x.dtype`` once)."""
-    view = (x.shape[0],) + (1,) * (x.ndim - 1)
+    """A :class:`Plan` of ``table`` for states shaped like ``x`` (layouts made on first use)."""
+    return Plan(den, table, x)
 
-    def cols(t: Tensor) -> tuple[Tensor, ...]:  # [B, S] -> S views [B, 1, ...]
-        return t.to(x.dtype).t().reshape(-1, *view).unbind(0)
 
-    coef = table.coef.to(x.dtype).permute(1, 2, 3, 0).reshape(*table.coef.shape[1:], *view)  # [S, 2, W, B..]
-    in_scale, raw_scale = cols(table.in_scale), cols(table.conv[..., 1])
-    state_scale = cols(table.conv[..., 0])
-    time = den.time(table.sigma_eval)
-    times = time.to(x.dtype).unbind(1)
-    stages = []
-    for k, (y_idx, s_idx) in enumerate(table.support):
-        stages.append(Stage(times[k], in_scale[k] if table.scaled_input else None,
-                            raw_scale[k] if table.conv_scales_raw[k] else None,
-                            state_scale[k] if table.conv_uses_state[k] else None,
-                            tuple((i, coef[k, 0, i]) for i in y_idx),
-                            tuple((i, coef[k, 1, i]) for i in s_idx)))
-    return Plan(den, table, tuple(stages), pack_table(table, time, x.dtype))
+def table_for(den: Denoiser, grid: Tensor, solver: str, dtype: torch.dtype, *, shift: Tensor | None = None,
+              scale: Tensor | None = None, check: bool = True, **build_opts) -> SolverTable:
+    """The one way into the coefficient tables for ``indis.sample``, ``GraphSampler`` and the batcher: the
+    solver's table (``solvers.build_table``) for the denoiser's family and prediction type, and -- unless
+    ``check=False`` (inside a CUDA graph, where a check would need a host sync) -- no coefficient overflowing
+    the state's ``dtype`` (:func:`check_coefficients`). Inputs come from :func:`check_inputs`."""
+    table = build_table(solver, grid, den.family, prediction=den.prediction, shift=shift, scale=scale,
+                        **({} if check else {"check_finite": False}), **build_opts)
+    if check:
+        check_coefficients(table, dtype)
+    return table
+
+
+def pool_layout(den: Denoiser, table: SolverTable, dtype: torch.dtype, stages: int, history: int
+                ) -> tuple[Tensor, Tensor]:
+    """``table`` packed as for :func:`run_fused` (``pack_table``), then zero-padded for a slot pool that
+    holds ``stages`` stages and ``history`` history slots per sample: rows ``[B, stages, 2 + 2(3 + history)]``
+    and network times ``[B, stages]`` (rows past a sample's own stages are zero)."""
+    if table.history > history or table.nfe > stages:
+        raise ValueError(f"{table.solver} with these options needs {table.nfe} stages and {table.history} "
+                         f"history slots; this pool holds {stages} and {history}")
+    packed = pack_table(table, den.time(table.sigma_eval), dtype)
+    b, s, w, wide = packed.rows.shape[0], packed.stages, packed.width, 3 + history
+    rows = packed.rows.new_zeros(b, stages, 2 + 2 * wide)
+    rows[:, :s, :2] = packed.rows[..., :2]
+    rows[:, :s, 2:].view(b, s, 2, wide)[..., :w] = packed.rows[..., 2:].view(b, s, 2, w)
+    time = packed.time.new_zeros(b, stages)
+    time[:, :s] = packed.time
+    return rows, time
 
 
 def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule,
             solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
             **solver_opts) -> Plan:
-    """Validate inputs, build the solver table and its per-stage views (everything before the loop).
+    """Everything before the loop: validate the inputs (:func:`check_inputs`) and build the checked solver
+    table (:func:`table_for`) as a :class:`Plan`.
 
-    ``sigmas`` may be a :class:`~indis.engine.schedules.Schedule` (an INDIS predictor's output), which
+    ``sigmas`` may be a :class:`~indis.engine.core.schedules.Schedule` (an INDIS predictor's output), which
     carries its own ``shift`` and ``scale``.
     """
     den = as_denoiser(model)
     grid, shift, scale = check_inputs(den, x, sigmas, solver, shift=shift, scale=scale,
                                       solver_opts=solver_opts)
     with nvtx_range("coefficients"):
-        table = build_table(solver, grid, den.family, prediction=den.prediction, shift=shift, scale=scale,
-                            **solver_opts)
-        check_coefficients(table, x.dtype)
-        return make_plan(den, table, x)
+        return Plan(den, table_for(den, grid, solver, x.dtype, shift=shift, scale=scale, **solver_opts), x)
 
 
 def _lin(terms: tuple[tuple[int, Tensor], ...], inputs: Sequence[Tensor]) -> Tensor:
@@ -268,18 +370,23 @@ def check_finite(t: Tensor, what: str, stage: int | None = None, step: int | Non
 
 
 def run_table(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
-              check_output: bool = False) -> Tensor:
+              check_output: bool = False, progress: bool | None = False) -> Tensor:
     """Torch reference of the generic ragged step: one model call and one linear update per stage.
     ``check_output``: after each stage, raise if the model output or the state is not finite (a host sync
-    per stage)."""
+    per stage). ``callback`` and ``progress``: see :func:`sample`."""
     cond = cond or {}
     den, history = plan.denoiser, plan.table.history
+    reports = plan.reports if callback is not None else ()
     y, stash, hist = x, x, []
-    for k, st in enumerate(plan.stages):
+    for k in _stage_range(len(plan.stages), progress):
+        st = plan.stages[k]
+        inp = y if st.in_scale is None else y * st.in_scale
         with nvtx_range(f"denoiser {k}"):
-            raw = den.raw(y if st.in_scale is None else y * st.in_scale, st.time, **cond)
+            raw = den.raw(inp, st.time, **cond)
         if check_output:
             check_finite(raw, "the model output", k, plan.table.step_of_stage[k])
+        if callback is not None:
+            _tell(callback, reports[k], k, y, inp, raw)
         with nvtx_range(f"step {k}"):
             h = raw if st.raw_scale is None else raw * st.raw_scale
             if st.state_scale is not None:
@@ -291,40 +398,42 @@ def run_table(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callabl
             hist = [h, *hist][:history]
         if check_output:
             check_finite(y_next, "the state", k, plan.table.step_of_stage[k])
-        if callback is not None:
-            callback({"stage": k, "step": plan.table.step_of_stage[k], "x": y_next, "raw": raw})
         y = y_next
     return y
 
 
 def run_fused(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
-              backend: str | None = None, check_output: bool = False) -> Tensor:
+              backend: str | None = None, check_output: bool = False,
+              progress: bool | None = False) -> Tensor:
     """The sampling loop with one fused ragged step per stage (Triton, C++ or the torch reference).
 
     State, stash and history live in preallocated buffers updated in place; the stage index is a device
     tensor the kernel reads (a broadcast view of ``arange(S)``), so the loop issues no host sync and no
-    allocation besides the denoiser's own (``check_output`` adds one sync per stage, as in :func:`run_table`).
+    allocation besides the denoiser's own (``check_output`` adds one sync per stage, as in :func:`run_table`;
+    a ``callback`` is told a copy of the state).
     """
     cond = cond or {}
     den, packed = plan.denoiser, plan.packed
+    reports = plan.reports if callback is not None else ()
     bsz = x.shape[0]
     y = x.clone(memory_format=torch.contiguous_format)
     stash = torch.empty_like(y) if packed.uses_stash else None
     hist = y.new_empty((packed.history, *y.shape)) if packed.history else None
     stage = torch.arange(packed.stages, device=x.device, dtype=torch.int32)
     view = (bsz,) + (1,) * (x.ndim - 1)
-    for k in range(packed.stages):
+    for k in _stage_range(packed.stages, progress):
+        inp = y if packed.in_scale is None else y * packed.in_scale[:, k].view(view)
         with nvtx_range(f"denoiser {k}"):
-            inp = y if packed.in_scale is None else y * packed.in_scale[:, k].view(view)
             raw = den.raw(inp, packed.time[:, k], **cond).contiguous()
         if check_output:
             check_finite(raw, "the model output", k, plan.table.step_of_stage[k])
+        if callback is not None:  # the step updates y in place: the callback gets a copy
+            before = y.clone()
+            _tell(callback, reports[k], k, before, before if inp is y else inp, raw)
         with nvtx_range(f"step {k}"):
             ragged_step(y, raw, stash, hist, packed, stage[k].expand(bsz), backend)
         if check_output:
             check_finite(y, "the state", k, plan.table.step_of_stage[k])
-        if callback is not None:
-            callback({"stage": k, "step": plan.table.step_of_stage[k], "x": y.clone(), "raw": raw})
     return y
 
 
@@ -340,19 +449,20 @@ def _needs_autograd(plan: Plan, x: Tensor) -> bool:
 
 
 def run(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
-        backend: str | None = None, check_output: bool = False) -> Tensor:
+        backend: str | None = None, check_output: bool = False, progress: bool | None = False) -> Tensor:
     """Run a prepared plan: the fused loop when the backend has a fused step (triton on CUDA, the C++
     extension on CPU) and no gradient has to flow through the loop, else the torch reference loop."""
     backend = backend_for(x.device, backend)
     if fused(backend, x.dtype) and not _needs_autograd(plan, x):
-        return run_fused(plan, x, cond, callback, backend, check_output)
-    return run_table(plan, x, cond, callback, check_output)
+        return run_fused(plan, x, cond, callback, backend, check_output, progress)
+    return run_table(plan, x, cond, callback, check_output, progress)
 
 
 def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule,
            solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
            cond: dict | None = None, callback: Callable[[dict], None] | None = None,
-           backend: str | None = None, check_output: bool = False, **solver_opts) -> Tensor:
+           backend: str | None = None, check_output: bool = False, progress: bool | None = False,
+           **solver_opts) -> Tensor:
     """Sample with per-sample grids.
 
     ``model(x, sigma[B], **cond) -> x0`` (k-diffusion convention), or a :class:`Denoiser` wrapping a VP /
@@ -369,9 +479,17 @@ def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | 
     flow (tuning), the reference loop runs. ``check_output``: raise ``FloatingPointError`` naming the samples
     and the stage where the model output or the state first holds NaN or inf (one host sync per stage; off
     by default). Inputs are checked by :func:`check_inputs`.
+
+    ``callback`` follows k-diffusion's contract on every backend: after each network evaluation (stage) it
+    gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` -- the state the network saw (in the model
+    family's coordinate; k-diffusion's x for a VE model), the grid step ``i``, the grid's sigma there and
+    the evaluated one (``[B]`` tensors: every sample has its own), and the network's x0 estimate at that
+    point (before INDIS's scale) -- plus ``stage`` and the network's ``raw`` output. A solver with two
+    evaluations per step (Heun) calls it twice with the same ``i`` (k-diffusion's Heun calls it once).
+    ``progress``: a tqdm bar over the stages (None: on a terminal only; off by default).
     """
     plan = prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts)
-    return run(plan, x, cond, callback, backend, check_output)
+    return run(plan, x, cond, callback, backend, check_output, progress)
 
 
 # ------------------------------------------------------------------------- k-diffusion-shaped samplers
@@ -379,11 +497,14 @@ def _kd(solver: str, **fixed) -> Callable[..., Tensor]:
     def sampler(model: Callable[..., Tensor], x: Tensor, sigmas: Tensor, extra_args: dict | None = None,
                 callback: Callable[[dict], None] | None = None, disable: bool | None = None,
                 **opts) -> Tensor:
-        return sample(model, x, sigmas, solver, cond=extra_args, callback=callback, **fixed, **opts)
+        return sample(model, x, sigmas, solver, cond=extra_args, callback=callback,
+                      progress=None if disable is None else not disable, **fixed, **opts)
 
     sampler.__name__ = f"sample_{solver}"
     sampler.__doc__ = (f"k-diffusion-shaped ``{solver}`` sampler: ``(model, x, sigmas, extra_args=None, "
-                       f"callback=None, disable=None, **opts)``; sigmas ``[N+1]`` or ``[B, N+1]``. "
+                       f"callback=None, disable=None, **opts)``; sigmas ``[N+1]`` or ``[B, N+1]``; "
+                       f"``disable`` hides the progress bar (None: shown on a terminal only), ``callback`` "
+                       f"as in ``indis.sample``. "
                        f"See ``indis.sample`` and ``solvers`` for the algorithm.")
     return sampler
 
@@ -398,6 +519,7 @@ sample_unipc = _kd("unipc")
 
 __all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_coefficients", "check_finite", "check_grid",
            "check_inputs", "check_schedule", "check_solver", "check_state",
-           "make_plan", "per_step", "prepare", "run", "run_fused", "run_table", "sample",
+           "make_plan", "per_step", "pool_layout", "prepare", "run", "run_fused", "run_table", "sample",
+           "table_for",
            "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_ipndm",
            "sample_ipndm_v", "sample_unipc"]
