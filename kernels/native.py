@@ -6,19 +6,21 @@ sample, threaded over samples and chunks. Storage is float32 (or float64, comput
 :func:`ragged_step_advance_native` also does a continuous batcher's per-iteration bookkeeping in the same
 call (each sample's stage counter and finished flag); :func:`ragged_step_advance_torch` is its torch twin.
 :class:`SlotCompactor` moves a batcher's surviving slots to the front of all its per-slot buffers in one
-C++ call (or one torch gather per buffer).
-The extension is built by ``.ci/build_native.sh`` (``pip install --no-build-isolation ./native``); without
-it :func:`available` is False, :data:`REASON` says why, and nothing else in indis changes.
+C++ call (or one torch gather per buffer). :func:`pool_kernels` is the one place a slot pool's calls are
+chosen (C++ or torch, from the device, backend and dtype).
+The extension is built by ``.ci/build_native.sh`` (``pip install --no-build-isolation ./kernels/csrc``);
+without it :func:`available` is False, :data:`REASON` says why, and nothing else in indis changes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from indis.kernels.ragged_step import PackedTable, _check, ragged_step_torch
+from indis.kernels.ragged_step import PackedTable, _check, fused, ragged_step_torch
 
 API_VERSION = 3  # must equal indis_native.API_VERSION (the argument lists of its functions)
 NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -174,3 +176,19 @@ class SlotCompactor:
             if t.device not in idx:
                 idx[t.device] = idx[torch.device("cpu")].to(t.device)
             t.narrow(d, 0, len(keep)).copy_(t.index_select(d, idx[t.device]))
+
+
+def pool_kernels(device: torch.device, backend: str,
+                 dtype: torch.dtype) -> tuple[Callable[..., int] | None, bool]:
+    """The calls a continuous batcher's slot pool makes per iteration, chosen once: ``(advance, native
+    compaction)``. ``advance`` is the step-and-advance call of a CPU pool --
+    :func:`ragged_step_advance_native` where ``backend`` (resolved by ``ragged_step.backend_for``) is
+    ``native`` with a fused step for ``dtype``, else :func:`ragged_step_advance_torch` -- and None for a
+    device pool or the triton backend (run interpreted on CPU), which step with ``ragged_step`` while the
+    host keeps the counters. The compaction is C++ (:class:`SlotCompactor` ``native=True``) exactly when
+    ``advance`` is."""
+    if device.type != "cpu" or backend == "triton":
+        return None, False
+    if backend == "native" and fused(backend, dtype):
+        return ragged_step_advance_native, True
+    return ragged_step_advance_torch, False

@@ -1,0 +1,273 @@
+"""Admission for a continuous batcher: requests in, plain data out.
+
+:class:`Admission` validates each :class:`Request` through the same front door as ``indis.sample``
+(``sampling.check_inputs``; x_T from a seed as ``teacher.initial_state``), resolves ``nfe="auto"`` and
+``schedule="predictor"``, groups requests that can share one table build, and builds each group's
+coefficient rows for the pool (``sampling.table_for`` + ``sampling.pool_layout``). A request whose inputs are
+bad fails alone, before it takes a slot; a group whose table cannot be built fails as a group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from indis.engine.core.families import Denoiser
+from indis.engine.core.sampling import (
+    check_inputs,
+    check_schedule,
+    check_solver,
+    check_state,
+    pool_layout,
+    table_for,
+)
+from indis.engine.core.schedules import HEURISTICS, Schedule, get_sigmas
+from indis.engine.serving.allocation import NFEChooser
+from indis.engine.serving.pool import MAX_HISTORY
+from indis.engine.tuning.teacher import initial_state, noise_from_seeds
+
+
+@dataclass
+class Request:
+    """One sample to generate.
+
+    ``x_T`` (``[*shape]``, already at the grid's first noise level, in the model family's coordinate) or
+    ``seed`` (``x_T = teacher.initial_state(noise_from_seeds(seed), sigma_max, family)``: ``sigma_max`` times
+    the noise for VE, its VP / flow scaling otherwise); ``schedule``: a heuristic name (``edm``,
+    ``logsnr``, ...), ``"predictor"`` (the batcher's INDIS predictor for this NFE and solver), an explicit
+    ``[N+1]`` grid or a :class:`Schedule`; ``cond``: per-sample condition values (e.g.
+    ``{"class_labels": 3}``; None: none). ``nfe="auto"``:
+    the batcher's :class:`~indis.engine.serving.allocation.NFEChooser` picks it from x_T (and the condition)
+    at admission; the future then carries it as ``future.nfe``.
+    """
+
+    x_T: Tensor | None = None
+    seed: int | None = None
+    nfe: int | str = 5
+    solver: str = "ipndm"
+    schedule: str | Tensor | Schedule = "edm"
+    cond: dict[str, int] = field(default_factory=dict)
+    solver_opts: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A validated request as plain data: its x_T (float64, CPU), its schedule (a grid ``[N+1]`` with
+    optional shift / scale ``[N]``, or the key of a cached heuristic table), its condition values and the
+    key of the group it can share a table build with."""
+
+    nfe: int
+    x_T: Tensor
+    grid: Tensor | None
+    shift: Tensor | None
+    scale: Tensor | None
+    cached: tuple | None
+    cond: dict[str, int]
+    group: tuple
+
+
+@dataclass
+class Group:
+    """Admitted requests of one table build, with the callers' handles (``owners``), their pool rows
+    ``[g, max_stages, R]``, network times ``[g, max_stages]`` and stage count."""
+
+    owners: list
+    members: list[Admitted]
+    rows: Tensor
+    time: Tensor
+    stages: int
+
+
+def opts_key(opts: dict) -> tuple:
+    """A request's solver options as a hashable key (lists become tuples); ValueError for anything else
+    unhashable or a non-string name."""
+    if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
+        raise ValueError(f"solver_opts={opts!r} must be a dict of option names to values")
+    items = []
+    for k, v in sorted(opts.items()):
+        v = tuple(v) if isinstance(v, list) else v
+        try:
+            hash(v)
+        except TypeError:
+            raise ValueError(f"solver option {k}={v!r} must be a number, string, bool or list") from None
+        kind = tuple(type(e).__name__ for e in v) if isinstance(v, tuple) else type(v).__name__
+        items.append((k, kind, v))  # 2 and 2.0 (or 1 and True) hash alike but are different options
+    return tuple(items)
+
+
+def describe(e: BaseException) -> str:
+    """``"Type: message"`` of an exception, even one whose ``str`` fails."""
+    try:
+        return f"{type(e).__name__}: {e}"
+    except Exception:  # noqa: BLE001 - a broken __str__ must not break error delivery
+        return type(e).__name__
+
+
+def as_value_error(e: Exception) -> ValueError:
+    """A request's validation failure as ``ValueError`` (the original as its ``__cause__``)."""
+    if isinstance(e, ValueError):
+        return e
+    error = ValueError(describe(e))
+    error.__cause__ = e
+    return error
+
+
+class Admission:
+    """Turns requests into :class:`Group` s for a pool of samples shaped ``shape`` in ``dtype`` on
+    ``device`` holding ``max_stages`` stages (the batcher's arguments of the same names)."""
+
+    def __init__(self, den: Denoiser, shape: Sequence[int], *, sigma_min: float, sigma_max: float,
+                 predictors: dict[tuple[int, str], Callable], predictor_cond: str | None,
+                 chooser: NFEChooser | None, conditions: dict[str, tuple[int, int]], max_stages: int,
+                 device: torch.device, dtype: torch.dtype, coef_dtype: torch.dtype) -> None:
+        self.den, self.shape = den, tuple(shape)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+        self.predictors, self.predictor_cond, self.chooser = predictors, predictor_cond, chooser
+        self.conditions, self.max_stages = conditions, max_stages
+        self.device, self.dtype, self.coef_dtype = device, dtype, coef_dtype
+        self.tables: dict[tuple, tuple[Tensor, Tensor, int]] = {}  # heuristic schedules: one table each
+
+    def admit(self, batch: list[tuple[Request, object]], on_nfe: Callable[[object, int], None] | None = None
+              ) -> tuple[list[Group], list[tuple[object, ValueError]]]:
+        """Validate, group and build tables for ``(request, owner)`` pairs; returns the groups ready to
+        place and the ``(owner, error)`` of every request that failed. ``on_nfe(owner, nfe)`` is told each
+        NFE chosen for ``nfe="auto"``."""
+        groups: dict[tuple, tuple[list, list[Admitted]]] = {}
+        failed: list[tuple[object, ValueError]] = []
+        for req, owner in batch:
+            try:
+                item = self.prepare(req)
+                if req.nfe == "auto" and on_nfe is not None:
+                    on_nfe(owner, item.nfe)
+            except Exception as e:  # noqa: BLE001 - bad inputs fail this request alone
+                failed.append((owner, as_value_error(e)))
+                continue
+            owners, members = groups.setdefault(item.group, ([], []))
+            owners.append(owner)
+            members.append(item)
+        ready = []
+        for (solver, _, opts, *_), (owners, members) in groups.items():
+            try:
+                ready.append(Group(owners, members, *self.group_table(solver, {k: v for k, _, v in opts},
+                                                                      members)))
+            except Exception as e:  # noqa: BLE001 - e.g. a solver option error: the group fails
+                error = as_value_error(e)
+                failed += [(owner, error) for owner in owners]
+        return ready, failed
+
+    def prepare(self, req: Request) -> Admitted:
+        """Validate one request (the NFE bound first, before anything of the request's size is built)."""
+        nfe = self.choose_nfe(req) if req.nfe == "auto" else req.nfe
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= self.max_stages:
+            raise ValueError(f"nfe={nfe!r} must be an int in [1, {self.max_stages}] (this batcher's "
+                             "max_stages)")
+        x = self.initial_state(req)
+        cond = self.check_conditions(req)
+        check_solver(req.solver, req.solver_opts)
+        opts = opts_key(req.solver_opts)
+        sched = req.schedule
+        if isinstance(sched, str) and sched in HEURISTICS:  # the same table for every such request: cached
+            key = (req.solver, nfe, sched, opts)
+            if key not in self.tables:
+                grid = get_sigmas(sched, nfe, self.sigma_min, self.sigma_max, family=self.den.family)
+                check_schedule(self.den, grid[None], None, None, self.dtype, req.solver)
+                self.tables[key] = self.table(req.solver, req.solver_opts, grid[None], None, None)
+            return Admitted(nfe, x, None, None, None, key, cond, (req.solver, nfe, opts, False, False, key))
+        if isinstance(sched, str) and sched == "predictor":
+            phi = self.predictors.get((nfe, req.solver))
+            if phi is None:
+                raise ValueError(f"no predictor for NFE {nfe} and {req.solver}; "
+                                 f"have {sorted(self.predictors)}")
+            c = cond.get(self.predictor_cond) if self.predictor_cond else None
+            with torch.no_grad():
+                sched = phi(x.to(self.device, torch.float32)[None],
+                            None if c is None else torch.tensor([c], device=self.device))
+        if isinstance(sched, str):
+            raise ValueError(f"schedule={sched!r}: use a heuristic {HEURISTICS}, 'predictor' or a grid")
+        if isinstance(sched, Schedule):
+            sched = Schedule(*(None if v is None else v.detach().to("cpu", torch.float64).reshape(1, -1)
+                               for v in (sched.grid, sched.shift, sched.scale)))
+        else:
+            try:
+                sched = torch.as_tensor(sched).detach().to("cpu", torch.float64).reshape(-1)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"schedule must be a heuristic name, 'predictor', a grid [N+1] or a "
+                                 f"Schedule, got {type(sched).__name__}") from e
+        grid, shift, scale = check_inputs(self.den, x[None].to(self.dtype), sched, req.solver,
+                                          solver_opts=req.solver_opts)
+        if grid.shape[-1] != nfe + 1:
+            raise ValueError(f"the grid has {grid.shape[-1]} points; NFE {nfe} needs {nfe + 1}")
+        if torch.isinf(grid[:, 0]).any():
+            raise ValueError("a grid starting at sigma = inf (a flow model's t = 1) is not served here; "
+                             "start at a finite sigma_max")
+        shift, scale = (None if v is None else v[0] for v in (shift, scale))
+        return Admitted(nfe, x, grid[0], shift, scale, None, cond,
+                        (req.solver, nfe, opts, shift is not None, scale is not None, None))
+
+    def initial_state(self, req: Request) -> Tensor:
+        """The request's validated x_T (given, or its seed's noise scaled to sigma_max in the model family's
+        coordinate, as ``teacher.initial_state``), float64 on the CPU; finite in the pool's dtype."""
+        if (req.x_T is None) == (req.seed is None):
+            raise ValueError("give exactly one of x_T and seed")
+        if req.x_T is None:
+            if isinstance(req.seed, bool) or not isinstance(req.seed, int) or req.seed < 0:
+                raise ValueError(f"seed={req.seed!r} must be a non-negative int")
+            noise = noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0]
+            x = initial_state(noise, self.sigma_max, self.den.family)
+            check_state(x[None].to(self.dtype), f"x_T (seed {req.seed} at sigma_max {self.sigma_max})")
+            return x
+        try:
+            x = torch.as_tensor(req.x_T).detach().to("cpu", torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"x_T must be a tensor of shape {self.shape} ({e})") from e
+        if tuple(x.shape) != self.shape:
+            raise ValueError(f"x_T has shape {tuple(x.shape)}, this batcher serves {self.shape}")
+        check_state(x[None].to(self.dtype), "x_T")
+        return x
+
+    def check_conditions(self, req: Request) -> dict[str, int]:
+        """The request's validated condition values (``None`` means none)."""
+        cond = {} if req.cond is None else req.cond
+        if not isinstance(cond, dict):
+            raise ValueError(f"cond={req.cond!r} must be a dict of condition names to ints")
+        for k, v in cond.items():
+            if k not in self.conditions:
+                raise ValueError(f"unknown condition {k!r}; this batcher takes {sorted(self.conditions)}")
+            lo, hi = self.conditions[k]
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
+                raise ValueError(f"condition {k}={v!r} must be an int in [{lo}, {hi})")
+        return dict(cond)
+
+    def choose_nfe(self, req: Request) -> int:
+        """The NFE the chooser picks from the request's x_T (and condition)."""
+        if self.chooser is None:
+            raise ValueError("nfe='auto' needs a batcher built with an NFE chooser (chooser=NFEChooser(...))")
+        x = self.initial_state(req)
+        c = self.check_conditions(req).get(self.predictor_cond) if self.predictor_cond else None
+        return self.chooser(x.to(self.device, torch.float32)[None],
+                            None if c is None else torch.tensor([c], device=self.device))[0]
+
+    def table(self, solver: str, opts: dict, grids: Tensor, shift: Tensor | None,
+              scale: Tensor | None) -> tuple[Tensor, Tensor, int]:
+        """Pool rows ``[g, max_stages, R]``, network times ``[g, max_stages]`` and the stage count S for
+        ``g`` grids of one solver: the checked table (``sampling.table_for``) in the pool's layout
+        (``sampling.pool_layout``)."""
+        table = table_for(self.den, grids, solver, self.dtype, shift=shift, scale=scale, **opts)
+        if table.scaled_input:
+            raise ValueError("shift on a VP/flow model (a rescaled network input) is not served here")
+        rows, time = pool_layout(self.den, table, self.dtype, self.max_stages, MAX_HISTORY)
+        return rows.to(self.device, self.coef_dtype), time.to(self.device), table.nfe
+
+    def group_table(self, solver: str, opts: dict, members: list[Admitted]) -> tuple[Tensor, Tensor, int]:
+        """A group's tables: the cached heuristic one (expanded) or theirs, built together (a group's members
+        all have a shift, or none does; the same for the scale: both are part of the group key)."""
+        first = members[0]
+        if first.cached is not None:  # a cached heuristic table, shared by the whole group
+            rows, time, s = self.tables[first.cached]
+            return rows.expand(len(members), -1, -1), time.expand(len(members), -1), s
+        stack = [None if getattr(first, k) is None else torch.stack([getattr(m, k) for m in members])
+                 for k in ("grid", "shift", "scale")]
+        return self.table(solver, opts, *stack)

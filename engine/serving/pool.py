@@ -1,0 +1,154 @@
+"""The slot pool of a continuous batcher: fixed per-slot buffers and their bookkeeping (place, step, park,
+remove).
+
+Per slot: the solver state, stash and ring of history outputs, the packed coefficient rows of that sample's
+own table (``sampling.pool_layout``), its network times, its stage counter ``step`` -- a device tensor the
+fused kernel reads -- and its own stage count, plus the condition values. Active samples hold slots
+``0..n-1``; ``owners[i]`` is whatever the caller keeps for slot ``i`` (the batcher: the request's future).
+The C++ or torch calls a pool makes are chosen once, by ``indis.kernels.native.pool_kernels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from indis.engine.core.families import Denoiser
+from indis.kernels.native import SlotCompactor, pool_kernels
+from indis.kernels.ragged_step import PackedTable, ragged_step
+
+MAX_HISTORY = 3   # iPNDM order 4 and UniPC order 3 keep 3 older outputs
+
+
+class SlotPool:
+    """``capacity`` slots of samples shaped ``shape`` in ``dtype`` on ``device``, each holding up to
+    ``max_stages`` stages; ``conditions`` maps each condition input to the value an idle slot holds."""
+
+    def __init__(self, capacity: int, shape: Sequence[int], *, max_stages: int, conditions: dict[str, int],
+                 device: torch.device, dtype: torch.dtype, backend: str) -> None:
+        self.capacity, self.shape, self.max_stages = capacity, tuple(shape), max_stages
+        self.device, self.dtype, self.backend = device, dtype, backend
+        self.idle_cond = dict(conditions)
+        c = capacity
+        self.y = torch.zeros(c, *self.shape, device=device, dtype=dtype)
+        self.stash = torch.zeros_like(self.y)
+        self.hist = torch.zeros(MAX_HISTORY, c, *self.shape, device=device, dtype=dtype)
+        self.coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        width = 2 + 2 * (3 + MAX_HISTORY)
+        self.rows = torch.zeros(c, max_stages, width, device=device, dtype=self.coef_dtype)
+        self.time = torch.zeros(c, max_stages, device=device, dtype=dtype)
+        self.step = torch.full((c,), -1, device=device, dtype=torch.int32)
+        self.stages = torch.zeros(c, dtype=torch.int64)    # each slot's own stage count (0: free)
+        self.done = torch.zeros(c, dtype=torch.bool)        # CPU pools: slots finished in this step
+        self.cond = {k: torch.full((c,), v, device=device, dtype=torch.long) for k, v in conditions.items()}
+        self.owners: list = []          # per active slot, the caller's handle
+        self.host_step: list[int] = []  # host copies of the counters where the kernel does not advance them
+        self.host_stages: list[int] = []
+        self.parked: list[bool] = []    # finished slots kept in the batch (step -1), see park()
+        self.advance, native = pool_kernels(self.device, backend, dtype)
+        self._compact = SlotCompactor(
+            [(self.y, 0), (self.stash, 0), (self.hist, 1), (self.rows, 0), (self.time, 0), (self.step, 0),
+             (self.stages, 0), *((v, 0) for v in self.cond.values())], native=native)
+
+    @property
+    def n(self) -> int:
+        """Active slots (``0..n-1``)."""
+        return len(self.owners)
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.n
+
+    def place(self, owners: list, states: Tensor, rows: Tensor, time: Tensor, stages: list[int],
+              cond: dict[str, list[int]]) -> None:
+        """Write ``g = len(owners)`` samples into slots ``n..n+g-1``: states ``[g, *shape]``, rows and times
+        from ``sampling.pool_layout``, stage counts, condition values (one write per buffer). The slots count
+        as active only after every write; a failed place leaves them free (:meth:`clear`)."""
+        g = len(owners)
+        slots = slice(self.n, self.n + g)
+        self.y[slots] = states.to(self.device, self.dtype)
+        self.rows[slots] = rows
+        self.time[slots] = time
+        self.step[slots] = 0
+        self.stages[slots] = torch.tensor(stages)
+        for k, idle in self.idle_cond.items():
+            self.cond[k][slots] = torch.tensor(cond.get(k, [idle] * g), device=self.device)
+        self.owners += owners
+        self.host_step += [0] * g
+        self.host_stages += list(stages)
+        self.parked += [False] * g
+
+    def clear(self, start: int, stop: int) -> None:
+        """Mark slots ``start..stop-1`` free (counters and idle values; the state is zeroed)."""
+        self.y[start:stop].zero_()
+        self.step[start:stop] = -1
+        self.stages[start:stop] = 0
+        for k, idle in self.idle_cond.items():
+            self.cond[k][start:stop] = idle
+
+    def bucket_inputs(self, b: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The denoiser call's inputs over slots ``0..b-1``: states, each slot's network time at its stage,
+        conditions (idle slots hold zeros and their idle values; their outputs are masked)."""
+        step = self.step[:b]
+        sigma = self.time[:b].gather(1, step.clamp(min=0).long()[:, None]).squeeze(1)
+        return self.y[:b], sigma, {k: v[:b] for k, v in self.cond.items()}
+
+    def step_slots(self, raw: Tensor, b: int) -> tuple[int, list[int], list[int]]:
+        """One fused step of slots ``0..b-1`` with the denoiser's output ``raw`` and the counters' advance;
+        returns (slots stepped, finished slots, slots finished by this step). Parked slots do not move."""
+        n = self.n
+        table = PackedTable(self.rows[:b], self.time[:b], None, MAX_HISTORY, True)
+        if self.advance is None:  # the kernel steps; the host advances its own copies of the counters
+            ragged_step(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, self.step[:b], self.backend)
+            live = self.step[:n]
+            live += (live >= 0).to(torch.int32)
+            stepped, done, just = 0, [], []
+            for i in range(n):
+                if self.host_step[i] < self.host_stages[i]:
+                    self.host_step[i] += 1
+                    stepped += 1
+                    if self.host_step[i] == self.host_stages[i]:
+                        just.append(i)
+                if self.host_step[i] >= self.host_stages[i]:
+                    done.append(i)
+            return stepped, done, just
+        finished = self.advance(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, self.step[:b],
+                                self.stages[:b], self.done[:b], n)
+        parked = sum(self.parked)
+        just = self.done[:n].nonzero().flatten().tolist() if finished else []
+        done = just if parked + len(just) < n else list(range(n))
+        return n - parked, done, just
+
+    def park(self, slots: list[int]) -> None:
+        """Keep finished ``slots`` in the batch without stepping them again (step -1, masked)."""
+        if slots:
+            self.step[torch.tensor(slots, device=self.device)] = -1
+            for i in slots:
+                self.parked[i] = True
+
+    def remove(self, gone: list[int]) -> None:
+        """Free slots ``gone``: the remaining ones move to the front, in order, and the tail is cleared."""
+        n, drop = self.n, set(gone)
+        keep = [i for i in range(n) if i not in drop]
+        m = len(keep)
+        if keep != list(range(m)):
+            self._compact(keep)
+        for name in ("owners", "host_step", "host_stages", "parked"):
+            items = getattr(self, name)
+            setattr(self, name, [items[i] for i in keep])
+        self.clear(m, n)
+
+    def reset(self) -> list:
+        """Free every slot without reading the buffers (after a failure they are not trusted); returns the
+        owners that were active."""
+        owners = self.owners
+        self.owners, self.host_step, self.host_stages, self.parked = [], [], [], []
+        self.clear(0, self.capacity)
+        return owners
+
+    def raw(self, den: Denoiser, b: int) -> Tensor:
+        """The denoiser's raw output for slots ``0..b-1`` at each slot's own stage."""
+        y, sigma, cond = self.bucket_inputs(b)
+        return den.raw(y, sigma, **cond).contiguous()
