@@ -2,18 +2,18 @@
 # GPU suite: the CUDA tests (Triton kernels compiled, sync-free loop, CUDA graphs) and the kernel and
 # end-to-end benchmarks, in one command, < 9 minutes on an H100/H200, nothing downloaded.
 #
-#   bash benchmarks/gpu_suite.sh            # writes benchmarks/results/<date>-<gpu>.{json,md}
+#   bash benchmarks/gpu_suite.sh            # writes benchmarks/results/gpu/<date>-<gpu>.{json,md}
 #
 # Uses the machine's python3 (torch with CUDA, triton, pytest). Small wheels it lacks (nvtx; diffusers and
 # importlib_metadata for the diffusers comparison) are installed from ./.whl if that folder exists (see
 # benchmarks/README.md). Results go to $INDIS_RESULTS, else $OUT (the device tool's output folder), else
-# benchmarks/results. Each stage has its own time limit; a failing stage is recorded and the suite goes on.
+# benchmarks/results/gpu. Each stage has its own time limit; a failing stage is recorded and the suite goes on.
 # INDIS_SUITE_STAGES="tests kernel e2e serving export nvtx" (the default) selects stages; INDIS_SUITE_TESTS
 # the test paths of the tests stage.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
-DEST="${INDIS_RESULTS:-${OUT:-benchmarks/results}}"
+DEST="${INDIS_RESULTS:-${OUT:-benchmarks/results/gpu}}"
 mkdir -p "$DEST"
 WORK="$(mktemp -d)"
 SITE="$WORK/site"
@@ -48,7 +48,9 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, keep its log and 
 }
 
 STAGES="${INDIS_SUITE_STAGES:-tests kernel e2e serving export nvtx}"
-TESTS="${INDIS_SUITE_TESTS:-tests/kernels tests/engine/test_graphs.py tests/export tests/engine/test_serving.py}"  # a subset reruns only those stages
+# INDIS_SUITE_TESTS: a subset reruns only those test paths
+TESTS="${INDIS_SUITE_TESTS:-tests/kernels tests/engine/core/test_graphs.py tests/engine/core/test_sampling_callback.py
+  tests/export tests/engine/serving}"
 for name in $STAGES; do
   case "$name" in
     tests) stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs $TESTS ;;

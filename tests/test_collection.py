@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_plain_pytest_collects_modules_that_import_shared_helpers() -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     pytest = Path(sys.executable).with_name("pytest")
-    modules = ["tests/engine/test_graphs.py", "tests/kernels/test_ragged_step.py"]  # both import tests.*
+    modules = ["tests/engine/core/test_graphs.py", "tests/kernels/test_ragged_step.py"]  # both import tests.*
     out = subprocess.run([str(pytest), "--collect-only", "-q", "-p", "no:cacheprovider", *modules], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from indis.engine import cli
+from indis.engine.core.predictor import Predictor
+from indis.engine.tuning.fit import BLIND_FIT
 
 
 @pytest.mark.parametrize(("argv", "match"), [
@@ -54,3 +56,18 @@ def test_an_internal_error_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, 
 def test_check_writable_leaves_no_probe_behind(tmp_path) -> None:
     out = cli.check_writable(tmp_path / "new" / "phi.safetensors")
     assert out.parent.is_dir() and list(out.parent.iterdir()) == []
+
+
+def test_cli_fit_then_eval(tmp_path, capsys) -> None:
+    from indis.engine.cli import main
+
+    out = tmp_path / "phi.safetensors"
+    main(["fit", "--nfe", "2", "--solver", "euler", "--num-train", "16", "--num-val", "8", "--steps", "3",
+          "--batch-size", "8", "--hidden", "8", "--cache", str(tmp_path), "--out", str(out)])
+    phi = Predictor.load(out, nfe=2, solver="euler", backbone="digits-unet")
+    assert len(phi.metadata["fit"]) == 2
+    # --steps reaches the blind stage's Adam steps, which keeps the state after its L-BFGS finish
+    assert phi.metadata["fit"][0]["best_step"] == 3 + BLIND_FIT.lbfgs_steps
+    main(["eval", str(out), "--samples", "8", "--cache", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "INDIS phi" in text and "heuristic edm" in text and "8 held-out seeds" in text

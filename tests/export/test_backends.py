@@ -97,7 +97,7 @@ def test_continuous_batcher_serves_exported_models(exported: dict, kind: str) ->
 
 def test_a_predictor_exported_under_the_old_scale_definition_is_refused(exported: dict) -> None:
     runner = OrtModel(exported["dir"] / "phi.onnx")
-    assert runner.metadata["format"] == indis.engine.predictor.FORMAT
+    assert runner.metadata["format"] == indis.engine.core.predictor.FORMAT
     ExportedPredictor(runner)
     for old in ({k: v for k, v in runner.metadata.items() if k != "format"},
                 {**runner.metadata, "format": "indis-predictor/1"}):

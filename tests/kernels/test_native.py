@@ -19,7 +19,9 @@ from indis.engine.serving.batcher import ContinuousBatcher, Request
 from indis.engine.studies.convergence import small_mixture
 from indis.kernels import native
 from indis.kernels.ragged_step import PackedTable, pack_table, ragged_step_torch
-from tests.kernels.test_ragged_step import IDS, SOLVER_CASES, _buffers, _table, loop_case
+from tests.helpers import IDS, SOLVER_CASES, loop_case
+from tests.helpers import kernel_buffers as _buffers
+from tests.helpers import kernel_table as _table
 
 CPU = torch.device("cpu")
 DTYPES = [torch.float32, torch.float64]
@@ -158,7 +160,7 @@ def test_fused_loop_with_the_native_step(solver: str, opts: dict, dtype: torch.d
         calls.append(stage)
         native.ragged_step_native(y, raw, stash, hist, packed, stage)
 
-    monkeypatch.setattr("indis.engine.sampling.ragged_step", step)
+    monkeypatch.setattr("indis.engine.core.sampling.ragged_step", step)
     x = x64.to(dtype)
     fused = run_fused(plan(x), x)
     assert len(calls) == plan(x).packed.stages
@@ -305,7 +307,7 @@ def test_batcher_native_advance_equals_torch_twin(policy: str) -> None:
     for backend in ("native", "torch"):
         b = ContinuousBatcher(model, (6,), capacity=5, buckets=(2, 5), policy=policy, backend=backend)
         out = b.run_all(reqs)
-        assert not b.stages.any() and (b.step == -1).all()
+        assert not b.pool.stages.any() and (b.pool.step == -1).all()
         runs.append((out, b.stats))
     assert runs[0][1] == runs[1][1]
     assert runs[0][1]["slot_steps"] == sum(r.nfe for r in reqs)  # each sample stepped once per stage

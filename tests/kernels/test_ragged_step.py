@@ -16,14 +16,16 @@ from indis.engine.core.sampling import prepare, run, run_fused, run_table
 from indis.engine.studies.convergence import small_mixture
 from indis.kernels import native
 from indis.kernels.ragged_step import (
+    PackedTable,
     backend_for,
     pack_table,
     ragged_step,
     ragged_step_torch,
     ragged_step_triton,
 )
-from tests.devices import KERNEL_DEVICE as DEV
-from tests.engine.test_sampling import IDS, SOLVER_CASES, _flow_velocity, _ragged_grids
+from tests.helpers import IDS, SOLVER_CASES, kernel_buffers, kernel_table, loop_case
+from tests.helpers import KERNEL_DEVICE as DEV
+from tests.helpers import flow_velocity as _flow_velocity
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # relative to max |reference|
@@ -32,31 +34,7 @@ ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # relat
 LOOP_SLACK = {torch.bfloat16: 4 if DEV.type == "cpu" else 2}
 
 
-def _identity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _table(solver: str, opts: dict, bsz: int, steps: int = 6, seed: int = 0):
-    """A float64 coefficient table over random per-sample grids, shifts and scales."""
-    g = torch.Generator().manual_seed(seed)
-    grids = _ragged_grids(bsz, steps, seed=seed + 1)
-    shift = 0.1 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)
-    scale = 1 + 0.05 * torch.randn(bsz, steps, generator=g, dtype=torch.float64)
-    plan = prepare(_identity, torch.zeros(bsz, 1, dtype=torch.float64, device=DEV), grids.to(DEV), solver,
-                   shift=shift.to(DEV), scale=scale.to(DEV), **opts)
-    return plan.table, plan.denoiser.time(plan.table.sigma_eval)
-
-
-def _buffers(table, shape: tuple[int, ...], seed: int) -> dict[str, torch.Tensor | None]:
-    g = torch.Generator().manual_seed(seed)
-    bsz = table.grid.shape[0]
-
-    def rnd(*s: int) -> torch.Tensor:
-        return 3 * torch.randn(*s, generator=g, dtype=torch.float64).to(DEV)
-
-    return {"y": rnd(bsz, *shape), "raw": rnd(bsz, *shape),
-            "stash": rnd(bsz, *shape) if table.uses_stash else None,
-            "hist": rnd(table.history, bsz, *shape) if table.history else None}
+_table, _buffers = kernel_table, kernel_buffers  # the names test_native imports from here
 
 
 def _apply(fn, table, time, buffers: dict, step: torch.Tensor, dtype: torch.dtype, **kw) -> dict:
@@ -108,23 +86,6 @@ def test_first_stage_reads_no_unwritten_slot(solver: str, opts: dict) -> None:
     for fn in (ragged_step_triton, ragged_step_torch):
         out = _apply(fn, table, time, buffers, step, torch.float32)
         assert torch.isfinite(out["y"]).all(), fn.__name__
-
-
-def loop_case(solver: str, opts: dict, device: torch.device = DEV):
-    """A whole ragged sampling run: float64 x_T and ``plan(x)`` (per-sample grids, shift, scale)."""
-    model = small_mixture().to(device)
-    bsz, steps = 5, 6
-    g = torch.Generator().manual_seed(1)
-    x64 = (torch.randn(bsz, 6, generator=g, dtype=torch.float64) * 80.0).to(device)
-    grids = _ragged_grids(bsz, steps, seed=2).to(device)
-    # within the predictor's bounds (|dtau| < 0.1, |gamma - 1| < 0.05), as a tuned head's would be
-    shift = (0.1 * torch.tanh(torch.randn(bsz, steps, generator=g, dtype=torch.float64))).to(device)
-    scale = (1 + 0.05 * torch.tanh(torch.randn(bsz, steps, generator=g, dtype=torch.float64))).to(device)
-
-    def plan(x: torch.Tensor):
-        return prepare(model, x, grids, solver, shift=shift, scale=scale, **opts)
-
-    return x64, plan
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -215,7 +176,7 @@ def test_sample_dispatches_through_the_environment(monkeypatch: pytest.MonkeyPat
     x = (torch.randn(3, 6, generator=torch.Generator().manual_seed(0)) * 80.0).to(DEV)
     grid = indis.get_sigmas("edm", 5, 0.002, 80.0, device=DEV)
     calls = []
-    monkeypatch.setattr("indis.engine.sampling.run_fused",
+    monkeypatch.setattr("indis.engine.core.sampling.run_fused",
                         lambda *a, **k: calls.append(1) or run_fused(*a, **k))
     monkeypatch.setenv("INDIS_KERNELS", "torch")
     eager = indis.sample(model, x, grid, "unipc")
@@ -259,3 +220,138 @@ def test_gradients_flow_through_the_reference_loop(monkeypatch: pytest.MonkeyPat
     out = indis.sample(model, x, grid, "ipndm")
     out.sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+OP_BACKENDS = ["torch"] + (["native"] if native.available() else [])
+# neither a stash nor history / history only / both
+OP_CASES = [("euler", {}), ("dpmpp_3m", {}), ("unipc", {"variant": "bh2", "order": 3})]
+OP_IDS = ["euler", "dpmpp_3m", "unipc-bh2-3"]
+
+
+def _op_args(solver: str, opts: dict, dtype: torch.dtype, backend: str, bsz: int = 4, shape=(1, 3, 3),
+             seed: int = 0) -> tuple:
+    """Arguments of ``torch.ops.indis.ragged_step`` for a ragged batch (the last sample idle: step -1)."""
+    table, time = _table(solver, opts, bsz, seed=seed)
+    dev = torch.device("cpu") if backend == "native" else DEV
+    buf = {k: None if v is None else v.to(dev, dtype) for k, v in _buffers(table, shape, seed).items()}
+    packed = pack_table(table, time, dtype)
+    step = torch.randint(0, packed.stages, (bsz,), generator=torch.Generator().manual_seed(seed))
+    step[-1] = -1
+    return (buf["y"], buf["raw"], buf["stash"], buf["hist"], packed.rows.to(dev), step.to(dev),
+            packed.history, packed.uses_stash, backend)
+
+
+def _packed(rows: torch.Tensor, history: int, uses_stash: bool) -> PackedTable:
+    return PackedTable(rows, rows[..., 0], None, history, uses_stash)
+
+
+def test_custom_op_declares_what_it_writes() -> None:
+    schema = torch.ops.indis.ragged_step.default._schema
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"y", "stash", "hist"}
+    assert not schema.returns
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize(("solver", "opts"), OP_CASES, ids=OP_IDS)
+def test_custom_op_opcheck(solver: str, opts: dict, backend: str) -> None:
+    """Schema (declared mutations), fake tensor and AOT-dispatch checks, then the autograd registration check
+    with a gradient-needing input (``raw``: the written buffers cannot be leaves that require grad)."""
+    op = torch.ops.indis.ragged_step.default
+    args = _op_args(solver, opts, torch.float32, backend)
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(op, args, test_utils=checks)
+    torch.library.opcheck(op, (args[0], args[1].clone().requires_grad_(), *args[2:]))
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize(("solver", "opts"), OP_CASES, ids=OP_IDS)
+def test_custom_op_matches_the_direct_call_bit_for_bit(solver: str, opts: dict, backend: str) -> None:
+    args = _op_args(solver, opts, torch.float32, backend)
+    y, raw, stash, hist, rows, step, history, uses_stash, _ = args
+    direct = [None if t is None else t.clone() for t in (y, stash, hist)]
+    ragged_step(direct[0], raw, direct[1], direct[2], _packed(rows, history, uses_stash), step, backend)
+    torch.ops.indis.ragged_step(*args)
+    assert not torch.equal(y, args[1])  # the step wrote something
+    for a, b in zip((y, stash, hist), direct, strict=True):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_compiled_loop_has_no_graph_break_and_equals_eager(backend: str) -> None:
+    """``torch.compile(fullgraph=True)`` of a small sampling loop (a linear toy denoiser, every stage) traces
+    the step as the custom op, functionalized, and gives the eager result bit for bit."""
+    y0, _, stash0, hist0, rows, _, history, uses_stash, _ = _op_args(
+        "unipc", {"variant": "bh2", "order": 3}, torch.float32, backend)
+    packed = _packed(rows, history, uses_stash)
+    stage = torch.arange(packed.stages, dtype=torch.int32, device=y0.device)
+
+    def loop(y: torch.Tensor, stash: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+        for k in range(packed.stages):
+            ragged_step(y, 0.5 * y + 0.25, stash, hist, packed, stage[k].expand(y.shape[0]), backend)
+        return y
+
+    graphs = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    eager, compiled = [t.clone() for t in (y0, stash0, hist0)], [t.clone() for t in (y0, stash0, hist0)]
+    loop(*eager)
+    torch.compile(loop, backend=capture, fullgraph=True)(*compiled)
+    assert len(graphs) == 1
+    op = torch.ops.indis.ragged_step
+    assert sum(n.target in (op, op.default) for n in graphs[0].graph.nodes) == packed.stages
+    for a, b, before in zip(compiled, eager, (y0, stash0, hist0), strict=True):  # written back in place
+        assert torch.equal(a, b) and not torch.equal(a, before)
+
+
+def _grad_case(backend: str) -> tuple:
+    args = _op_args("unipc", {"variant": "bh2", "order": 3}, torch.float64, backend, bsz=3, shape=(2,))
+    y, raw, stash, hist, rows, step = (t.requires_grad_() if t.is_floating_point() else t for t in args[:6])
+    return (y, raw, stash, hist, rows), step, args[6:]
+
+
+def test_custom_op_backward_passes_gradcheck() -> None:
+    """The step is linear in y, raw, stash, hist and in each nonzero coefficient: float64 gradcheck through
+    the op (and through ``ragged_step``) w.r.t. all of them. Exact zero coefficients are structural (never
+    read, and an all-zero stash row keeps the stash), so the check perturbs only the nonzero ones."""
+    (y, raw, stash, hist, rows), step, (history, uses_stash, backend) = _grad_case("torch")
+    nonzero = rows.detach() != 0
+    assert not nonzero.all()
+
+    def step_fn(y, raw, stash, hist, rows, via_op: bool = True):
+        y, stash, hist = y.clone(), stash.clone(), hist.clone()
+        rows = torch.where(nonzero, rows, 0.0)
+        if via_op:
+            torch.ops.indis.ragged_step(y, raw, stash, hist, rows, step, history, uses_stash, backend)
+        else:
+            ragged_step(y, raw, stash, hist, _packed(rows, history, uses_stash), step, backend)
+        return y, stash, hist
+
+    assert torch.autograd.gradcheck(step_fn, (y, raw, stash, hist, rows))
+    assert torch.autograd.gradcheck(lambda *a: step_fn(*a, via_op=False), (y, raw, stash, hist, rows))
+    out = step_fn(y, raw, stash, hist, rows)
+    grads = torch.autograd.grad(sum(o.sum() for o in out), (y, raw))
+    assert all(g.abs().sum() > 0 for g in grads)  # not vacuous: gradients reach the state and the output
+
+
+@pytest.mark.skipif(not native.available(), reason=native.REASON)
+def test_native_backend_differentiates_like_the_reference() -> None:
+    """A gradient-needing call on the C++ backend (op or ``ragged_step``) records the reference's graph:
+    the same values and gradients as the torch backend, not a write autograd cannot see."""
+    results = []
+    for backend, via_op in (("torch", True), ("native", True), ("native", False)):
+        (y, raw, stash, hist, rows), step, (history, uses_stash, _) = _grad_case(backend)
+        out = [t.detach().clone() for t in (y, stash, hist)]
+        if via_op:
+            torch.ops.indis.ragged_step(out[0], raw, out[1], out[2], rows, step, history, uses_stash, backend)
+        else:
+            ragged_step(out[0], raw, out[1], out[2], _packed(rows, history, uses_stash), step, backend)
+        assert out[0].grad_fn is not None
+        results.append((out, torch.autograd.grad(sum(o.sum() for o in out), (raw, rows))))
+    for out, grads in results[1:]:
+        for a, b in zip(out + list(grads), results[0][0] + list(results[0][1]), strict=True):
+            assert torch.equal(a, b)

@@ -19,8 +19,8 @@ from indis.engine.core.graphs import GraphSampler
 from indis.engine.core.sampling import make_plan, prepare, run_fused, run_table
 from indis.engine.core.solvers import build_table
 from indis.engine.studies.convergence import small_mixture
-from tests.devices import KERNEL_DEVICE
-from tests.engine.test_sampling import IDS, SOLVER_CASES, _ragged_grids
+from tests.helpers import IDS, KERNEL_DEVICE, SOLVER_CASES
+from tests.helpers import ragged_grids as _ragged_grids
 
 CUDA = torch.cuda.is_available()
 HOST_READS = {Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__float__, Tensor.__int__, Tensor.__index__,

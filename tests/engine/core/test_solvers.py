@@ -1,7 +1,9 @@
-"""The coefficient table follows INDIS's corrected call, eps_hat = gamma * eps_theta(x_n, tau_n + dtau_n).
+"""Solver coefficient tables (``indis.engine.core.solvers``).
 
-Checked against independent eps-form loops (``tests/reference/eps_form.py``), per family (VE x0 model, VP eps
-model, flow velocity model) and solver (Euler, iPNDM), with random per-sample grids, shifts and scales.
+The table follows INDIS's corrected call, eps_hat = gamma * eps_theta(x_n, tau_n + dtau_n): checked against
+independent eps-form loops (``tests/reference/eps_form.py``), per family (VE x0 model, VP eps model, flow
+velocity model) and solver (Euler, iPNDM), with random per-sample grids, shifts and scales. Also: the local
+order of each multistep formula, iPNDM-v on a uniform frame grid, the VP change of variables.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 
 import indis
 from indis.engine.core.families import VE, Denoiser, Flow, VPLinear
+from indis.engine.studies.convergence import LOCAL_ORDER, local_order, small_mixture
 from tests.reference import eps_form
 
 FAMILIES = {"ve": (VE(), "x0"), "vp": (VPLinear(), "eps"), "flow": (Flow(), "velocity")}
@@ -111,3 +114,59 @@ def test_the_shift_moves_only_the_evaluation_point_and_the_scale_multiplies_eps(
     scaled = indis.sample(model, x, sig, "euler", shift=torch.tensor([0.2], dtype=torch.float64),
                           scale=torch.tensor([1.1], dtype=torch.float64))
     torch.testing.assert_close(scaled, x + (1.0 - 4.0) * 0.5 * 1.1, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize(("solver", "order", "row"), list(LOCAL_ORDER))
+def test_local_order_of_the_coefficient_table(solver: str, order: int, row: int) -> None:
+    """One table stage fed the exact state and history has the formula's order (see engine/convergence)."""
+    measured = local_order(solver, order, row)
+    assert abs(measured - LOCAL_ORDER[(solver, order, row)]) < 0.3, f"measured order {measured:.2f}"
+
+
+def test_ipndm_v_equals_ipndm_on_uniform_frame_grid() -> None:
+    model = small_mixture()
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 10
+    sig = torch.linspace(10.0, 0.1, 9, dtype=torch.float64)  # uniform in sigma = the VE frame's time
+    torch.testing.assert_close(indis.sample(model, x, sig, "ipndm_v"), indis.sample(model, x, sig, "ipndm"),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_shift_changes_the_network_time_and_scale_multiplies_eps() -> None:
+    calls = []
+
+    def model(x, sigma):
+        calls.append(sigma.clone())
+        return 0.5 * x
+
+    x = torch.ones(2, 3, dtype=torch.float64)
+    sig = torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64)
+    shift = torch.tensor([[0.1, -0.2], [0.0, 0.3]], dtype=torch.float64)
+    out = indis.sample(model, x, sig, "euler", shift=shift)
+    assert torch.allclose(calls[0], sig[0] * torch.exp(shift[:, 0]))
+    assert torch.allclose(calls[1], sig[1] * torch.exp(shift[:, 1]))
+    # Euler step with D = 0.5 x, eps = 0.5 x / sigma scaled by gamma: x' = x + (sigma' - sigma) gamma eps.
+    scale = torch.tensor([1.2, 0.9], dtype=torch.float64)
+    y = indis.sample(model, x[:1], sig[:2], "euler", scale=scale[:1])
+    torch.testing.assert_close(y, x[:1] + (sig[1] - sig[0]) * 1.2 * 0.5 * x[:1] / sig[0])
+    assert out.shape == x.shape
+
+
+def test_vp_wrapper_matches_plain_denoiser() -> None:
+    """An eps-model wrapped as VP gives the VE trajectory scaled by alpha (exponential integrators)."""
+    gmm = small_mixture()
+    fam = VPLinear()
+
+    def eps_net(x_vp, t):
+        sigma = fam.sigma(t).view(-1, 1)
+        x_ve = x_vp * torch.sqrt(1 + sigma**2)
+        return (x_ve - gmm(x_ve, sigma.flatten())) / sigma
+
+    den = Denoiser(eps_net, fam, "eps", "t")
+    sig = indis.get_sigmas("logsnr", 6, 0.01, 50.0)
+    x_ve = torch.randn(2, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 50.0
+    shift = 0.2 * torch.randn(2, 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    for solver in ("euler", "dpmpp_2m", "dpmpp_3m", "unipc"):
+        for s in (None, shift):  # a shift rescales the VP input by alpha(sigma_eval) / alpha(sigma_n)
+            ve = indis.sample(gmm, x_ve, sig, solver, shift=s)
+            vp = indis.sample(den, x_ve * fam.alpha(sig[:1]), sig, solver, shift=s)
+            torch.testing.assert_close(vp, ve * fam.alpha(sig[-1:]), rtol=1e-10, atol=1e-10, msg=solver)

@@ -26,15 +26,9 @@ from indis.engine.studies.quality import (
     plots,
     run_cell,
 )
-from indis.engine.testbeds.mixtures import GaussianMixture
 from indis.engine.tuning.fit import FitConfig, fit_predictor, sample_loss
 from indis.engine.tuning.teacher import TeacherSpec
-
-
-def toy_mixture() -> GaussianMixture:
-    means = torch.tensor([[-1.0, 0.3], [0.8, 0.9], [0.2, -1.1]], dtype=torch.float64)
-    return GaussianMixture(means, 0.02)
-
+from tests.helpers import ROOT, toy_mixture
 
 TOY = Testbed("toy", toy_mixture, (2,), 10.0, solver="euler", nfes=(3,), teacher=TeacherSpec("ipndm", 40),
               dtype=torch.float64, images=False, shard_size=32, num_train=64, num_val=32, pool=None,
@@ -193,39 +187,12 @@ def test_staged_conditional_phi_starts_from_the_tuned_blind_head() -> None:
     assert not torch.equal(b.grid[0], b.grid[1])  # the blind head's schedule does depend on the class
 
 
-def test_gits_dynamic_programming_is_the_best_path() -> None:
-    import itertools
-
-    from indis.engine.tuning.fit import fit_gits
-
-    model = toy_mixture()
-    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 10
-    fine = get_sigmas("edm", 6, 0.002, 10.0)
-    assert torch.equal(fit_gits(model, x_T, nfe=6, sigma_min=0.002, sigma_max=10.0, fine_steps=6), fine)
-    states = [x_T]
-    sample(model, x_T, fine, "ipndm", callback=lambda d: states.append(d["x"]))
-
-    def euler_cost(i: int, j: int) -> float:
-        d = model(states[i], fine[i].expand(8))
-        step = states[i] + (fine[j] - fine[i]) * (states[i] - d) / fine[i]
-        return float((step - states[j]).square().mean())
-
-    paths = [(0, a, b, 6) for a, b in itertools.combinations(range(1, 6), 2)]
-    best = min(paths, key=lambda p: sum(euler_cost(i, j) for i, j in zip(p, p[1:], strict=False)))
-    grid = fit_gits(model, x_T, nfe=3, sigma_min=0.002, sigma_max=10.0, fine_steps=6)
-    torch.testing.assert_close(grid, fine[list(best)], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="nfe"):
-        fit_gits(model, x_T, nfe=7, sigma_min=0.002, sigma_max=10.0, fine_steps=6)
-
-
 def test_report_warns_about_cells_tuned_under_other_settings(tmp_path, capsys) -> None:
     """A cell records the optimiser settings that tuned it; reusing one made under other (or unrecorded)
     settings says so instead of passing it off as the current defaults' result."""
-    from pathlib import Path
-
     from indis.engine.studies.quality import TESTBEDS, fit_configs, main
 
-    committed = json.loads((Path(__file__).parents[2] / "benchmarks/results/quality/cells/tree_nfe3.json")
+    committed = json.loads((ROOT / "benchmarks/results/quality/cells/tree_nfe3.json")
                            .read_text())
     (tmp_path / "cells").mkdir()
     cell = tmp_path / "cells" / "tree_nfe3.json"

@@ -10,11 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import indis
+from indis.engine.serving.admission import Admission
 from indis.engine.serving.allocation import NFEChooser
 from indis.engine.serving.batcher import ContinuousBatcher, Request
+from indis.engine.serving.pool import SlotPool
 from indis.engine.studies.convergence import small_mixture
 from indis.engine.tuning.teacher import noise_from_seeds
-from tests.devices import KERNEL_DEVICE
+from tests.helpers import KERNEL_DEVICE
 
 SOLVERS = ["ipndm", "unipc", "dpmpp_2m", "heun", "euler", "dpmpp_3m", "ipndm_v"]
 MODEL = small_mixture()
@@ -230,11 +232,11 @@ def test_failed_placement_fails_those_requests_only(monkeypatch: pytest.MonkeyPa
     b.iterate()
     real, calls = ContinuousBatcher._place, {"n": 0}
 
-    def flaky(self, ready):
+    def flaky(self, group):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected")
-        return real(self, ready)
+        return real(self, group)
 
     monkeypatch.setattr(ContinuousBatcher, "_place", flaky)
     while b.pending():
@@ -245,7 +247,7 @@ def test_failed_placement_fails_those_requests_only(monkeypatch: pytest.MonkeyPa
     for r, f in zip(reqs, futures, strict=True):
         if f.exception() is None:
             torch.testing.assert_close(f.result(), _alone(r), rtol=1e-10, atol=1e-10)
-    assert not b.live and (b.step == -1).all()
+    assert not b.live and (b.pool.step == -1).all()
 
 
 def test_auto_nfe_requests_take_the_choosers_nfe() -> None:
@@ -317,13 +319,19 @@ def test_a_cancel_at_any_stage_of_admission_never_stops_the_loop() -> None:
     assert futures[0].cancelled() and not b._thread.is_alive()
 
 
-@pytest.mark.parametrize("stage", ["_drop_cancelled", "_admit", "_prepare", "_group_table", "_place",
-                                   "_host_advance", "_release"])
+STAGES = {"_drop_cancelled": ContinuousBatcher, "_admit": ContinuousBatcher, "prepare": Admission,
+          "group_table": Admission, "_place": ContinuousBatcher, "place": SlotPool, "raw": SlotPool,
+          "step_slots": SlotPool, "_release": ContinuousBatcher, "remove": SlotPool}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_an_exception_in_any_stage_fails_its_requests_not_the_loop(stage: str,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A fault injected once in a stage of the loop (cancel scan, admission, validation, table, placement,
-    denoiser and step, retirement): the requests involved fail with it, the later ones are served."""
-    real, calls = getattr(ContinuousBatcher, stage), {"n": 0}
+    denoiser call, step, retirement, compaction): the requests involved fail with it, the later ones are
+    served."""
+    owner = STAGES[stage]
+    real, calls = getattr(owner, stage), {"n": 0}
 
     def faulty(self, *a, **kw):
         calls["n"] += 1
@@ -332,7 +340,7 @@ def test_an_exception_in_any_stage_fails_its_requests_not_the_loop(stage: str,
         return real(self, *a, **kw)
 
     b = _batcher(capacity=3)
-    monkeypatch.setattr(ContinuousBatcher, stage, faulty)
+    monkeypatch.setattr(owner, stage, faulty)
     b.start()
     first = [b.submit(_request(i)) for i in range(6)]
     for i, f in enumerate(first):
@@ -341,7 +349,7 @@ def test_an_exception_in_any_stage_fails_its_requests_not_the_loop(stage: str,
         else:
             assert "injected" in str(f.exception())
     assert calls["n"] >= 2  # the fault did fire
-    monkeypatch.setattr(ContinuousBatcher, stage, real)
+    monkeypatch.setattr(owner, stage, real)
     later = [b.submit(_request(i)) for i in range(6, 9)]
     for i, f in enumerate(later, start=6):
         torch.testing.assert_close(f.result(timeout=60), _alone(_request(i)), rtol=1e-10, atol=1e-10)
@@ -447,8 +455,8 @@ def test_list_valued_solver_options_are_served() -> None:
 
 def test_an_nfe_beyond_the_pool_fails_before_any_table_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
     built = []
-    real = ContinuousBatcher._table
-    monkeypatch.setattr(ContinuousBatcher, "_table", lambda self, *a: built.append(a) or real(self, *a)
+    real = Admission.table
+    monkeypatch.setattr(Admission, "table", lambda self, *a: built.append(a) or real(self, *a)
                         if a[2].shape[-1] <= 17 else pytest.fail("a table was built for a refused NFE"))
     b = _batcher(capacity=8, max_stages=16)
     futures = [b.submit(Request(seed=1, nfe=n)) for n in (10**6, 17, 0, -3, True, 2.5, "5")]
@@ -543,3 +551,27 @@ def test_native_and_python_paths_agree_exactly() -> None:
                               backend=backend).run_all(reqs) for backend in ("native", "torch")]
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+def test_a_model_with_trainable_parameters_is_served_without_a_graph(backend: str) -> None:
+    """Serving never differentiates: with parameters that require grad the results carry no graph and the
+    pool's buffers hold none (a graph on them would grow with every iteration)."""
+    from indis.kernels import native
+    from indis.kernels.ragged_step import triton
+
+    if (backend == "native" and not native.available()) or (backend == "triton" and triton is None):
+        pytest.skip(f"{backend} is not available here")
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+        def forward(self, x, sigma):
+            return self.w * x / (1 + sigma.view(-1, 1) ** 2)
+
+    b = ContinuousBatcher(Scaled(), (6,), capacity=4, dtype=torch.float64, backend=backend)
+    out = b.run_all([Request(seed=i, nfe=3) for i in range(5)])
+    assert all(y.grad_fn is None and not y.requires_grad for y in out)
+    assert b.pool.y.grad_fn is None and not b.pool.y.requires_grad

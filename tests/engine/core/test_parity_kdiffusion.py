@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import kdiffusion as kd
 
 import indis
+from tests.reference import kdiffusion as kd
 
 DIM = 8
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0

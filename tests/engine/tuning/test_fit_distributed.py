@@ -1,11 +1,9 @@
-"""Multi-process guarantees of tuning: seed -> noise regeneration is bit-exact in any process, and DDP over
-two gloo ranks (each unrolling its share of every global batch) matches one process on the whole batch --
-for the gradients of one step and for the head after a short ``fit``, with and without the full-batch L-BFGS
-finish."""
+"""Multi-process tuning: DDP over two gloo ranks (each unrolling its share of every global batch) matches one
+process on the whole batch -- for the gradients of one step and for the head after a short ``fit``, with and
+without the full-batch L-BFGS finish. (Seed -> noise regeneration in another process: test_teacher.py.)"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,47 +16,14 @@ import torch.distributed as dist
 from indis.engine.core.predictor import Predictor, PredictorConfig, ScheduleConfig
 from indis.engine.testbeds.mixtures import GaussianMixture
 from indis.engine.tuning.fit import FitConfig, fit, sample_loss, unroll
-from indis.engine.tuning.teacher import TuningData, initial_state, labels_from_seeds, noise_from_seeds
+from indis.engine.tuning.teacher import TuningData, initial_state, noise_from_seeds
+from tests.helpers import subprocess_env as _env
 
-SEEDS = [0, 5, 123456]
 SHAPE = (4,)
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 WORLD = 2
 TIMEOUT = 180
 LBFGS_STEPS = 4
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
-    return env
-
-
-# ------------------------------------------------------------------------------------- seed regeneration
-def test_noise_and_labels_regenerate_bit_exactly_in_another_process(tmp_path: Path) -> None:
-    out = tmp_path / "noise.pt"
-    code = textwrap.dedent(f"""
-        import torch
-        from indis.engine.tuning.teacher import labels_from_seeds, noise_from_seeds
-        torch.save({{"noise": noise_from_seeds({SEEDS!r}, (1, 8, 8)),
-                     "labels": labels_from_seeds({SEEDS!r}, 10)}}, {str(out)!r})
-    """)
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=TIMEOUT, env=_env())
-    other = torch.load(out)
-    noise, labels = noise_from_seeds(SEEDS, (1, 8, 8)), labels_from_seeds(SEEDS, 10)
-    assert noise.shape == (3, 1, 8, 8) and noise.dtype == torch.float32
-    assert labels.shape == (3,) and labels.dtype == torch.long
-    assert torch.equal(other["noise"], noise)
-    assert torch.equal(other["labels"], labels)
-    assert not torch.equal(noise[0], noise[1])  # different seeds, different noise
-
-
-def test_noise_does_not_depend_on_the_batch() -> None:
-    batch = noise_from_seeds([0, 5, 9], (1, 8, 8))
-    assert torch.equal(noise_from_seeds([5], (1, 8, 8))[0], batch[1])
-    assert torch.equal(noise_from_seeds(torch.tensor([9, 0]), (1, 8, 8)), batch[[2, 0]])
-    lab = labels_from_seeds([0, 5, 9], 10)
-    assert torch.equal(labels_from_seeds([5], 10), lab[1:2])
 
 
 # ------------------------------------------------------------------------------------- shared set-up

@@ -194,14 +194,6 @@ def test_short_training_reduces_loss_and_round_trips(kind: str, tmp_path) -> Non
         assert torch.equal(p, q)
 
 
-def test_cli_trains_classifier(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
-    d.main(["train", "--which", "classifier", "--steps", "3", "--out", str(tmp_path)])
-    meta = json.loads((tmp_path / "digits_classifier.json").read_text())
-    assert meta["steps"] == 3 and "test_accuracy" in meta
-    assert "classifier:" in capsys.readouterr().out
-    assert isinstance(d.load_classifier(tmp_path), d.DigitsClassifier)
-
-
 def test_missing_weights_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="run python -m indis.engine.studies.train_digits train"):
         d.load_backbone("dit", weights_dir=tmp_path)
