@@ -3,7 +3,7 @@
 The project's digits UNet; each ``--nfe`` is one request stream with NFEs drawn uniformly (``3,5,7``) or with
 weights (``3:0.54,5:0.42,7:0.04``, e.g. the mix an NFE allocator chose), iPNDM, EDM grids, one seed each,
 arriving as a Poisson process at ``--rate`` requests/s (``inf``: all at t = 0, a saturated server). Both
-policies use the same :class:`~indis.engine.serving.ContinuousBatcher` (capacity ``--capacity``):
+policies use the same :class:`~indis.engine.serving.batcher.ContinuousBatcher` (capacity ``--capacity``):
 ``continuous`` admits into free slots every iteration; ``static`` waits for a full batch and runs it to its
 longest request, as a server without ragged solvers does. Reports samples/s (requests / time from first
 arrival to last result), latency P50/P95/P99 (result time - arrival time), the compute spent (denoiser rows

@@ -3,7 +3,7 @@
 ``indis fit --backbone unet --nfe 5 --solver ipndm --out phi.safetensors`` tunes phi (staged from its blind
 schedule) with teacher end points cached under ``--cache``; ``indis eval phi.safetensors`` compares it with
 the heuristic grids on held-out seeds (teacher MSE / PSNR). Both call the library functions
-(``indis.fit_predictor``, ``indis.engine.tuning.evaluate``). ``indis export --model unet --model dit
+(``indis.fit_predictor``, ``indis.engine.tuning.fit.evaluate``). ``indis export --model unet --model dit
 --predictor phi.safetensors --onnx-dir onnx --engine-dir engines`` writes ONNX files (checked against torch)
 and, where TensorRT is installed, engines -- with the TensorRT demo's flags (``indis.export``).
 

@@ -2,8 +2,9 @@
 
 :class:`ExportedDenoiser` is a k-diffusion denoiser (``model(x, sigma[B], **cond) -> x0``), so it drops into
 ``indis.sample`` and ``GraphSampler``; :class:`ExportedPredictor` returns an INDIS
-:class:`~indis.engine.schedules.Schedule`. Both wrap a *runner* -- :class:`~indis.export.ort_backend.OrtModel`
-or :class:`~indis.export.tensorrt_backend.TrtModel` -- that maps named torch inputs to output tensors.
+:class:`~indis.engine.core.schedules.Schedule`. Both wrap a *runner* --
+:class:`~indis.export.ort_backend.OrtModel` or :class:`~indis.export.tensorrt_backend.TrtModel` -- that
+maps named torch inputs to output tensors.
 
 :func:`load_denoiser` / :func:`load_predictor` try the backends in order and log why each one that was
 skipped could not be used; the returned :class:`Choice` says which backend (and which onnxruntime provider)

@@ -8,7 +8,7 @@ UNet timestep as ``[1]``, which forces one noise level on the whole batch -- no 
 * :func:`denoiser_spec` -- any module with the k-diffusion convention ``model(x, sigma[B], **cond) -> x0``
   (the project's digits UNet and DiT included): inputs ``x [B, *shape]``, ``sigma [B]`` and optional integer
   condition inputs ``[B]`` (e.g. ``class_labels``), output ``denoised [B, *shape]``.
-* :func:`predictor_spec` -- an INDIS :class:`~indis.engine.predictor.Predictor`: input ``x_T`` (and
+* :func:`predictor_spec` -- an INDIS :class:`~indis.engine.core.predictor.Predictor`: input ``x_T`` (and
   ``class_labels`` for a class-conditional head), outputs ``grid [B, N+1]``, ``shift [B, N]``,
   ``scale [B, N]``, decoded in float32 (TensorRT has no float64).
 """

@@ -263,9 +263,10 @@ def _stage_views(table: SolverTable, time: Tensor, shape: tuple[int, ...], dtype
 
 @dataclass(frozen=True)
 class Report:
-    """One stage as k-diffusion's callback contract names it: step ``i``, the grid's ``sigma`` there and the
-    evaluated ``sigma_hat`` (``[B]``, per sample; with an INDIS shift ``sigma * exp(shift)``), and the
-    coefficients of ``denoised = a * network input + b * raw`` (broadcastable against the state)."""
+    """One stage as k-diffusion's callback contract names it: step ``i``, the grid's ``sigma`` at the point
+    the network evaluates (``[B]``, per sample: sigma_i, or sigma_{i+1} for Heun's second evaluation) and
+    the evaluated ``sigma_hat`` (with an INDIS shift ``sigma * exp(shift)``), and the coefficients of
+    ``denoised = a * network input + b * raw`` (broadcastable against the state)."""
 
     i: int
     sigma: Tensor
@@ -278,9 +279,9 @@ def _reports(den: Denoiser, table: SolverTable, shape: tuple[int, ...], dtype: t
              ) -> tuple[Report, ...]:
     view = (shape[0],) + (1,) * (len(shape) - 1)
     a, b = raw_to_x0(den.prediction, den.family, table.sigma_eval)
-    return tuple(Report(i, table.grid[:, i].to(dtype), table.sigma_eval[:, k].to(dtype),
+    return tuple(Report(i, table.grid[:, p].to(dtype), table.sigma_eval[:, k].to(dtype),
                         a[:, k].to(dtype).reshape(view), b[:, k].to(dtype).reshape(view))
-                 for k, i in enumerate(table.step_of_stage))
+                 for k, (i, p) in enumerate(zip(table.step_of_stage, table.point_of_stage, strict=True)))
 
 
 def _tell(callback: Callable[[dict], None], report: Report, k: int, x: Tensor, inp: Tensor, raw: Tensor
@@ -385,8 +386,9 @@ def run_table(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callabl
             raw = den.raw(inp, st.time, **cond)
         if check_output:
             check_finite(raw, "the model output", k, plan.table.step_of_stage[k])
-        if callback is not None:
-            _tell(callback, reports[k], k, y, inp, raw)
+        if callback is not None:  # a copy, as on the fused path: a callback cannot edit the sample
+            before = y.clone()
+            _tell(callback, reports[k], k, before, before if inp is y else inp, raw)
         with nvtx_range(f"step {k}"):
             h = raw if st.raw_scale is None else raw * st.raw_scale
             if st.state_scale is not None:
@@ -484,8 +486,9 @@ def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | 
     gets ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` -- the state the network saw (in the model
     family's coordinate; k-diffusion's x for a VE model), the grid step ``i``, the grid's sigma there and
     the evaluated one (``[B]`` tensors: every sample has its own), and the network's x0 estimate at that
-    point (before INDIS's scale) -- plus ``stage`` and the network's ``raw`` output. A solver with two
-    evaluations per step (Heun) calls it twice with the same ``i`` (k-diffusion's Heun calls it once).
+    point (before INDIS's scale) -- plus ``stage`` and the network's ``raw`` output. The dict holds copies:
+    editing them does not change the sample. A solver with two evaluations per step (Heun) calls it twice
+    with the same ``i``, the second time at sigma_{i+1} (k-diffusion's Heun calls it once).
     ``progress``: a tqdm bar over the stages (None: on a terminal only; off by default).
     """
     plan = prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts)

@@ -47,7 +47,7 @@ Solvers (the paper each follows, and which variable it integrates):
   form shared by diffusers and k-diffusion, with diffusers' lower-order final steps. 3M is the published
   formula (DPM-Solver repo, diffusers), kept for parity although it weights its second difference
   D2 ~ h^2/2 D'' by half the Taylor-exact coefficient, which makes it formally 2nd order (measured in
-  ``tests/engine/test_sampling.py::test_local_order_of_the_coefficient_table``).
+  ``tests/engine/core/test_solvers.py::test_local_order_of_the_coefficient_table``).
 * ``unipc`` -- UniPC (Zhao et al. 2023) with B(h) = ``bh1`` or ``bh2``, orders 1..3, data prediction,
   corrector UniC on by default (``corrector=False`` or ``disable_corrector=[steps]`` turn it off).
 
@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -110,6 +111,7 @@ class SolverTable:
     conv_scales_raw: tuple[bool, ...]  # per stage: is conv[..., 1] structurally different from 1
     scaled_input: bool                 # is in_scale structurally different from 1 (a shift on VP/flow)
     step_of_stage: tuple[int, ...]     # grid step each stage belongs to
+    point_of_stage: tuple[int, ...]    # grid point each stage evaluates the network at (before the shift)
     history: int                       # K
     uses_stash: bool
 
@@ -372,6 +374,11 @@ def _stages_unipc(pt: _Points, steps: int, *, order: int, variant: str, first: i
 
 
 # ------------------------------------------------------------------------------------------- assembly
+def _is_int(value: object) -> bool:
+    """An integer option value (Python or numpy ints), not a bool or a float."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def build_table(solver: str, grid: Tensor, family: NoiseFamily, *, prediction: Prediction = "x0",
                 shift: Tensor | None = None, scale: Tensor | None = None, frame: Frame | None = None,
                 order: int | None = None, variant: str = "bh2", corrector: bool = True,
@@ -402,13 +409,13 @@ def build_table(solver: str, grid: Tensor, family: NoiseFamily, *, prediction: P
     if solver in ("ipndm", "ipndm_v", "unipc"):
         if order is None:
             order = min(DEFAULT_ORDER[solver], steps)
-        elif not isinstance(order, int) or not 1 <= order <= MAX_ORDER[solver]:
+        elif not _is_int(order) or not 1 <= order <= MAX_ORDER[solver]:
             raise ValueError(f"order={order!r} for {solver} must be an int in 1..{MAX_ORDER[solver]}")
         elif order > steps:
             raise ValueError(f"order={order} needs at least {order} steps, but sigmas has {steps} "
                              f"(NFE too small for the requested order)")
-    elif order is not None and order != MAX_ORDER[solver]:
-        raise ValueError(f"order={order} is not adjustable for {solver} (fixed at {MAX_ORDER[solver]})")
+    elif order is not None and (not _is_int(order) or order != MAX_ORDER[solver]):
+        raise ValueError(f"order={order!r} is not adjustable for {solver} (fixed at {MAX_ORDER[solver]})")
     else:
         order = MAX_ORDER[solver]
     if variant not in ("bh1", "bh2"):
@@ -478,4 +485,5 @@ def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Predic
                              f"sigma_eval={sigma_eval[bad][:, :2].tolist()}...): "
                              "check sigmas and shift for this family and prediction type")
     return SolverTable(solver, grid, sigma_eval, in_scale, conv, coef, tuple(support), uses_state,
-                       scales_raw, scaled_input, tuple(st.step for st in stages), history, uses_stash)
+                       scales_raw, scaled_input, tuple(st.step for st in stages),
+                       tuple(st.point for st in stages), history, uses_stash)

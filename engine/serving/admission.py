@@ -139,9 +139,12 @@ class Admission:
         failed: list[tuple[object, ValueError]] = []
         for req, owner in batch:
             try:
-                item = self.prepare(req)
-                if req.nfe == "auto" and on_nfe is not None:
-                    on_nfe(owner, item.nfe)
+                nfe = req.nfe
+                if nfe == "auto":
+                    nfe = self.choose_nfe(req)
+                    if on_nfe is not None:
+                        on_nfe(owner, nfe)
+                item = self.prepare(req, nfe)
             except Exception as e:  # noqa: BLE001 - bad inputs fail this request alone
                 failed.append((owner, as_value_error(e)))
                 continue
@@ -158,9 +161,11 @@ class Admission:
                 failed += [(owner, error) for owner in owners]
         return ready, failed
 
-    def prepare(self, req: Request) -> Admitted:
-        """Validate one request (the NFE bound first, before anything of the request's size is built)."""
-        nfe = self.choose_nfe(req) if req.nfe == "auto" else req.nfe
+    def prepare(self, req: Request, nfe: int | str | None = None) -> Admitted:
+        """Validate one request (the NFE bound first, before anything of the request's size is built);
+        ``nfe``: the NFE already chosen for ``nfe="auto"`` (chosen here if None)."""
+        nfe = req.nfe if nfe is None else nfe
+        nfe = self.choose_nfe(req) if nfe == "auto" else nfe
         if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= self.max_stages:
             raise ValueError(f"nfe={nfe!r} must be an int in [1, {self.max_stages}] (this batcher's "
                              "max_stages)")
@@ -255,7 +260,8 @@ class Admission:
         """Pool rows ``[g, max_stages, R]``, network times ``[g, max_stages]`` and the stage count S for
         ``g`` grids of one solver: the checked table (``sampling.table_for``) in the pool's layout
         (``sampling.pool_layout``)."""
-        table = table_for(self.den, grids, solver, self.dtype, shift=shift, scale=scale, **opts)
+        # the pool keeps coefficients (and computes) in coef_dtype, float32 for a float16/bfloat16 state
+        table = table_for(self.den, grids, solver, self.coef_dtype, shift=shift, scale=scale, **opts)
         if table.scaled_input:
             raise ValueError("shift on a VP/flow model (a rescaled network input) is not served here")
         rows, time = pool_layout(self.den, table, self.dtype, self.max_stages, MAX_HISTORY)

@@ -217,19 +217,24 @@ class ContinuousBatcher:
             self._release(list(range(len(self.live))), error)
         except Exception:  # noqa: BLE001 - the pool is beyond repair: deliver, then start it empty
             log.exception("freeing the pool failed; resetting it")
-            for item in self.pool.reset():
+            for item in list(self.live):  # answers first: the reset touches the (maybe broken) device
                 self._fail(item.future, error)
+            self.pool.reset()
 
     def _stop_everything(self, error: Exception) -> None:
         """The loop cannot go on: refuse new requests and fail every waiting and live one with ``error``."""
         with self._lock:
             self._closing = True
             waiting, self.waiting = list(self.waiting), deque()
-            live = self.pool.reset()
+            live = list(self.live)
         for _, fut in waiting:
             self._fail(fut, error)
         for item in live:
             self._fail(item.future, error)
+        try:  # after the answers: the device may be what broke
+            self.pool.reset()
+        except Exception:  # noqa: BLE001 - nothing is served any more
+            log.exception("resetting the pool failed")
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting requests, finish the queued ones, join the loop thread."""
@@ -260,7 +265,8 @@ class ContinuousBatcher:
             return 0
         b = next(x for x in self.buckets if x >= n)
         try:
-            stepped, done, just = self.pool.step_slots(self.pool.raw(self.den, b), b)
+            with torch.no_grad():  # serving never differentiates: no graph on the pool's buffers
+                stepped, done, just = self.pool.step_slots(self.pool.raw(self.den, b), b)
         except Exception as e:  # noqa: BLE001 - the failure belongs to the requests in this call
             log.warning("denoiser call failed for %d requests: %s", n, e)
             self._release(list(range(n)), RuntimeError(f"denoiser call failed: {describe(e)}"))
@@ -268,7 +274,10 @@ class ContinuousBatcher:
         self.stats["iterations"] += 1
         self.stats["padded_steps"] += b
         self.stats["slot_steps"] += stepped
-        self._release(self.policy.retire(self.pool, done, just))
+        retired = self.policy.retire(self.pool, done, just)
+        kept = set(done) - set(retired)  # finished slots the policy keeps never step again
+        self.pool.park([i for i in sorted(kept) if not self.pool.parked[i]])
+        self._release(retired)
         return n
 
     # --------------------------------------------------------------------------------------- internals
@@ -319,7 +328,13 @@ class ContinuousBatcher:
 
     def _admit(self, flush: bool) -> None:
         with self._lock:
-            room = min(self.pool.free, self.policy.admissible(self.pool, len(self.waiting), flush))
+            try:
+                room = min(self.pool.free, int(self.policy.admissible(self.pool, len(self.waiting), flush)))
+            except Exception as e:  # a broken policy: the queue fails now rather than waiting forever
+                waiting, self.waiting = list(self.waiting), deque()
+                for _, fut in waiting:
+                    self._fail(fut, RuntimeError(f"the batching policy failed: {describe(e)}"))
+                raise
             batch = []
             while self.waiting and len(batch) < room:
                 req, fut = self.waiting.popleft()

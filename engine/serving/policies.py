@@ -20,7 +20,8 @@ class Policy(Protocol):
         """How many waiting requests to admit now."""
 
     def retire(self, pool: SlotPool, done: list[int], just: list[int]) -> list[int]:
-        """The finished slots to release after a step (``done``: all finished, ``just``: by this step)."""
+        """The finished slots to release after a step (``done``: all finished, ``just``: by this step); the
+        batcher parks the finished slots it keeps."""
 
     def idle(self, pool: SlotPool, waiting: int, closing: bool) -> bool:
         """Whether a background loop should wait for more arrivals before the next iteration."""
@@ -66,7 +67,8 @@ def as_policy(policy: str | Policy) -> Policy:
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: choose continuous or static (or pass a policy object)")
         return POLICIES[policy]()
-    if not all(callable(getattr(policy, m, None)) for m in ("admissible", "retire", "idle")):
-        raise ValueError(f"policy={policy!r} is neither a name nor an object with admissible, retire "
+    if isinstance(policy, type) or not all(callable(getattr(policy, m, None))
+                                           for m in ("admissible", "retire", "idle")):
+        raise ValueError(f"policy={policy!r} is neither a name nor an instance with admissible, retire "
                          "and idle")
     return policy

@@ -19,9 +19,9 @@ Every (testbed, NFE) cell is written to ``DIR/cells/<testbed>_nfe<N>.json`` as s
 when present (``--force`` recomputes), so an interrupted run resumes; a cell records the optimiser settings
 that tuned it (``fit_configs``) and reusing one tuned under other settings prints a warning. ``--steps``,
 ``--blind-steps`` and ``--lbfgs-steps`` try other settings (phi's steps; the blind stage's Adam steps and
-L-BFGS iterations). The tuned heads land in ``DIR/heads``;
-``--ship`` copies the digits-UNet heads into the package (``engine/weights/indis``) for the demo. The tables
-go to stdout and ``DIR/quality.md``; plots (matplotlib, optional) to ``DIR/*.png``.
+L-BFGS iterations). The tuned heads land in ``DIR/heads``; ``--ship DIR`` copies the digits-UNet heads
+into DIR (the repository ships them in ``engine/weights/indis``). The tables go to stdout and
+``DIR/quality.md``; plots (matplotlib, optional) to ``DIR/*.png``.
 """
 
 from __future__ import annotations

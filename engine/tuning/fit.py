@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from indis.engine.core.families import FAMILIES, NoiseFamily, as_denoiser, get_family, raw_to_x0
+from indis.engine.core.families import FAMILIES, NoiseFamily, as_denoiser, get_family
 from indis.engine.core.predictor import (
     HEURISTICS,
     PerInstanceSchedule,
@@ -583,7 +583,7 @@ def fit_gits(model: Callable[..., Tensor], x_T: Tensor, *, nfe: int, sigma_min: 
     inf); the cost of a coarse step i -> j is the mean squared distance, in VE units (the family's state
     divided by its alpha at sigma_j), between the exact-exponential Euler (DDIM) step from the trajectory's
     state at sigma_i and its state at sigma_j -- so the grid does not depend on the family a model is
-    wrapped in. Works for any :class:`~indis.engine.families.Denoiser` (VE, VP, flow; ``x_T`` in its
+    wrapped in. Works for any :class:`~indis.engine.core.families.Denoiser` (VE, VP, flow; ``x_T`` in its
     coordinate). With ``final_zero`` the grid passes through ``sigma_min`` and ends with a step to 0.
     """
     if not 1 + final_zero <= nfe <= fine_steps:
@@ -593,16 +593,14 @@ def fit_gits(model: Callable[..., Tensor], x_T: Tensor, *, nfe: int, sigma_min: 
     fam = den.family
     kind = "uniform_t" if math.isinf(sigma_max) else "edm"
     fine = get_sigmas(kind, fine_steps, sigma_min, sigma_max, family=fam, device=x_T.device)
-    states, x0s = [x_T], []
-    a, b = raw_to_x0(den.prediction, fam, fine)
+    states, x0s = [], []  # the state at each fine grid point and the model's x0 estimate there
 
     def record(d: dict) -> None:
-        i = len(x0s)
-        x0s.append(a[i] * states[i] + b[i] * d["raw"])
         states.append(d["x"])
+        x0s.append(d["denoised"])
 
-    sample(den, x_T, fine, "ipndm", cond=None if labels is None else {"class_labels": labels},
-           callback=record)
+    states.append(sample(den, x_T, fine, "ipndm", cond=None if labels is None else {"class_labels": labels},
+                         callback=record))
     alpha, s = fam.alpha(fine), fam.s(fine)
     k = fine_steps + 1
     cost = torch.full((k, k), math.inf, dtype=torch.float64)
