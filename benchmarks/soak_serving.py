@@ -23,7 +23,7 @@ unreported warm-up row of the same size and after each row, plus the batcher's q
 Exit status 1 on any violation.
 
 Run:  python benchmarks/soak_serving.py [--requests 3000] [--threads 1,2,3,4] [--seed 0]
-      [--out benchmarks/results/serving-soak.md]
+      [--out benchmarks/results/serving/serving-soak.md]
 """
 
 from __future__ import annotations
