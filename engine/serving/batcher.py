@@ -360,31 +360,33 @@ class ContinuousBatcher:
             self._fail(fut, error)
         if not ready:
             return
-        start = self.pool.n
         try:
-            for group in ready:
-                self._place(group)
+            self._place(ready)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: these fail, the loop goes on
             log.warning("placing %d admitted requests failed: %s", sum(len(g.owners) for g in ready), e)
-            self._unplace(ready, start, e)
+            self._unplace(ready, e)
 
-    def _place(self, group: Group) -> None:
-        """Write one group into the next free slots (``SlotPool.place``)."""
-        owners = [_Live(fut, group.stages) for fut in group.owners]
-        cond = {k: [m.cond.get(k, lo) for m in group.members] for k, lo in self.pool.idle_cond.items()}
-        self.pool.place(owners, torch.stack([m.x_T for m in group.members]), group.rows, group.time,
-                        [group.stages] * len(owners), cond)
-        for fut in group.owners:
-            fut.add_done_callback(self._note_cancel)  # runs at once if it was cancelled meanwhile
+    def _place(self, ready: list[Group]) -> None:
+        """Write the admitted groups into the next free slots, one write per buffer (``SlotPool.place``)."""
+        members = [m for g in ready for m in g.members]
+        owners = [_Live(fut, g.stages) for g in ready for fut in g.owners]
+        cond = {k: [m.cond.get(k, lo) for m in members] for k, lo in self.pool.idle_cond.items()}
+        if len(ready) == 1:
+            rows, time = ready[0].rows, ready[0].time
+        else:
+            rows, time = torch.cat([g.rows for g in ready]), torch.cat([g.time for g in ready])
+        self.pool.place(owners, torch.stack([m.x_T for m in members]), rows, time,
+                        [live.stages for live in owners], cond)
+        for live in owners:
+            live.future.add_done_callback(self._note_cancel)  # runs at once if it was cancelled meanwhile
         self.stats["admitted"] += len(owners)
 
-    def _unplace(self, ready: list[Group], start: int, error: Exception) -> None:
-        """A failed placement: the requests of the groups not placed fail with ``error`` (those placed
-        before the failure are served) and the slots it may have half-written are freed."""
+    def _unplace(self, ready: list[Group], error: Exception) -> None:
+        """A failed placement (``SlotPool.place`` counts the slots as active only after every write): its
+        requests fail with ``error`` and the slots it may have half-written are freed."""
         failure = RuntimeError(f"admission failed: {describe(error)}")
-        placed = {id(item.future) for item in self.live[start:]}
-        pending = [fut for group in ready for fut in group.owners if id(fut) not in placed]
-        for fut in pending:  # answers first: freeing the slots touches the (maybe broken) device
+        owners = [fut for group in ready for fut in group.owners]
+        for fut in owners:  # answers first: freeing the slots touches the (maybe broken) device
             self._fail(fut, failure)
         n = self.pool.n
-        self.pool.clear(n, min(n + len(pending), self.capacity))
+        self.pool.clear(n, min(n + len(owners), self.capacity))

@@ -232,11 +232,11 @@ def test_failed_placement_fails_those_requests_only(monkeypatch: pytest.MonkeyPa
     b.iterate()
     real, calls = ContinuousBatcher._place, {"n": 0}
 
-    def flaky(self, group):
+    def flaky(self, ready):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("injected")
-        return real(self, group)
+        return real(self, ready)
 
     monkeypatch.setattr(ContinuousBatcher, "_place", flaky)
     while b.pending():
