@@ -4,11 +4,13 @@ What users call: ``sample`` (and ``prepare`` / ``run`` to split host work from t
 ("ragged") multistep solvers over ``[B, N+1]`` grids, the k-diffusion-shaped ``sample_*`` samplers, noise
 families and the denoiser convention, heuristic discretizations and ``Schedule``, the INDIS schedule predictor
 and its tuning (``fit_predictor``; ``fit_global`` for LD3, ``fit_gits`` for GITS, ``fit_oracle``),
+diffusers models and schedulers (``from_diffusers``, ``grid_from_scheduler``),
 whole-call CUDA graphs (``GraphSampler``) and step-level continuous batching (``ContinuousBatcher``,
 ``Request``). The layers underneath live in ``indis.engine`` (``core``, ``tuning``, ``serving``,
 ``testbeds``, ``studies``), ``indis.kernels`` (the fused step) and ``indis.export`` (ONNX / TensorRT).
 """
 
+from indis.engine.core.external import from_diffusers, grid_from_scheduler
 from indis.engine.core.families import (
     VE,
     Denoiser,
@@ -51,11 +53,11 @@ from indis.engine.tuning.teacher import TeacherSpec, noise_from_seeds
 __version__ = "0.1.0"
 
 __all__ = [
-    "AYS_TABLES", "SOLVERS", "VE", "ContinuousBatcher", "Denoiser", "FitConfig", "Flow", "GraphSampler",
-    "NFEChooser", "NoiseFamily", "PerInstanceSchedule", "Plan", "Predictor", "PredictorConfig", "Request",
-    "Schedule", "ScheduleConfig", "SolverTable", "TeacherSpec", "VPCosine", "VPDiscrete", "VPLinear",
-    "as_grid", "build_table", "fit_gits", "fit_global", "fit_oracle", "fit_predictor", "get_family",
-    "get_sigmas", "grid_from_logits", "logits_from_grid", "noise_from_seeds", "prepare", "run", "sample",
-    "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_euler", "sample_heun", "sample_ipndm", "sample_ipndm_v",
-    "sample_unipc",
+    "AYS_TABLES", "ContinuousBatcher", "Denoiser", "FitConfig", "Flow", "GraphSampler", "NFEChooser",
+    "NoiseFamily", "PerInstanceSchedule", "Plan", "Predictor", "PredictorConfig", "Request", "SOLVERS",
+    "Schedule", "ScheduleConfig", "SolverTable", "TeacherSpec", "VE", "VPCosine", "VPDiscrete", "VPLinear",
+    "as_grid", "build_table", "fit_gits", "fit_global", "fit_oracle", "fit_predictor", "from_diffusers",
+    "get_family", "get_sigmas", "grid_from_logits", "grid_from_scheduler", "logits_from_grid",
+    "noise_from_seeds", "prepare", "run", "sample", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_euler",
+    "sample_heun", "sample_ipndm", "sample_ipndm_v", "sample_unipc",
 ]
