@@ -10,6 +10,7 @@ as indis sigmas.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Mapping
@@ -32,21 +33,45 @@ def scheduler_config(scheduler_or_config: Any) -> dict[str, Any]:
     if not isinstance(config, Mapping):
         raise ValueError("expected a diffusers scheduler or its config, got "
                          f"{type(scheduler_or_config).__name__}")
-    return dict(config)
+    config = dict(config)
+    if config is not scheduler_or_config and hasattr(scheduler_or_config, "set_timesteps"):
+        config.setdefault("_class_name", type(scheduler_or_config).__name__)
+    return config
+
+
+#: config settings whose model inputs or noise tables indis does not reproduce: refused, never guessed
+UNSUPPORTED = {
+    "timestep_type": ("continuous", "a continuous time input (0.25 log sigma, EDM-style)"),
+    "rescale_betas_zero_snr": (True, "zero-terminal-SNR betas (sigma = inf at the last timestep)"),
+}
 
 
 def is_flow(config: Mapping[str, Any]) -> bool:
     """Whether a scheduler config describes flow matching (``FlowMatch*`` schedulers, or DPM-Solver / UniPC
-    with ``use_flow_sigmas`` / ``prediction_type="flow_prediction"``)."""
-    return ("FlowMatch" in str(config.get("_class_name", "")) or bool(config.get("use_flow_sigmas"))
-            or config.get("prediction_type") == "flow_prediction"
-            or ("shift" in config and "beta_schedule" not in config))
+    with ``use_flow_sigmas``)."""
+    return "FlowMatch" in str(config.get("_class_name", "")) or bool(config.get("use_flow_sigmas")) or (
+        "shift" in config and "beta_schedule" not in config)
+
+
+def check_supported(config: Mapping[str, Any]) -> None:
+    """Refuse a scheduler config whose family or time input indis does not reproduce."""
+    name = str(config.get("_class_name") or "")
+    if name.startswith("EDM") or "sigma_data" in config:
+        name = name or "this config"
+        raise ValueError(f"{name} is an EDM (VE) scheduler, whose model takes EDM-preconditioned inputs; "
+                         "wrap the model as a k-diffusion denoiser (model(x, sigma) -> x0) for indis instead")
+    for key, (value, what) in UNSUPPORTED.items():
+        if config.get(key) == value:
+            raise ValueError(f"{key}={value!r} ({what}) is not supported by from_diffusers")
+    if config.get("prediction_type") == "flow_prediction" and not is_flow(config):
+        raise ValueError("prediction_type='flow_prediction' needs use_flow_sigmas=True (flow sigmas)")
 
 
 def family_from_config(scheduler_or_config: Any) -> NoiseFamily:
     """The noise family a diffusers scheduler config describes: ``Flow`` for flow matching, else the discrete
     VP of its betas (``trained_betas`` when given, accumulated in float32 as diffusers does)."""
     config = scheduler_config(scheduler_or_config)
+    check_supported(config)
     if is_flow(config):
         return Flow()
     betas = config.get("trained_betas")
@@ -64,11 +89,13 @@ class DiffusersNet(nn.Module):
     (``encoder_hidden_states``, ``added_cond_kwargs``, ``timestep_cond``, ``class_labels``, ...) pass
     through."""
 
-    def __init__(self, model: nn.Module, timestep_rounding: Rounding | None = None) -> None:
+    def __init__(self, model: nn.Module, timestep_rounding: Rounding | None = None,
+                 learned_variance: bool = False) -> None:
         super().__init__()
         if timestep_rounding not in (None, "round", "floor"):
             raise ValueError(f"timestep_rounding={timestep_rounding!r}: choose None, 'round' or 'floor'")
         self.model, self.timestep_rounding = model, timestep_rounding
+        self.learned_variance = learned_variance
 
     def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
         if self.timestep_rounding == "round":
@@ -76,10 +103,12 @@ class DiffusersNet(nn.Module):
         elif self.timestep_rounding == "floor":
             t = t.floor()
         out = self.model(x, timestep=t, **cond)
-        if not isinstance(out, Tensor):
+        if isinstance(out, Mapping):
+            out = out["sample"] if "sample" in out else next(iter(out.values()))
+        elif not isinstance(out, Tensor):
             out = out.sample if hasattr(out, "sample") else out[0]
-        if out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:  # learned variance: keep the mean's half
-            out = out[:, : x.shape[1]]
+        if self.learned_variance and out.ndim == x.ndim and out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]  # the scheduler's variance_type is learned: keep the mean's half
         return out
 
 
@@ -95,17 +124,24 @@ def from_diffusers(model: nn.Module, scheduler_or_config: Any, *, timestep_round
     flow-mode DPM / UniPC truncate) for bit-level parity; None hands it the exact value. ``x`` and the result
     of ``indis.sample`` are in the model's own coordinate: start a VP model at ``alpha * sigma_max * noise``
     (``teacher.initial_state``; about ``noise``, as DPM-Solver and UniPC pipelines do) and a flow model at
-    ``noise`` (t = 1)."""
+    ``noise`` (t = 1). A FLUX-style transformer (its class named Flux / Chroma / LongCat), which scales t by
+    1000 itself, gets ``time_scale=1``. Refused: EDM schedulers, ``timestep_type="continuous"``,
+    ``rescale_betas_zero_snr``. The time input is cast to the state's dtype before it is rounded: for
+    bit-level parity with a pipeline, sample in float32."""
     config = scheduler_config(scheduler_or_config)
     family = family_from_config(config)
-    net = DiffusersNet(model, timestep_rounding)
+    learned = str(config.get("variance_type", "")).startswith("learned")
+    net = DiffusersNet(model, timestep_rounding, learned)
     clipping = [k for k in ("clip_sample", "thresholding") if config.get(k)]
     if clipping:
         warnings.warn(f"the scheduler config sets {' and '.join(clipping)}: indis does not clip or threshold "
                       "the x0 estimate, so results differ from that scheduler's wherever it would",
                       stacklevel=2)
     if isinstance(family, Flow):
-        scale = float(config.get("num_train_timesteps", 1000)) if time_scale is None else float(time_scale)
+        if time_scale is None:  # FLUX-style transformers take t in [0, 1] (they scale it by 1000 inside)
+            flux = any(k in type(model).__name__ for k in ("Flux", "Chroma", "LongCat"))
+            time_scale = 1.0 if flux else float(config.get("num_train_timesteps", 1000))
+        scale = float(time_scale)
         return Denoiser(net, family, "velocity", "t", time_scale=scale)
     kind = config.get("prediction_type", "epsilon")
     if kind not in PREDICTIONS or kind == "flow_prediction":
@@ -113,32 +149,41 @@ def from_diffusers(model: nn.Module, scheduler_or_config: Any, *, timestep_round
     return Denoiser(net, family, PREDICTIONS[kind], "t", time_scale=1.0 if time_scale is None else time_scale)
 
 
-def grid_from_scheduler(scheduler: Any, num_inference_steps: int, *,
-                        device: torch.device | str | None = None) -> Tensor:
-    """The grid a diffusers scheduler would run for ``num_inference_steps``, as indis sigmas ``[N+1]``
-    (float64, descending, final 0 included): the scheduler's own ``sigmas`` (Heun's repeated points once;
-    a FlowMatch scheduler's ``sigmas`` are flow t, converted to sigma = t / (1 - t), so t = 1 is sigma = inf),
-    or its ``timesteps`` mapped through its family (DDPM, DDIM) with a final 0. The caller's scheduler is not
-    changed (a fresh one is built from its config)."""
+def grid_from_scheduler(scheduler: Any, num_inference_steps: int, *, device: torch.device | str | None = None,
+                        **set_timesteps_kwargs: Any) -> Tensor:
+    """The grid a diffusers scheduler runs for ``num_inference_steps``, as indis sigmas (float64, descending):
+    the scheduler's own ``sigmas`` (Heun's repeated points once; a flow scheduler's ``sigmas`` are flow t,
+    converted to sigma = t / (1 - t), so t = 1 is sigma = inf), or for DDPM / DDIM its ``timesteps`` mapped
+    through its family, ending where its last step lands (sigma 0, or ``final_alpha_cumprod`` without
+    ``set_alpha_to_one``; a last step that does not move is left out). ``set_timesteps_kwargs`` go to
+    ``set_timesteps`` (e.g. ``mu`` for dynamic shifting). The caller's scheduler is not changed (a copy is
+    set). A scheduler whose steps are not a walk along one grid is refused."""
     steps = num_inference_steps
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive int")
     if not hasattr(scheduler, "set_timesteps") or not hasattr(scheduler, "config"):
         raise ValueError(f"expected a diffusers scheduler, got {type(scheduler).__name__}")
-    fresh = type(scheduler).from_config(scheduler.config)
-    fresh.set_timesteps(num_inference_steps)
-    family = family_from_config(fresh.config)
+    family = family_from_config(scheduler)
+    fresh = copy.deepcopy(scheduler)
+    fresh.set_timesteps(steps, **set_timesteps_kwargs)
     sigmas = getattr(fresh, "sigmas", None)
-    if isinstance(family, Flow):
-        grid = as_grid(timesteps=torch.as_tensor(sigmas, dtype=torch.float64), family="flow")[0]
-    elif sigmas is not None:
+    if sigmas is not None:
         grid = torch.unique_consecutive(torch.as_tensor(sigmas, dtype=torch.float64))
+        if isinstance(family, Flow):
+            grid = as_grid(timesteps=grid, family="flow")[0]
     else:
-        t = torch.as_tensor(fresh.timesteps, dtype=torch.float64)
+        t = torch.unique_consecutive(torch.as_tensor(fresh.timesteps, dtype=torch.float64))
+        jump = fresh.config.num_train_timesteps // steps
+        if t.numel() != steps or bool((t[:-1] - t[1:] != jump).any()):
+            raise ValueError(f"{type(scheduler).__name__} steps from t to t - {jump}, which is not its next "
+                             f"timestep with these settings ({fresh.timesteps.tolist()[:4]}...): not one "
+                             "grid")
         grid = family.sigma(t)
-    if grid[-1] != 0:  # DDIM / DDPM: the last step lands on final_alpha_cumprod (1: sigma 0)
         final = float(getattr(fresh, "final_alpha_cumprod", 1.0))
         end = grid.new_full((1,), math.sqrt((1 - final) / final))
         if not torch.isclose(end, grid[-1:], rtol=1e-12, atol=0).item():  # a step that does not move: none
             grid = torch.cat([grid, end])
+    if grid.numel() not in (steps, steps + 1):
+        raise ValueError(f"{type(scheduler).__name__} with these settings runs {steps} steps over "
+                         f"{grid.numel()} distinct sigmas: not a grid indis can run")
     return grid.to(device) if device is not None else grid

@@ -201,3 +201,79 @@ def test_flow_mode_dpm_and_unipc_need_the_truncated_timestep(cls: str, solver: s
                              solver, cond=cond)
         exact = indis.sample(indis.from_diffusers(model, sched), _noise(), grid, solver, cond=cond)
     assert _rel(floor, ref) <= TOL < _rel(exact, ref)
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: diffusers.EDMEulerScheduler(), "EDM"),
+    (lambda: diffusers.EulerDiscreteScheduler(timestep_type="continuous"), "timestep_type"),
+    (lambda: diffusers.DDIMScheduler(rescale_betas_zero_snr=True), "zero-terminal-SNR"),
+    (lambda: diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction"), "use_flow_sigmas"),
+])
+def test_configs_indis_does_not_reproduce_are_refused(make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        indis.from_diffusers(_unet(), make())
+    with pytest.raises(ValueError, match=match):
+        indis.from_diffusers(_unet(), make().config)  # the config alone too
+    with pytest.raises(ValueError, match=match):
+        indis.grid_from_scheduler(make(), 5)
+
+
+def test_grids_follow_the_schedulers_own_steps() -> None:
+    """A last sigma above 0 is kept (no step the scheduler never runs), Heun-style repeats collapse, a DDIM
+    spacing whose steps skip its timesteps is refused, set_timesteps arguments and a set shift are used."""
+    sched = diffusers.DPMSolverMultistepScheduler(final_sigmas_type="sigma_min")
+    grid = indis.grid_from_scheduler(sched, 8)
+    sched.set_timesteps(8)
+    assert grid.numel() == 9 and grid[-1] == sched.sigmas[-1].double() > 0
+    unet = _unet()
+    with torch.no_grad():
+        ref = _diffusers_loop(sched, lambda x, t: unet(x, t).sample, _noise())
+        ours = indis.sample(indis.from_diffusers(unet, sched), _noise(), grid, "dpmpp_2m")
+    assert _rel(ours, ref) <= TOL, _rel(ours, ref)
+    heun = indis.grid_from_scheduler(diffusers.FlowMatchEulerDiscreteScheduler(), 5)
+    assert indis.grid_from_scheduler(diffusers.FlowMatchHeunDiscreteScheduler(), 5).equal(heun)
+    with pytest.raises(ValueError, match="not one grid"):
+        indis.grid_from_scheduler(diffusers.DDIMScheduler(timestep_spacing="linspace"), 8)
+    def flow_grid(sched, **kw) -> torch.Tensor:  # the scheduler's own t, as sigma
+        sched.set_timesteps(5, **kw)
+        return indis.as_grid(timesteps=sched.sigmas.double(), family="flow")[0]
+
+    dynamic = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    shifted = indis.grid_from_scheduler(dynamic, 5, mu=math.log(3.0))
+    assert torch.equal(shifted, flow_grid(dynamic, mu=math.log(3.0)))
+    plain = diffusers.FlowMatchEulerDiscreteScheduler()
+    plain.set_shift(3.0)
+    moved = indis.grid_from_scheduler(plain, 5)
+    assert torch.equal(moved, flow_grid(plain)) and not torch.equal(moved, heun)
+
+
+class _DictModel(torch.nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x, timestep=None):
+        return {"out": x.repeat(1, self.channels // x.shape[1], 1, 1) * 0.5}
+
+
+def test_outputs_are_unwrapped_and_only_a_learned_variance_is_split() -> None:
+    x, t = _noise(), torch.tensor([10.0, 700.0])
+    plain = diffusers.DDPMScheduler(clip_sample=False)
+    torch.testing.assert_close(indis.from_diffusers(_DictModel(2), plain).raw(x, t), x * 0.5)
+    with pytest.raises(ValueError, match="of the input's shape"):  # 2C channels without a learned variance
+        indis.from_diffusers(_DictModel(4), plain).raw(x, t)
+    learned = diffusers.DDPMScheduler(clip_sample=False, variance_type="learned")
+    torch.testing.assert_close(indis.from_diffusers(_DictModel(4), learned).raw(x, t), x * 0.5)
+
+
+def test_a_flux_style_transformer_takes_t_not_1000_t() -> None:
+    class FluxTransformer2DModel(torch.nn.Module):
+        def forward(self, x, timestep=None):
+            return x * 0 + timestep.view(-1, 1, 1, 1)
+
+    sched = diffusers.FlowMatchEulerDiscreteScheduler()
+    t = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    flux = indis.from_diffusers(FluxTransformer2DModel(), sched)
+    sd3 = indis.from_diffusers(_DictModel(2), sched)
+    assert flux.time_scale == 1.0 and sd3.time_scale == 1000.0
+    assert torch.equal(flux.time(flux.family.sigma(t)), t)
