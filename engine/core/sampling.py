@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from indis.engine.core.families import Denoiser, Flow, as_denoiser, raw_to_x0
+from indis.engine.core.guidance import guided
 from indis.engine.core.profiling import nvtx_range
 from indis.engine.core.schedules import Schedule, as_grid
 from indis.engine.core.solvers import DEFAULT_ORDER, SOLVER_OPTIONS, SOLVERS, SolverTable, build_table
@@ -464,7 +465,8 @@ def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | 
            solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
            cond: dict | None = None, callback: Callable[[dict], None] | None = None,
            backend: str | None = None, check_output: bool = False, progress: bool | None = False,
-           **solver_opts) -> Tensor:
+           uncond: dict | None = None, guidance_scale: float | Tensor | None = None,
+           guidance_rescale: float = 0.0, guidance_batched: bool = True, **solver_opts) -> Tensor:
     """Sample with per-sample grids.
 
     ``model(x, sigma[B], **cond) -> x0`` (k-diffusion convention), or a :class:`Denoiser` wrapping a VP /
@@ -490,7 +492,17 @@ def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | 
     editing them does not change the sample. A solver with two evaluations per step (Heun) calls it twice
     with the same ``i``, the second time at sigma_{i+1} (k-diffusion's Heun calls it once).
     ``progress``: a tqdm bar over the stages (None: on a terminal only; off by default).
+
+    Classifier-free guidance: ``uncond`` (the unconditional inputs, same keys and shapes as ``cond``, e.g. a
+    negative prompt's embeddings) with ``guidance_scale`` (a float or a ``[B]`` tensor: per-sample guidance)
+    combines the network's outputs as ``u + g (c - u)`` in one batched call (``guidance_batched=False``: two
+    calls), with optional ``guidance_rescale`` (Lin et al. 2024); see ``guidance.guided``.
     """
+    if uncond is not None or guidance_scale is not None:
+        if uncond is None or guidance_scale is None or not cond:
+            raise ValueError("classifier-free guidance needs cond, uncond and guidance_scale together")
+        model = guided(as_denoiser(model), uncond, guidance_scale, guidance_rescale=guidance_rescale,
+                       batched=guidance_batched)
     plan = prepare(model, x, sigmas, solver, shift=shift, scale=scale, **solver_opts)
     return run(plan, x, cond, callback, backend, check_output, progress)
 

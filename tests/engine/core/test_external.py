@@ -277,3 +277,77 @@ def test_a_flux_style_transformer_takes_t_not_1000_t() -> None:
     sd3 = indis.from_diffusers(_DictModel(2), sched)
     assert flux.time_scale == 1.0 and sd3.time_scale == 1000.0
     assert torch.equal(flux.time(flux.family.sigma(t)), t)
+
+
+TEXT = "encoder_hidden_states"
+
+
+def _text_unet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+
+
+def _rescale_noise_cfg(cfg: torch.Tensor, text: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Lin et al. 2024, eq. 16, as diffusers' pipelines apply it (std over all but the batch axis)."""
+    dims = list(range(1, text.ndim))
+    rescaled = cfg * (text.std(dim=dims, keepdim=True) / cfg.std(dim=dims, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * cfg
+
+
+@pytest.mark.parametrize("rescale", [0.0, 0.7])
+def test_classifier_free_guidance_matches_a_diffusers_pipeline_loop(rescale: float) -> None:
+    """CFG 7.5 on a tiny UNet2DConditionModel with DPM-Solver++ 2M: diffusers' batched [uncond; cond] loop
+    against ``indis.sample(..., cond=, uncond=, guidance_scale=)`` on the scheduler's grid."""
+    unet = _text_unet()
+    g = torch.Generator().manual_seed(4)
+    x, pos = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g)
+    neg = torch.zeros(2, 5, 12)
+    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                  beta_end=0.012)
+    den, grid = indis.from_diffusers(unet, sched), indis.grid_from_scheduler(sched, 6)
+    sched.set_timesteps(6)
+
+    def cfg(z, t):
+        u, c = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([neg, pos])).sample.chunk(2)
+        out = u + 7.5 * (c - u)
+        return _rescale_noise_cfg(out, c, rescale) if rescale else out
+
+    with torch.no_grad():
+        ref = _diffusers_loop(sched, cfg, x)
+        ours = indis.sample(den, x, grid, "dpmpp_2m", cond={TEXT: pos},
+                            uncond={TEXT: neg}, guidance_scale=7.5, guidance_rescale=rescale)
+        two = indis.sample(den, x, grid, "dpmpp_2m", cond={TEXT: pos},
+                           uncond={TEXT: neg}, guidance_scale=7.5, guidance_rescale=rescale,
+                           guidance_batched=False)
+    assert _rel(ours, ref) <= TOL, _rel(ours, ref)
+    assert _rel(two, ours) <= TOL
+
+
+def test_per_sample_guidance_equals_each_sample_alone_and_bad_use_is_refused() -> None:
+    unet = _text_unet()
+    g = torch.Generator().manual_seed(5)
+    x, pos = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 5, 12, generator=g)
+    neg = torch.zeros(3, 5, 12)
+    sched = diffusers.DPMSolverMultistepScheduler()
+    den, grid = indis.from_diffusers(unet, sched), indis.grid_from_scheduler(sched, 4)
+    scales = torch.tensor([1.0, 4.0, 9.0])
+    with torch.no_grad():
+        batch = indis.sample(den, x, grid, "dpmpp_2m", cond={TEXT: pos},
+                             uncond={TEXT: neg}, guidance_scale=scales)
+        for i in range(3):
+            alone = indis.sample(den, x[i:i + 1], grid, "dpmpp_2m", cond={TEXT: pos[i:i + 1]},
+                                 uncond={TEXT: neg[i:i + 1]}, guidance_scale=float(scales[i]))
+            assert _rel(batch[i:i + 1], alone) <= TOL
+        assert _rel(batch[:1], batch[2:]) > 1e-3  # the scales do act
+    cond = {TEXT: pos}
+    for kw, match in [({"guidance_scale": 2.0}, "together"), ({"uncond": {TEXT: neg}}, "together"),
+                      ({"uncond": {"other": neg}, "guidance_scale": 2.0}, "same inputs"),
+                      ({"uncond": {TEXT: neg}, "guidance_scale": float("nan")}, "finite"),
+                      ({"uncond": {TEXT: neg}, "guidance_scale": 2.0,
+                        "guidance_rescale": 2.0}, r"\[0, 1\]")]:
+        with pytest.raises(ValueError, match=match):
+            indis.sample(den, x, grid, "dpmpp_2m", cond=cond, **kw)
