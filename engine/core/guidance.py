@@ -41,7 +41,11 @@ class _GuidedNet(nn.Module):
         else:
             u, c = self.den.raw(x, t, **self.uncond), self.den.raw(x, t, **cond)
         view = (-1,) + (1,) * (x.ndim - 1)
-        g = self.scale.to(x.dtype).view(view) if isinstance(self.scale, Tensor) else self.scale
+        g = self.scale
+        if isinstance(g, Tensor):
+            if g.numel() != x.shape[0]:
+                raise ValueError(f"guidance_scale has {g.numel()} values for a batch of {x.shape[0]}")
+            g = g.to(x.device, x.dtype).view(view)
         out = u + g * (c - u)
         if self.rescale:
             dims = tuple(range(1, x.ndim))

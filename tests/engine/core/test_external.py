@@ -347,6 +347,7 @@ def test_per_sample_guidance_equals_each_sample_alone_and_bad_use_is_refused() -
     for kw, match in [({"guidance_scale": 2.0}, "together"), ({"uncond": {TEXT: neg}}, "together"),
                       ({"uncond": {"other": neg}, "guidance_scale": 2.0}, "same inputs"),
                       ({"uncond": {TEXT: neg}, "guidance_scale": float("nan")}, "finite"),
+                      ({"uncond": {TEXT: neg}, "guidance_scale": torch.ones(2)}, "2 values for a batch of 3"),
                       ({"uncond": {TEXT: neg}, "guidance_scale": 2.0,
                         "guidance_rescale": 2.0}, r"\[0, 1\]")]:
         with pytest.raises(ValueError, match=match):
