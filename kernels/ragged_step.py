@@ -1,6 +1,6 @@
 """The fused ragged solver step: one launch advances every sample by one stage of its own coefficient table.
 
-The generic update of ``indis.engine.core.solvers`` (DESIGN.md invariant 2), per sample ``b`` at stage
+The generic update of ``indis.engine.core.solvers``, per sample ``b`` at stage
 ``s = step[b]`` of its own table::
 
     h      = conv_state * y + conv_raw * raw                  # raw output -> the solver's variable
@@ -9,7 +9,7 @@ The generic update of ``indis.engine.core.solvers`` (DESIGN.md invariant 2), per
     H slot (s mod K) <- h                                       # ring buffer: H_j lives in slot (s - j) mod K
 
 ``PackedTable.rows`` holds these ``2 + 2 (3 + K)`` coefficients per sample and stage in float32, so the
-kernel reads one row per sample, gathered by the device tensor ``step[B]`` (DESIGN.md invariant 3): the same
+kernel reads one row per sample, gathered by the device tensor ``step[B]``: the same
 launch serves a plain loop (``step`` a broadcast stage index), a CUDA-graph replay and a continuous-batching
 pool whose slots sit at different stages of different grids. A sample whose ``step`` is outside ``[0, S)``
 (finished or idle) is neither read nor written. Inputs whose coefficient is exactly zero are not loaded (an

@@ -15,7 +15,7 @@ family                    time t                           sigma(t)            a
 ========================  ===============================  ==================  ==========================
 
 A flow model starts at t = 1, i.e. sigma = inf: its state ``x_t`` stays finite there (alpha = 0, s = 1),
-which is why the engine keeps the sampler state in the family's own coordinate (DESIGN.md invariant 5) and
+which is why the engine keeps the sampler state in the family's own coordinate and
 the solver tables absorb the change of variables. All functions are vectorised over tensors of any shape
 and keep ``inf`` / ``0`` endpoints exact.
 """

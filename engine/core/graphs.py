@@ -3,7 +3,7 @@
 :class:`GraphSampler` captures one sampling call per key (batch size, sample shape, dtype, device, grid
 structure, condition signature) and replays it with new ``x_T``, conditions and per-sample grids -- or with
 the INDIS predictor inside the graph, so the schedule map runs on the device too. Because schedules are
-device tensors (DESIGN.md invariant 1) and the table build is free of host syncs when its structure is given
+device tensors and the table build is free of host syncs when its structure is given
 (``solvers.build_table(final_zero=, infinite_start=, check_finite=False)``), a new grid never re-captures.
 
 Weights: a replay reads the parameters' memory, so in-place updates (``load_state_dict``, an optimiser step)

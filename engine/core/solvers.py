@@ -1,4 +1,4 @@
-"""Multistep solvers as per-sample coefficient tables (DESIGN.md invariant 2).
+"""Multistep solvers as per-sample coefficient tables.
 
 A solver over a ``[B, N+1]`` grid is a sequence of S *stages* (one model call each). At stage k the sampler
 holds the state ``y`` (in the model family's own coordinate), an optional ``stash`` (a saved state: Heun's
