@@ -122,3 +122,20 @@ def loop_case(solver: str, opts: dict, device: torch.device = KERNEL_DEVICE):
         return prepare(model, x, grids, solver, shift=shift, scale=scale, **opts)
 
     return x64, plan
+
+
+#: The text-condition input of a diffusers ``UNet2DConditionModel``.
+TEXT = "encoder_hidden_states"
+
+
+def text_unet(sample_size: int = 8, channels: int = 4, text_dim: int = 12) -> torch.nn.Module:
+    """A tiny random ``diffusers.UNet2DConditionModel`` (cross-attention on ``[B, L, text_dim]`` text
+    embeddings), built from a config (the caller skips without diffusers)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DConditionModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=text_dim, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()

@@ -4,7 +4,8 @@ What users call: ``sample`` (and ``prepare`` / ``run`` to split host work from t
 ("ragged") multistep solvers over ``[B, N+1]`` grids, the k-diffusion-shaped ``sample_*`` samplers, noise
 families and the denoiser convention, heuristic discretizations and ``Schedule``, the INDIS schedule predictor
 and its tuning (``fit_predictor``; ``fit_global`` for LD3, ``fit_gits`` for GITS, ``fit_oracle``),
-diffusers models and schedulers (``from_diffusers``, ``grid_from_scheduler``),
+diffusers models and schedulers (``from_diffusers``, ``grid_from_scheduler``), classifier-free guidance
+(``sample(..., uncond=, guidance_scale=)``; ``guided`` wraps a model for tuning),
 whole-call CUDA graphs (``GraphSampler``) and step-level continuous batching (``ContinuousBatcher``,
 ``Request``). The layers underneath live in ``indis.engine`` (``core``, ``tuning``, ``serving``,
 ``testbeds``, ``studies``), ``indis.kernels`` (the fused step) and ``indis.export`` (ONNX / TensorRT).
@@ -22,6 +23,7 @@ from indis.engine.core.families import (
     get_family,
 )
 from indis.engine.core.graphs import GraphSampler
+from indis.engine.core.guidance import guided
 from indis.engine.core.predictor import PerInstanceSchedule, Predictor, PredictorConfig, ScheduleConfig
 from indis.engine.core.sampling import (
     Plan,
@@ -57,7 +59,7 @@ __all__ = [
     "NoiseFamily", "PerInstanceSchedule", "Plan", "Predictor", "PredictorConfig", "Request", "SOLVERS",
     "Schedule", "ScheduleConfig", "SolverTable", "TeacherSpec", "VE", "VPCosine", "VPDiscrete", "VPLinear",
     "as_grid", "build_table", "fit_gits", "fit_global", "fit_oracle", "fit_predictor", "from_diffusers",
-    "get_family", "get_sigmas", "grid_from_logits", "grid_from_scheduler", "logits_from_grid",
+    "get_family", "get_sigmas", "grid_from_logits", "grid_from_scheduler", "guided", "logits_from_grid",
     "noise_from_seeds", "prepare", "run", "sample", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_euler",
     "sample_heun", "sample_ipndm", "sample_ipndm_v", "sample_unipc",
 ]

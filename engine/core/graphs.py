@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from indis.engine.core.conditions import Cond, check_batch, lookup, unflatten
 from indis.engine.core.families import Denoiser, as_denoiser
+from indis.engine.core.guidance import check_guidance, guided_unchecked
 from indis.engine.core.profiling import nvtx_range
 from indis.engine.core.sampling import (
     check_finite,
@@ -52,21 +54,33 @@ class GraphSampler:
     """Sample with one CUDA-graph replay per call (see the module docstring).
 
     ``model``: a k-diffusion denoiser or :class:`Denoiser`. ``predictor``: an INDIS predictor run inside the
-    graph (then ``sigmas`` is not passed per call); ``predictor_cond``: the ``cond`` key the predictor reads
-    (e.g. ``"class_labels"``). Without a predictor each call passes ``sigmas`` (``[N+1]``, ``[B, N+1]`` or a
-    :class:`Schedule`). ``warmup``: eager runs on a side stream before capture (compiles Triton kernels,
-    creates library handles). ``clone_output``: return a copy (the graph's output buffer is overwritten by the
-    next replay). ``check_output``: raise ``FloatingPointError`` naming the samples whose output holds NaN or
-    inf (eagerly also the stage where it first appears; a captured graph is checked after its replay).
+    graph (then ``sigmas`` is not passed per call); ``predictor_cond``: what the predictor reads, the dotted
+    path of a ``cond`` input (e.g. ``"class_labels"``, ``"added_cond_kwargs.text_embeds"``) or a function of
+    ``cond`` (e.g. ``lambda c: c["encoder_hidden_states"].mean(1)``, captured with the rest). Without a
+    predictor each call passes ``sigmas`` (``[N+1]``, ``[B, N+1]`` or a :class:`Schedule`). ``warmup``:
+    eager runs on a side stream before capture (compiles Triton kernels, creates library handles).
+    ``clone_output``: return a copy (the graph's output buffer is overwritten by the next replay).
+    ``check_output``: raise ``FloatingPointError`` naming the samples whose output holds NaN or inf (eagerly
+    also the stage where it first appears; a captured graph is checked after its replay).
     Each call's inputs pass the same checks as ``indis.sample`` (``sampling.check_inputs``) unless the call
     says ``validate=False``; with a predictor, its schedules' bounds are checked once per state dtype.
+
+    ``cond``: a dict of tensors with the batch axis (nested dicts pass through). Classifier-free guidance:
+    each call may pass ``uncond`` (same inputs; batch size 1 is shared) and ``guidance_scale`` (a float or
+    ``[B]``: a new scale replays the same graph), combined as in ``indis.sample`` with this sampler's
+    ``guidance_rescale`` and ``guidance_batched``.
     """
 
     def __init__(self, model: Callable[..., Tensor] | Denoiser, solver: str = "ipndm", *,
-                 predictor: nn.Module | None = None, predictor_cond: str | None = None,
+                 predictor: nn.Module | None = None,
+                 predictor_cond: str | Callable[[Cond], Tensor] | None = None,
                  backend: str | None = None, warmup: int = 2, clone_output: bool = True,
-                 check_output: bool = False, **solver_opts) -> None:
+                 check_output: bool = False, guidance_rescale: float = 0.0, guidance_batched: bool = True,
+                 **solver_opts) -> None:
         check_solver(solver, solver_opts)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale={guidance_rescale!r} must lie in [0, 1]")
+        self.guidance_rescale, self.guidance_batched = float(guidance_rescale), guidance_batched
         self.denoiser = as_denoiser(model)
         self.solver, self.solver_opts = solver, solver_opts
         self.predictor, self.predictor_cond = predictor, predictor_cond
@@ -77,11 +91,12 @@ class GraphSampler:
         self._cache: dict[tuple, _Entry] = {}
 
     # ------------------------------------------------------------------------------------------- public
-    def __call__(self, x: Tensor, sigmas: Tensor | Schedule | None = None, *, cond: dict | None = None,
+    def __call__(self, x: Tensor, sigmas: Tensor | Schedule | None = None, *, cond: Cond | None = None,
+                 uncond: Cond | None = None, guidance_scale: float | Tensor | None = None,
                  validate: bool = True) -> Tensor:
         """Sample from ``x`` (``[B, *shape]``); the first call per key captures, later calls replay."""
-        cond = dict(cond or {})
         inputs, flags = self._inputs(x, sigmas, cond, validate)
+        inputs.update(self._guidance_inputs(x, cond, uncond, guidance_scale, validate))
         key = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items()), flags)
         fingerprint = self._fingerprint()
         entry = self._cache.get(key)
@@ -115,17 +130,34 @@ class GraphSampler:
         return sum(e.graph is not None for e in self._cache.values())
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _inputs(self, x: Tensor, sigmas: Tensor | Schedule | None, cond: dict,
+    def _guidance_inputs(self, x: Tensor, cond: Cond | None, uncond: Cond | None,
+                         guidance_scale: float | Tensor | None, validate: bool) -> dict[str, Tensor]:
+        """Static inputs of a guided call: ``uncond.<path>`` leaves and ``guidance_scale`` ``[B]``."""
+        if uncond is None and guidance_scale is None:
+            return {}
+        if uncond is None or guidance_scale is None or not cond:
+            raise ValueError("classifier-free guidance needs cond, uncond and guidance_scale together")
+        if validate:
+            check_guidance(uncond, guidance_scale, self.guidance_rescale)
+        flat = check_batch(uncond, x.shape[0], x.device, "uncond", broadcast=True)
+        scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).reshape(-1)
+        if scale.numel() not in (1, x.shape[0]):
+            raise ValueError(f"guidance_scale has {scale.numel()} values for a batch of {x.shape[0]}")
+        return {**{f"uncond.{k}": v for k, v in flat.items()},
+                "guidance_scale": scale.expand(x.shape[0])}
+
+    def _inputs(self, x: Tensor, sigmas: Tensor | Schedule | None, cond: Cond | None,
                 validate: bool) -> tuple[dict[str, Tensor], tuple[bool, bool]]:
         check_state(x, finite=validate)  # the shape and dtype always; the values unless the caller vouches
         inputs = {"x": x}
-        for k, v in cond.items():
-            if not isinstance(v, Tensor) or v.device != x.device or v.shape[:1] != x.shape[:1]:
-                raise ValueError(f"cond[{k!r}] must be a tensor on {x.device} with batch size {x.shape[0]}")
+        for k, v in check_batch(cond, x.shape[0], x.device).items():
             inputs[f"cond.{k}"] = v
         if self.predictor is not None:
             if sigmas is not None:
                 raise ValueError("this GraphSampler runs its predictor inside the graph: do not pass sigmas")
+            if isinstance(self.predictor_cond, str) and f"cond.{self.predictor_cond}" not in inputs:
+                raise ValueError(f"the predictor reads cond[{self.predictor_cond!r}], which this call does "
+                                 f"not pass")
             sc = self.predictor.config.schedule
             if validate and x.dtype not in self._bounds_checked:
                 self._check_predictor_bounds(x.dtype, x.device)
@@ -170,6 +202,14 @@ class GraphSampler:
                              f"within +-{sc.shift_bound}, scale within 1 +- {sc.scale_bound}) do not fit "
                              f"{dtype}: {e}") from e
 
+    def _predictor_input(self, cond: Cond) -> Tensor | None:
+        """The predictor's condition: a function of ``cond`` or the leaf at a dotted path (None: none)."""
+        if self.predictor_cond is None:
+            return None
+        if callable(self.predictor_cond):
+            return self.predictor_cond(cond)
+        return lookup(cond, self.predictor_cond)
+
     def _fingerprint(self) -> tuple:
         modules = [m for m in (self.denoiser.net, self.predictor) if isinstance(m, nn.Module)]
         return tuple((id(t), t.data_ptr()) for m in modules for t in (*m.parameters(), *m.buffers()))
@@ -177,14 +217,19 @@ class GraphSampler:
     def _body(self, entry: _Entry, check_output: bool = False) -> Tensor:
         """Everything one call does, on the entry's static buffers: no host sync, no data-dependent branch."""
         x = entry.inputs["x"]
-        cond = {k.removeprefix("cond."): v for k, v in entry.inputs.items() if k.startswith("cond.")}
+        cond, uncond = ({k.removeprefix(p): v for k, v in entry.inputs.items() if k.startswith(p)}
+                        for p in ("cond.", "uncond."))
+        cond = unflatten(cond)
         if self.predictor is not None:
-            schedule = self.predictor(x, cond.get(self.predictor_cond) if self.predictor_cond else None)
+            schedule = self.predictor(x, self._predictor_input(cond))
             grid, shift, scale = schedule.grid, schedule.shift, schedule.scale
         else:
             grid, shift, scale = entry.inputs["grid"], entry.inputs.get("shift"), entry.inputs.get("scale")
         final_zero, infinite_start = entry.flags
         den = self.denoiser
+        if "guidance_scale" in entry.inputs:
+            den = guided_unchecked(den, unflatten(uncond), entry.inputs["guidance_scale"],
+                                   self.guidance_rescale, self.guidance_batched)
         with nvtx_range("coefficients"):  # no checks in the graph: _inputs checked the inputs on the host
             table = table_for(den, grid, self.solver, x.dtype, shift=shift, scale=scale, check=False,
                               final_zero=final_zero, infinite_start=infinite_start, **self.solver_opts)

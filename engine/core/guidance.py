@@ -6,61 +6,57 @@ guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from indis.engine.core.conditions import Cond, concat, expand, flatten
 from indis.engine.core.families import Denoiser
 
 
-def _cat(a: Any, b: Any, name: str) -> Any:
-    """``[a; b]`` along the batch axis, through nested dicts (e.g. SDXL's ``added_cond_kwargs``)."""
-    if isinstance(a, Mapping):
-        if not isinstance(b, Mapping) or set(a) != set(b):
-            raise ValueError(f"cond and uncond must have the same keys at {name!r}")
-        return {k: _cat(a[k], b[k], f"{name}.{k}") for k in a}
-    if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"cond and uncond {name!r} must be tensors of the same shape after the batch axis")
-    return torch.cat([a, b])
+def guided_raw(den: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float | Tensor,
+               rescale: float = 0.0, batched: bool = True) -> Tensor:
+    """The guided raw output at ``x`` (``[B, ...]``): ``den.raw`` under ``cond`` and ``uncond`` (same
+    inputs; an uncond leaf of batch size 1 is shared by the batch), combined with ``scale`` (a float or
+    ``[B]``) and ``rescale``. ``batched``: one call on ``[uncond; cond]``, else two calls."""
+    b = x.shape[0]
+    if list(flatten(cond)) != list(flatten(uncond)):
+        raise ValueError(f"cond has {sorted(flatten(cond))}, uncond {sorted(flatten(uncond))}: give the same "
+                         f"inputs")
+    uncond = expand(uncond, b)
+    if batched:
+        u, c = den.raw(torch.cat([x, x]), torch.cat([t, t]), **concat([uncond, cond])).chunk(2)
+    else:
+        u, c = den.raw(x, t, **uncond), den.raw(x, t, **cond)
+    g = scale
+    if isinstance(g, Tensor):
+        if g.numel() != b:
+            raise ValueError(f"guidance_scale has {g.numel()} values for a batch of {b}")
+        g = g.to(x.device, x.dtype).view((-1,) + (1,) * (x.ndim - 1))
+    out = u + g * (c - u)
+    if rescale:
+        dims = tuple(range(1, x.ndim))
+        rescaled = out * (c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+        out = rescale * rescaled + (1 - rescale) * out
+    return out
 
 
 class _GuidedNet(nn.Module):
-    def __init__(self, den: Denoiser, uncond: dict, scale: float | Tensor, rescale: float,
+    def __init__(self, den: Denoiser, uncond: Cond, scale: float | Tensor, rescale: float,
                  batched: bool) -> None:
         super().__init__()
         self.den, self.uncond, self.scale, self.rescale, self.batched = den, uncond, scale, rescale, batched
 
-    def forward(self, x: Tensor, t: Tensor, **cond: Any) -> Tensor:
-        if set(cond) != set(self.uncond):
-            raise ValueError(f"cond has {sorted(cond)}, uncond {sorted(self.uncond)}: give the same inputs")
-        if self.batched:  # one network call on [uncond; cond]
-            both = {k: _cat(self.uncond[k], v, k) for k, v in cond.items()}
-            u, c = self.den.raw(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
-        else:
-            u, c = self.den.raw(x, t, **self.uncond), self.den.raw(x, t, **cond)
-        view = (-1,) + (1,) * (x.ndim - 1)
-        g = self.scale
-        if isinstance(g, Tensor):
-            if g.numel() != x.shape[0]:
-                raise ValueError(f"guidance_scale has {g.numel()} values for a batch of {x.shape[0]}")
-            g = g.to(x.device, x.dtype).view(view)
-        out = u + g * (c - u)
-        if self.rescale:
-            dims = tuple(range(1, x.ndim))
-            rescaled = out * (c.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
-            out = self.rescale * rescaled + (1 - self.rescale) * out
-        return out
+    def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        return guided_raw(self.den, x, t, cond, self.uncond, self.scale, self.rescale, self.batched)
 
 
-def guided(den: Denoiser, uncond: dict, guidance_scale: float | Tensor, *, guidance_rescale: float = 0.0,
-           batched: bool = True) -> Denoiser:
-    """``den`` under classifier-free guidance: called with ``cond`` it returns the guided output, ``uncond``
-    (same keys, same shapes) being the unconditional inputs (e.g. the negative prompt's embeddings).
-    ``guidance_scale``: a float or a ``[B]`` tensor (per-sample guidance); ``batched``: one network call on
-    the doubled batch (default) or two calls (half the activation memory)."""
-    if not isinstance(uncond, Mapping) or not uncond:
+def check_guidance(uncond: object, guidance_scale: object, guidance_rescale: float) -> None:
+    """``ValueError`` unless ``uncond`` is a non-empty dict of tensors, ``guidance_scale`` a finite float
+    or ``[B]`` tensor and ``guidance_rescale`` in [0, 1] (reads a tensor scale's values)."""
+    if not isinstance(uncond, Mapping) or not flatten(uncond, "uncond"):
         raise ValueError("uncond must be a non-empty dict of the unconditional inputs")
     if isinstance(guidance_scale, Tensor):
         if guidance_scale.ndim != 1 or not bool(torch.isfinite(guidance_scale).all()):
@@ -70,5 +66,42 @@ def guided(den: Denoiser, uncond: dict, guidance_scale: float | Tensor, *, guida
         raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite float or a [B] tensor")
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale={guidance_rescale!r} must lie in [0, 1]")
-    net = _GuidedNet(den, dict(uncond), guidance_scale, float(guidance_rescale), batched)
+
+
+def guided_unchecked(den: Denoiser, uncond: Cond, guidance_scale: float | Tensor, guidance_rescale: float,
+                     batched: bool) -> Denoiser:
+    """:func:`guided` without its checks (no host sync: usable inside a CUDA graph capture)."""
+    net = _GuidedNet(den, uncond, guidance_scale, float(guidance_rescale), batched)
     return Denoiser(net, den.family, den.prediction, den.time_input, den.time_scale)
+
+
+def guided(den: Denoiser, uncond: Cond, guidance_scale: float | Tensor, *, guidance_rescale: float = 0.0,
+           batched: bool = True) -> Denoiser:
+    """``den`` under classifier-free guidance: called with ``cond`` it returns the guided output, ``uncond``
+    (same inputs and shapes; batch size 1 is shared by any batch) being the unconditional inputs (e.g. the
+    negative prompt's embeddings). ``guidance_scale``: a float or a ``[B]`` tensor (per-sample guidance);
+    ``batched``: one network call on the doubled batch (default) or two calls (half the activation memory).
+
+    Tuning with guidance: pass the guided denoiser as the model (with a float scale and a batch-1 ``uncond``),
+    and teacher and student sample with the same guidance; :func:`guidance_key` enters the teacher cache's
+    key."""
+    check_guidance(uncond, guidance_scale, guidance_rescale)
+    return guided_unchecked(den, dict(uncond), guidance_scale, guidance_rescale, batched)
+
+
+def guidance_key(model: object) -> dict | None:
+    """What a guided denoiser's guidance is (scale, rescale, a digest of the unconditional inputs) for a
+    cache key, or None for a model without guidance."""
+    net = getattr(model, "net", None)
+    if not isinstance(net, _GuidedNet):
+        return None
+    digest = hashlib.sha256()
+    for path, v in flatten(net.uncond).items():
+        digest.update(f"{path}{tuple(v.shape)}{v.dtype}".encode())
+        digest.update(v.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    scale = net.scale.tolist() if isinstance(net.scale, Tensor) else float(net.scale)
+    return {"scale": scale, "rescale": net.rescale, "uncond": digest.hexdigest()[:16],
+            "inner": guidance_key(net.den)}
+
+
+__all__ = ["check_guidance", "guidance_key", "guided", "guided_raw", "guided_unchecked"]

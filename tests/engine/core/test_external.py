@@ -10,6 +10,7 @@ import torch
 
 import indis
 from indis.engine.core.external import family_from_config
+from tests.helpers import TEXT, text_unet
 
 diffusers = pytest.importorskip("diffusers")
 TOL = 1e-5
@@ -279,18 +280,6 @@ def test_a_flux_style_transformer_takes_t_not_1000_t() -> None:
     assert torch.equal(flux.time(flux.family.sigma(t)), t)
 
 
-TEXT = "encoder_hidden_states"
-
-
-def _text_unet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
-
-
 def _rescale_noise_cfg(cfg: torch.Tensor, text: torch.Tensor, rescale: float) -> torch.Tensor:
     """Lin et al. 2024, eq. 16, as diffusers' pipelines apply it (std over all but the batch axis)."""
     dims = list(range(1, text.ndim))
@@ -302,7 +291,7 @@ def _rescale_noise_cfg(cfg: torch.Tensor, text: torch.Tensor, rescale: float) ->
 def test_classifier_free_guidance_matches_a_diffusers_pipeline_loop(rescale: float) -> None:
     """CFG 7.5 on a tiny UNet2DConditionModel with DPM-Solver++ 2M: diffusers' batched [uncond; cond] loop
     against ``indis.sample(..., cond=, uncond=, guidance_scale=)`` on the scheduler's grid."""
-    unet = _text_unet()
+    unet = text_unet()
     g = torch.Generator().manual_seed(4)
     x, pos = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 12, generator=g)
     neg = torch.zeros(2, 5, 12)
@@ -328,7 +317,7 @@ def test_classifier_free_guidance_matches_a_diffusers_pipeline_loop(rescale: flo
 
 
 def test_per_sample_guidance_equals_each_sample_alone_and_bad_use_is_refused() -> None:
-    unet = _text_unet()
+    unet = text_unet()
     g = torch.Generator().manual_seed(5)
     x, pos = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 5, 12, generator=g)
     neg = torch.zeros(3, 5, 12)

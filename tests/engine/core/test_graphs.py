@@ -19,7 +19,7 @@ from indis.engine.core.graphs import GraphSampler
 from indis.engine.core.sampling import make_plan, prepare, run_fused, run_table
 from indis.engine.core.solvers import build_table
 from indis.engine.studies.convergence import small_mixture
-from tests.helpers import IDS, KERNEL_DEVICE, SOLVER_CASES
+from tests.helpers import IDS, KERNEL_DEVICE, SOLVER_CASES, TEXT, text_unet
 from tests.helpers import ragged_grids as _ragged_grids
 
 CUDA = torch.cuda.is_available()
@@ -174,6 +174,53 @@ def test_graph_sampler_check_output_names_the_samples() -> None:
         GraphSampler(nan_for_sample_1, "euler", check_output=True)(x, sched)
 
 
+def _text_case(device: str = "cpu"):
+    """A tiny diffusers text UNet with a per-sample grid, text embeddings, a shared negative prompt, and a
+    predictor conditioned on the mean-pooled text embedding."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                  beta_end=0.012)
+    den = indis.from_diffusers(text_unet().to(device), sched)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 8, 8, generator=g).to(device) * den.family.s(torch.tensor(14.0)).item()
+    pos, neg = torch.randn(3, 5, 12, generator=g).to(device), torch.zeros(1, 5, 12, device=device)
+    grid = indis.grid_from_scheduler(sched, 4).to(device)
+    sc = indis.ScheduleConfig(nfe=4, sigma_min=0.05, sigma_max=14.0, family="vp_linear")
+    cfg = indis.PredictorConfig(sc, "dpmpp_2m", (4, 8, 8), cond_dim=12, pool=2)
+    phi = indis.Predictor(cfg).to(device)
+    torch.nn.init.normal_(phi.out.weight, std=0.05)
+    return den, x, {TEXT: pos}, {TEXT: neg}, grid, phi
+
+
+def test_graph_sampler_runs_guidance_with_text_conditions() -> None:
+    """CFG with text embeddings through GraphSampler (eager on CPU, the captured body): equal to
+    indis.sample; a new guidance scale (float or per sample) replays the same entry; the predictor reads
+    a function of the condition (mean-pooled text) inside."""
+    den, x, cond, uncond, grid, phi = _text_case()
+    sampler = GraphSampler(den, "dpmpp_2m")
+    with torch.no_grad():
+        for scale in (7.5, torch.tensor([1.0, 4.0, 9.0])):
+            ref = indis.sample(den, x, grid, "dpmpp_2m", cond=cond, uncond=uncond, guidance_scale=scale)
+            out = sampler(x, grid, cond=cond, uncond=uncond, guidance_scale=scale)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert len(sampler._cache) == 1
+        with NoHostReads():
+            sampler._body(next(iter(sampler._cache.values())))
+        pooled = GraphSampler(den, "dpmpp_2m", predictor=phi, predictor_cond=lambda c: c[TEXT].mean(1))
+        sched = phi(x, cond[TEXT].mean(1))
+        ref = indis.sample(den, x, sched, "dpmpp_2m", cond=cond, uncond=uncond, guidance_scale=5.0)
+        torch.testing.assert_close(pooled(x, cond=cond, uncond=uncond, guidance_scale=5.0), ref, rtol=1e-5,
+                                   atol=1e-5)
+    for kw, match in [({"guidance_scale": 2.0}, "together"),
+                      ({"uncond": {"other": uncond[TEXT]}, "guidance_scale": 2.0}, "same inputs"),
+                      ({"uncond": uncond, "guidance_scale": torch.ones(2)}, "2 values for a batch of 3"),
+                      ({"uncond": {TEXT: torch.zeros(2, 5, 12)}, "guidance_scale": 2.0}, "batch size 3")]:
+        with pytest.raises(ValueError, match=match):
+            sampler(x, grid, cond=cond, **kw)
+    with pytest.raises(ValueError, match="does not pass"):
+        GraphSampler(den, "dpmpp_2m", predictor=phi, predictor_cond="pooled")(x, cond=cond)
+
+
 # ----------------------------------------------------------------------------------------------- CUDA
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (runs in benchmarks/gpu_suite.sh)")
 
@@ -232,3 +279,16 @@ def test_cuda_graph_with_the_predictor_and_the_digits_unet() -> None:
         ref = indis.sample(unet, x, phi(x).detach(), "ipndm")
         torch.testing.assert_close(sampler(x), ref, rtol=1e-4, atol=1e-3)
     assert sampler.captured == 1
+
+
+@cuda_only
+def test_cuda_graph_captures_guidance_with_text_conditions() -> None:
+    den, x, cond, uncond, grid, phi = _text_case("cuda")
+    sampler = GraphSampler(den, "dpmpp_2m", predictor=phi, predictor_cond=lambda c: c[TEXT].mean(1))
+    with torch.no_grad():
+        for scale in (7.5, torch.tensor([1.0, 4.0, 9.0], device="cuda")):
+            sched = phi(x, cond[TEXT].mean(1))
+            ref = indis.sample(den, x, sched, "dpmpp_2m", cond=cond, uncond=uncond, guidance_scale=scale)
+            out = sampler(x, cond=cond, uncond=uncond, guidance_scale=scale)
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert sampler.captured == 1 and sampler.graphs == 1
