@@ -48,7 +48,7 @@ from indis.engine.core.schedules import (
 )
 from indis.engine.core.solvers import SOLVERS, SolverTable, build_table
 from indis.engine.serving.allocation import NFEChooser
-from indis.engine.serving.batcher import ContinuousBatcher, Request
+from indis.engine.serving.batcher import ContinuousBatcher, Request, TensorCondition
 from indis.engine.tuning.fit import FitConfig, fit_gits, fit_global, fit_oracle, fit_predictor
 from indis.engine.tuning.teacher import TeacherSpec, noise_from_seeds
 
@@ -57,7 +57,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AYS_TABLES", "ContinuousBatcher", "Denoiser", "FitConfig", "Flow", "GraphSampler", "NFEChooser",
     "NoiseFamily", "PerInstanceSchedule", "Plan", "Predictor", "PredictorConfig", "Request", "SOLVERS",
-    "Schedule", "ScheduleConfig", "SolverTable", "TeacherSpec", "VE", "VPCosine", "VPDiscrete", "VPLinear",
+    "Schedule", "ScheduleConfig", "SolverTable", "TeacherSpec", "TensorCondition", "VE", "VPCosine",
+    "VPDiscrete", "VPLinear",
     "as_grid", "build_table", "fit_gits", "fit_global", "fit_oracle", "fit_predictor", "from_diffusers",
     "get_family", "get_sigmas", "grid_from_logits", "grid_from_scheduler", "guided", "logits_from_grid",
     "noise_from_seeds", "prepare", "run", "sample", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_euler",

@@ -5,7 +5,7 @@ SDXL's ``added_cond_kwargs``). A leaf is addressed by its dotted path (``"added_
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -14,9 +14,9 @@ from torch import Tensor
 Cond = Mapping[str, Any]  # str -> Tensor | Cond
 
 
-def flatten(cond: Cond | None, name: str = "cond") -> dict[str, Tensor]:
+def flatten(cond: Cond | None, name: str = "cond", leaves: tuple[type, ...] = (Tensor,)) -> dict[str, Any]:
     """The leaves of ``cond`` by dotted path, in insertion order; ``ValueError`` for a leaf that is not a
-    tensor or a key that is not a string or holds a dot."""
+    tensor (or another of the ``leaves`` types) or a key that is not a string or holds a dot."""
     out: dict[str, Tensor] = {}
 
     def walk(node: Any, path: str) -> None:
@@ -26,10 +26,11 @@ def flatten(cond: Cond | None, name: str = "cond") -> dict[str, Tensor]:
                     raise ValueError(f"{name}: key {k!r} at {path or 'the top'} must be a non-empty string "
                                      f"without dots")
                 walk(v, f"{path}.{k}" if path else k)
-        elif isinstance(node, Tensor):
+        elif isinstance(node, leaves) and not isinstance(node, bool):
             out[path] = node
         else:
-            raise ValueError(f"{name}[{path!r}] must be a tensor with a batch axis or a dict of them, "
+            kinds = " or ".join(t.__name__ for t in leaves)
+            raise ValueError(f"{name}[{path!r}] must be a {kinds} or a dict of them, "
                              f"got {type(node).__name__}")
 
     if cond is not None:
@@ -100,4 +101,12 @@ def lookup(cond: Cond, path: str) -> Tensor:
     return flat[path]
 
 
-__all__ = ["Cond", "check_batch", "concat", "expand", "flatten", "lookup", "select", "unflatten"]
+def pick(reader: str | Callable[[Cond], Tensor] | None, cond: Cond) -> Tensor | None:
+    """What a predictor reads from ``cond``: the leaf at a dotted path, a function of the tree, or nothing
+    (None)."""
+    if reader is None:
+        return None
+    return reader(cond) if callable(reader) else lookup(cond, reader)
+
+
+__all__ = ["Cond", "check_batch", "concat", "expand", "flatten", "lookup", "pick", "select", "unflatten"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from indis.engine.core.conditions import Cond, check_batch, lookup, unflatten
+from indis.engine.core.conditions import Cond, check_batch, pick, unflatten
 from indis.engine.core.families import Denoiser, as_denoiser
 from indis.engine.core.guidance import check_guidance, guided_unchecked
 from indis.engine.core.profiling import nvtx_range
@@ -202,14 +202,6 @@ class GraphSampler:
                              f"within +-{sc.shift_bound}, scale within 1 +- {sc.scale_bound}) do not fit "
                              f"{dtype}: {e}") from e
 
-    def _predictor_input(self, cond: Cond) -> Tensor | None:
-        """The predictor's condition: a function of ``cond`` or the leaf at a dotted path (None: none)."""
-        if self.predictor_cond is None:
-            return None
-        if callable(self.predictor_cond):
-            return self.predictor_cond(cond)
-        return lookup(cond, self.predictor_cond)
-
     def _fingerprint(self) -> tuple:
         modules = [m for m in (self.denoiser.net, self.predictor) if isinstance(m, nn.Module)]
         return tuple((id(t), t.data_ptr()) for m in modules for t in (*m.parameters(), *m.buffers()))
@@ -221,7 +213,7 @@ class GraphSampler:
                         for p in ("cond.", "uncond."))
         cond = unflatten(cond)
         if self.predictor is not None:
-            schedule = self.predictor(x, self._predictor_input(cond))
+            schedule = self.predictor(x, pick(self.predictor_cond, cond))
             grid, shift, scale = schedule.grid, schedule.shift, schedule.scale
         else:
             grid, shift, scale = entry.inputs["grid"], entry.inputs.get("shift"), entry.inputs.get("scale")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from indis.engine.core.conditions import Cond, flatten, pick, unflatten
 from indis.engine.core.families import Denoiser
 from indis.engine.core.sampling import (
     check_inputs,
@@ -38,8 +39,11 @@ class Request:
     ``seed`` (``x_T = teacher.initial_state(noise_from_seeds(seed), sigma_max, family)``: ``sigma_max`` times
     the noise for VE, its VP / flow scaling otherwise); ``schedule``: a heuristic name (``edm``,
     ``logsnr``, ...), ``"predictor"`` (the batcher's INDIS predictor for this NFE and solver), an explicit
-    ``[N+1]`` grid or a :class:`Schedule`; ``cond``: per-sample condition values (e.g.
-    ``{"class_labels": 3}``; None: none). ``nfe="auto"``:
+    ``[N+1]`` grid or a :class:`Schedule`; ``cond``: this sample's condition inputs, a (nested) dict of
+    ints (class labels) and tensors without the batch axis (or with a batch axis of 1), e.g.
+    ``{"class_labels": 3}`` or ``{"encoder_hidden_states": emb[77, 768]}``; None: none. Under a batcher with
+    guidance, ``uncond`` (the unconditional inputs, e.g. a negative prompt's embeddings) and
+    ``guidance_scale`` (a float) are required. ``nfe="auto"``:
     the batcher's :class:`~indis.engine.serving.allocation.NFEChooser` picks it from x_T (and the condition)
     at admission; the future then carries it as ``future.nfe``.
     """
@@ -49,15 +53,30 @@ class Request:
     nfe: int | str = 5
     solver: str = "ipndm"
     schedule: str | Tensor | Schedule = "edm"
-    cond: dict[str, int] = field(default_factory=dict)
+    cond: Cond | None = field(default_factory=dict)
     solver_opts: dict = field(default_factory=dict)
+    uncond: Cond | None = None
+    guidance_scale: float | None = None
+
+
+@dataclass(frozen=True)
+class TensorCondition:
+    """A condition input a batcher takes as a tensor per request (e.g. text embeddings, ``shape=(77, 768)``),
+    held in ``dtype``; an idle slot holds zeros."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+
+Condition = tuple[int, int] | TensorCondition  # an int range [low, high) or a tensor input
 
 
 @dataclass(frozen=True)
 class Admitted:
     """A validated request as plain data: its x_T (float64, CPU), its schedule (a grid ``[N+1]`` with
-    optional shift / scale ``[N]``, or the key of a cached heuristic table), its condition values and the
-    key of the group it can share a table build with."""
+    optional shift / scale ``[N]``, or the key of a cached heuristic table), its condition inputs by dotted
+    path (and under guidance its unconditional inputs and scale) and the key of the group it can share a
+    table build with."""
 
     nfe: int
     x_T: Tensor
@@ -65,8 +84,10 @@ class Admitted:
     shift: Tensor | None
     scale: Tensor | None
     cached: tuple | None
-    cond: dict[str, int]
+    cond: dict[str, Tensor]
     group: tuple
+    uncond: dict[str, Tensor] | None = None
+    guidance_scale: float | None = None
 
 
 @dataclass
@@ -120,13 +141,14 @@ class Admission:
     ``device`` holding ``max_stages`` stages (the batcher's arguments of the same names)."""
 
     def __init__(self, den: Denoiser, shape: Sequence[int], *, sigma_min: float, sigma_max: float,
-                 predictors: dict[tuple[int, str], Callable], predictor_cond: str | None,
-                 chooser: NFEChooser | None, conditions: dict[str, tuple[int, int]], max_stages: int,
-                 device: torch.device, dtype: torch.dtype, coef_dtype: torch.dtype) -> None:
+                 predictors: dict[tuple[int, str], Callable],
+                 predictor_cond: str | Callable[[Cond], Tensor] | None, chooser: NFEChooser | None,
+                 conditions: dict[str, Condition], max_stages: int, device: torch.device,
+                 dtype: torch.dtype, coef_dtype: torch.dtype, guidance: bool = False) -> None:
         self.den, self.shape = den, tuple(shape)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.predictors, self.predictor_cond, self.chooser = predictors, predictor_cond, chooser
-        self.conditions, self.max_stages = conditions, max_stages
+        self.conditions, self.max_stages, self.guidance = conditions, max_stages, guidance
         self.device, self.dtype, self.coef_dtype = device, dtype, coef_dtype
         self.tables: dict[tuple, tuple[Tensor, Tensor, int]] = {}  # heuristic schedules: one table each
 
@@ -171,6 +193,7 @@ class Admission:
                              "max_stages)")
         x = self.initial_state(req)
         cond = self.check_conditions(req)
+        uncond, guidance_scale = self.check_guidance(req)
         check_solver(req.solver, req.solver_opts)
         opts = opts_key(req.solver_opts)
         sched = req.schedule
@@ -180,16 +203,15 @@ class Admission:
                 grid = get_sigmas(sched, nfe, self.sigma_min, self.sigma_max, family=self.den.family)
                 check_schedule(self.den, grid[None], None, None, self.dtype, req.solver)
                 self.tables[key] = self.table(req.solver, req.solver_opts, grid[None], None, None)
-            return Admitted(nfe, x, None, None, None, key, cond, (req.solver, nfe, opts, False, False, key))
+            return Admitted(nfe, x, None, None, None, key, cond, (req.solver, nfe, opts, False, False, key),
+                            uncond, guidance_scale)
         if isinstance(sched, str) and sched == "predictor":
             phi = self.predictors.get((nfe, req.solver))
             if phi is None:
                 raise ValueError(f"no predictor for NFE {nfe} and {req.solver}; "
                                  f"have {sorted(self.predictors)}")
-            c = cond.get(self.predictor_cond) if self.predictor_cond else None
             with torch.no_grad():
-                sched = phi(x.to(self.device, torch.float32)[None],
-                            None if c is None else torch.tensor([c], device=self.device))
+                sched = phi(x.to(self.device, torch.float32)[None], self.predictor_input(cond))
         if isinstance(sched, str):
             raise ValueError(f"schedule={sched!r}: use a heuristic {HEURISTICS}, 'predictor' or a grid")
         if isinstance(sched, Schedule):
@@ -210,7 +232,8 @@ class Admission:
                              "start at a finite sigma_max")
         shift, scale = (None if v is None else v[0] for v in (shift, scale))
         return Admitted(nfe, x, grid[0], shift, scale, None, cond,
-                        (req.solver, nfe, opts, shift is not None, scale is not None, None))
+                        (req.solver, nfe, opts, shift is not None, scale is not None, None), uncond,
+                        guidance_scale)
 
     def initial_state(self, req: Request) -> Tensor:
         """The request's validated x_T (given, or its seed's noise scaled to sigma_max in the model family's
@@ -233,27 +256,61 @@ class Admission:
         check_state(x[None].to(self.dtype), "x_T")
         return x
 
-    def check_conditions(self, req: Request) -> dict[str, int]:
-        """The request's validated condition values (``None`` means none)."""
-        cond = {} if req.cond is None else req.cond
-        if not isinstance(cond, dict):
-            raise ValueError(f"cond={req.cond!r} must be a dict of condition names to ints")
-        for k, v in cond.items():
+    def check_conditions(self, req: Request, which: str = "cond") -> dict[str, Tensor]:
+        """The request's validated condition inputs (``which``: ``"cond"`` or ``"uncond"``) by dotted path,
+        one sample each (no batch axis) on the pool's device: every input this batcher takes, an int
+        input left out holding its low value (a tensor input must be given)."""
+        given = getattr(req, which)
+        flat = flatten(given, which, leaves=(Tensor, int))
+        out = {}
+        for k in flat:
             if k not in self.conditions:
                 raise ValueError(f"unknown condition {k!r}; this batcher takes {sorted(self.conditions)}")
-            lo, hi = self.conditions[k]
+        for k, spec in self.conditions.items():
+            v = flat.get(k)
+            if isinstance(spec, TensorCondition):
+                if v is None:
+                    raise ValueError(f"{which}[{k!r}] is required: a tensor of shape {spec.shape}")
+                if not isinstance(v, Tensor) or tuple(v.shape) not in (spec.shape, (1, *spec.shape)):
+                    got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                    raise ValueError(f"{which}[{k!r}] must be a tensor of shape {spec.shape}, got {got}")
+                if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"{which}[{k!r}] contains NaN or inf")
+                out[k] = v.detach().reshape(spec.shape).to(self.device, spec.dtype)
+                continue
+            lo, hi = spec
+            v = lo if v is None else v
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
                 raise ValueError(f"condition {k}={v!r} must be an int in [{lo}, {hi})")
-        return dict(cond)
+            out[k] = torch.tensor(v, device=self.device)
+        return out
+
+    def check_guidance(self, req: Request) -> tuple[dict[str, Tensor] | None, float | None]:
+        """The request's unconditional inputs and guidance scale (required under guidance, refused
+        without)."""
+        if not self.guidance:
+            if req.uncond is not None or req.guidance_scale is not None:
+                raise ValueError("this batcher was built without guidance (guidance=False): do not pass "
+                                 "uncond or guidance_scale")
+            return None, None
+        g = req.guidance_scale
+        if req.uncond is None or g is None:
+            raise ValueError("this batcher applies classifier-free guidance: give uncond and guidance_scale")
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not torch.isfinite(torch.tensor(g)):
+            raise ValueError(f"guidance_scale={g!r} must be a finite float")
+        return self.check_conditions(req, "uncond"), float(g)
+
+    def predictor_input(self, cond: dict[str, Tensor]) -> Tensor | None:
+        """What the predictor (and the NFE chooser) reads from one request's conditions, batch axis 1."""
+        return pick(self.predictor_cond, unflatten({k: v[None] for k, v in cond.items()}))
 
     def choose_nfe(self, req: Request) -> int:
         """The NFE the chooser picks from the request's x_T (and condition)."""
         if self.chooser is None:
             raise ValueError("nfe='auto' needs a batcher built with an NFE chooser (chooser=NFEChooser(...))")
         x = self.initial_state(req)
-        c = self.check_conditions(req).get(self.predictor_cond) if self.predictor_cond else None
         return self.chooser(x.to(self.device, torch.float32)[None],
-                            None if c is None else torch.tensor([c], device=self.device))[0]
+                            self.predictor_input(self.check_conditions(req)))[0]
 
     def table(self, solver: str, opts: dict, grids: Tensor, shift: Tensor | None,
               scale: Tensor | None) -> tuple[Tensor, Tensor, int]:

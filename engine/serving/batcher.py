@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from indis.engine.core.families import Denoiser, as_denoiser
-from indis.engine.serving.admission import Admission, Group, Request, describe
+from indis.engine.serving.admission import Admission, Condition, Group, Request, TensorCondition, describe
 from indis.engine.serving.allocation import NFEChooser
 from indis.engine.serving.policies import Policy, as_policy
 from indis.engine.serving.pool import SlotPool
@@ -53,7 +53,7 @@ from indis.kernels.ragged_step import backend_for
 
 log = logging.getLogger("indis.serving")
 
-__all__ = ["ContinuousBatcher", "Request", "default_buckets"]
+__all__ = ["ContinuousBatcher", "Request", "TensorCondition", "default_buckets"]
 
 
 @dataclass
@@ -62,6 +62,22 @@ class _Live:
 
     future: Future
     stages: int
+
+
+def idle_values(conditions: dict[str, Condition]) -> dict[str, int | Tensor]:
+    """What an idle slot holds per condition input: an int range's low value, zeros for a tensor input;
+    ``ValueError`` for anything else."""
+    out: dict[str, int | Tensor] = {}
+    for k, spec in conditions.items():
+        if isinstance(spec, TensorCondition):
+            out[k] = torch.zeros(spec.shape, dtype=spec.dtype)
+        elif (isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(v, int) for v in spec)
+              and spec[0] < spec[1]):
+            out[k] = spec[0]
+        else:
+            raise ValueError(f"conditions[{k!r}]={spec!r} must be an int range (low, high) or a "
+                             f"TensorCondition(shape, dtype)")
+    return out
 
 
 def default_buckets(capacity: int) -> tuple[int, ...]:
@@ -76,22 +92,29 @@ def default_buckets(capacity: int) -> tuple[int, ...]:
 class ContinuousBatcher:
     """A slot pool serving a stream of :class:`Request` (see the module docstring).
 
-    ``conditions``: the condition inputs the model takes and their valid integer range ``(low, high)``
-    (values outside fail the request alone; an idle slot holds ``low``), e.g. ``{"class_labels": (-1, 10)}``.
+    ``conditions``: the condition inputs the model takes, by dotted path (nested inputs such as SDXL's
+    ``"added_cond_kwargs.text_embeds"``): an int input with its valid range ``(low, high)`` (values outside
+    fail the request alone; an idle slot, and a request that leaves it out, hold ``low``), e.g.
+    ``{"class_labels": (-1, 10)}``, or a tensor input ``TensorCondition(shape, dtype)``, e.g.
+    ``{"encoder_hidden_states": TensorCondition((77, 768))}`` (each request gives its own; they are stacked
+    per bucket). ``guidance``: classifier-free guidance with each request's ``uncond`` and
+    ``guidance_scale`` (one batched network call on ``[uncond; cond]`` unless ``guidance_batched=False``;
+    ``guidance_rescale`` as in ``indis.sample``).
     ``predictors``: ``{(nfe, solver): phi}`` with ``phi(x_T[B], cond) -> Schedule`` for
-    ``schedule="predictor"`` (``predictor_cond`` names the condition it reads; an NFE ``chooser`` reads it
-    too, for requests with ``nfe="auto"``). ``policy``: ``"continuous"``, ``"static"`` or a policy object
-    (``indis.engine.serving.policies``).
+    ``schedule="predictor"`` (``predictor_cond``: the dotted path of the condition it reads, or a function of
+    the condition tree; an NFE ``chooser`` reads it too, for requests with ``nfe="auto"``). ``policy``:
+    ``"continuous"``, ``"static"`` or a policy object (``indis.engine.serving.policies``).
     """
 
     def __init__(self, model: Callable[..., Tensor] | Denoiser, shape: Sequence[int], *, capacity: int = 32,
                  buckets: Sequence[int] | None = None, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                 predictors: dict[tuple[int, str], Callable] | None = None, predictor_cond: str | None = None,
-                 chooser: NFEChooser | None = None,
-                 conditions: dict[str, tuple[int, int]] | None = None, max_stages: int = 16,
+                 predictors: dict[tuple[int, str], Callable] | None = None,
+                 predictor_cond: str | Callable | None = None, chooser: NFEChooser | None = None,
+                 conditions: dict[str, Condition] | None = None, max_stages: int = 16,
                  max_waiting: int = 100_000, policy: str | Policy = "continuous",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, guidance: bool = False, guidance_rescale: float = 0.0,
+                 guidance_batched: bool = True) -> None:
         self.policy = as_policy(policy)
         self.den = as_denoiser(model)
         self.shape, self.capacity = tuple(shape), capacity
@@ -105,13 +128,18 @@ class ContinuousBatcher:
         self.device, self.dtype = torch.device(device), dtype
         self.backend = backend_for(self.device, backend)
         conditions = dict(conditions or {})
-        self.pool = SlotPool(capacity, self.shape, max_stages=max_stages,
-                             conditions={k: lo for k, (lo, _) in conditions.items()}, device=self.device,
-                             dtype=dtype, backend=self.backend)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale={guidance_rescale!r} must lie in [0, 1]")
+        if guidance and not conditions:
+            raise ValueError("guidance needs the condition inputs it guides (conditions=...)")
+        self.pool = SlotPool(capacity, self.shape, max_stages=max_stages, conditions=idle_values(conditions),
+                             device=self.device, dtype=dtype, backend=self.backend,
+                             guidance=(float(guidance_rescale), guidance_batched) if guidance else None)
         self.admission = Admission(self.den, self.shape, sigma_min=sigma_min, sigma_max=sigma_max,
                                    predictors=dict(predictors or {}), predictor_cond=predictor_cond,
                                    chooser=chooser, conditions=conditions, max_stages=max_stages,
-                                   device=self.device, dtype=dtype, coef_dtype=self.pool.coef_dtype)
+                                   device=self.device, dtype=dtype, coef_dtype=self.pool.coef_dtype,
+                                   guidance=guidance)
         self.waiting: deque[tuple[Request, Future]] = deque()
         self.stats = {"iterations": 0, "admitted": 0, "completed": 0, "failed": 0, "cancelled": 0,
                       "slot_steps": 0, "padded_steps": 0}
@@ -370,13 +398,17 @@ class ContinuousBatcher:
         """Write the admitted groups into the next free slots, one write per buffer (``SlotPool.place``)."""
         members = [m for g in ready for m in g.members]
         owners = [_Live(fut, g.stages) for g in ready for fut in g.owners]
-        cond = {k: [m.cond.get(k, lo) for m in members] for k, lo in self.pool.idle_cond.items()}
+        cond = {k: torch.stack([m.cond[k] for m in members]) for k in self.pool.idle_cond}
+        uncond = scale = None
+        if self.pool.guidance is not None:
+            uncond = {k: torch.stack([m.uncond[k] for m in members]) for k in self.pool.idle_cond}
+            scale = torch.tensor([m.guidance_scale for m in members], dtype=torch.float64)
         if len(ready) == 1:
             rows, time = ready[0].rows, ready[0].time
         else:
             rows, time = torch.cat([g.rows for g in ready]), torch.cat([g.time for g in ready])
         self.pool.place(owners, torch.stack([m.x_T for m in members]), rows, time,
-                        [live.stages for live in owners], cond)
+                        [live.stages for live in owners], cond, uncond, scale)
         for live in owners:
             live.future.add_done_callback(self._note_cancel)  # runs at once if it was cancelled meanwhile
         self.stats["admitted"] += len(owners)

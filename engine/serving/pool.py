@@ -3,7 +3,9 @@ remove).
 
 Per slot: the solver state, stash and ring of history outputs, the packed coefficient rows of that sample's
 own table (``sampling.pool_layout``), its network times, its stage counter ``step`` -- a device tensor the
-fused kernel reads -- and its own stage count, plus the condition values. Active samples hold slots
+fused kernel reads -- and its own stage count, plus its condition inputs (class labels, text embeddings:
+one buffer per dotted path) and, under classifier-free guidance, its unconditional inputs and guidance scale.
+Active samples hold slots
 ``0..n-1``; ``owners[i]`` is whatever the caller keeps for slot ``i`` (the batcher: the request's future).
 The C++ or torch calls a pool makes are chosen once, by ``indis.kernels.native.pool_kernels``.
 """
@@ -15,7 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from indis.engine.core.conditions import unflatten
 from indis.engine.core.families import Denoiser
+from indis.engine.core.guidance import guided_raw
 from indis.kernels.native import SlotCompactor, pool_kernels
 from indis.kernels.ragged_step import PackedTable, ragged_step
 
@@ -24,13 +28,19 @@ MAX_HISTORY = 3   # iPNDM order 4 and UniPC order 3 keep 3 older outputs
 
 class SlotPool:
     """``capacity`` slots of samples shaped ``shape`` in ``dtype`` on ``device``, each holding up to
-    ``max_stages`` stages; ``conditions`` maps each condition input to the value an idle slot holds."""
+    ``max_stages`` stages; ``conditions`` maps each condition input (a dotted path) to the value an idle slot
+    holds (an int: a class label; a tensor: one sample's input, whose shape and dtype the buffer takes).
+    ``guidance``: ``(rescale, batched)`` of classifier-free guidance, or None: then the pool also holds
+    each slot's unconditional inputs (same paths) and guidance scale."""
 
-    def __init__(self, capacity: int, shape: Sequence[int], *, max_stages: int, conditions: dict[str, int],
-                 device: torch.device, dtype: torch.dtype, backend: str) -> None:
+    def __init__(self, capacity: int, shape: Sequence[int], *, max_stages: int,
+                 conditions: dict[str, int | Tensor], device: torch.device, dtype: torch.dtype, backend: str,
+                 guidance: tuple[float, bool] | None = None) -> None:
         self.capacity, self.shape, self.max_stages = capacity, tuple(shape), max_stages
         self.device, self.dtype, self.backend = device, dtype, backend
-        self.idle_cond = dict(conditions)
+        self.idle_cond = {k: torch.as_tensor(v, dtype=torch.long if isinstance(v, int) else None).to(device)
+                          for k, v in conditions.items()}
+        self.guidance = guidance
         c = capacity
         self.y = torch.zeros(c, *self.shape, device=device, dtype=dtype)
         self.stash = torch.zeros_like(self.y)
@@ -42,7 +52,9 @@ class SlotPool:
         self.step = torch.full((c,), -1, device=device, dtype=torch.int32)
         self.stages = torch.zeros(c, dtype=torch.int64)    # each slot's own stage count (0: free)
         self.done = torch.zeros(c, dtype=torch.bool)        # CPU pools: slots finished in this step
-        self.cond = {k: torch.full((c,), v, device=device, dtype=torch.long) for k, v in conditions.items()}
+        self.cond = {k: v.new_empty((c, *v.shape)).copy_(v) for k, v in self.idle_cond.items()}
+        self.uncond = {k: v.new_empty(v.shape).copy_(v) for k, v in self.cond.items()} if guidance else {}
+        self.guidance_scale = torch.zeros(c, device=device, dtype=dtype) if guidance else None
         self.owners: list = []          # per active slot, the caller's handle
         self.host_step: list[int] = []  # host copies of the counters where the kernel does not advance them
         self.host_stages: list[int] = []
@@ -50,7 +62,8 @@ class SlotPool:
         self.advance, native = pool_kernels(self.device, backend, dtype)
         self._compact = SlotCompactor(
             [(self.y, 0), (self.stash, 0), (self.hist, 1), (self.rows, 0), (self.time, 0), (self.step, 0),
-             (self.stages, 0), *((v, 0) for v in self.cond.values())], native=native)
+             (self.stages, 0), *((v, 0) for v in (*self.cond.values(), *self.uncond.values())),
+             *(() if self.guidance_scale is None else ((self.guidance_scale, 0),))], native=native)
 
     @property
     def n(self) -> int:
@@ -62,10 +75,13 @@ class SlotPool:
         return self.capacity - self.n
 
     def place(self, owners: list, states: Tensor, rows: Tensor, time: Tensor, stages: list[int],
-              cond: dict[str, list[int]]) -> None:
+              cond: dict[str, Tensor | list[int]], uncond: dict[str, Tensor] | None = None,
+              guidance_scale: Tensor | None = None) -> None:
         """Write ``g = len(owners)`` samples into slots ``n..n+g-1``: states ``[g, *shape]``, rows and times
-        from ``sampling.pool_layout``, stage counts, condition values (one write per buffer). The slots count
-        as active only after every write; a failed place leaves them free (:meth:`clear`)."""
+        from ``sampling.pool_layout``, stage counts, condition inputs ``[g, ...]`` per path (a path left out
+        gets the idle value), and under guidance their unconditional inputs and scales ``[g]`` (one write
+        per buffer). The slots count as active only after every write; a failed place leaves them free
+        (:meth:`clear`)."""
         g = len(owners)
         slots = slice(self.n, self.n + g)
         self.y[slots] = states.to(self.device, self.dtype)
@@ -74,7 +90,13 @@ class SlotPool:
         self.step[slots] = 0
         self.stages[slots] = torch.tensor(stages)
         for k, idle in self.idle_cond.items():
-            self.cond[k][slots] = torch.tensor(cond.get(k, [idle] * g), device=self.device)
+            self.cond[k][slots] = torch.as_tensor(cond[k], device=self.device) if k in cond else idle
+        if self.guidance is not None:
+            if uncond is None or guidance_scale is None:
+                raise ValueError("a pool with guidance needs each sample's uncond and guidance_scale")
+            for k, idle in self.idle_cond.items():
+                self.uncond[k][slots] = uncond[k].to(self.device) if k in uncond else idle
+            self.guidance_scale[slots] = guidance_scale.to(self.device, self.dtype)
         self.owners += owners
         self.host_step += [0] * g
         self.host_stages += list(stages)
@@ -87,13 +109,17 @@ class SlotPool:
         self.stages[start:stop] = 0
         for k, idle in self.idle_cond.items():
             self.cond[k][start:stop] = idle
+            if self.uncond:
+                self.uncond[k][start:stop] = idle
+        if self.guidance_scale is not None:
+            self.guidance_scale[start:stop] = 0
 
     def bucket_inputs(self, b: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The denoiser call's inputs over slots ``0..b-1``: states, each slot's network time at its stage,
-        conditions (idle slots hold zeros and their idle values; their outputs are masked)."""
+        conditions as a tree (idle slots hold zeros and their idle values; their outputs are masked)."""
         step = self.step[:b]
         sigma = self.time[:b].gather(1, step.clamp(min=0).long()[:, None]).squeeze(1)
-        return self.y[:b], sigma, {k: v[:b] for k, v in self.cond.items()}
+        return self.y[:b], sigma, unflatten({k: v[:b] for k, v in self.cond.items()})
 
     def step_slots(self, raw: Tensor, b: int) -> tuple[int, list[int], list[int]]:
         """One fused step of slots ``0..b-1`` with the denoiser's output ``raw`` and the counters' advance;
@@ -151,4 +177,8 @@ class SlotPool:
     def raw(self, den: Denoiser, b: int) -> Tensor:
         """The denoiser's raw output for slots ``0..b-1`` at each slot's own stage."""
         y, sigma, cond = self.bucket_inputs(b)
-        return den.raw(y, sigma, **cond).contiguous()
+        if self.guidance is None:
+            return den.raw(y, sigma, **cond).contiguous()
+        uncond = unflatten({k: v[:b] for k, v in self.uncond.items()})
+        rescale, batched = self.guidance
+        return guided_raw(den, y, sigma, cond, uncond, self.guidance_scale[:b], rescale, batched).contiguous()

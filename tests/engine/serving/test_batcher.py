@@ -575,3 +575,50 @@ def test_a_model_with_trainable_parameters_is_served_without_a_graph(backend: st
     out = b.run_all([Request(seed=i, nfe=3) for i in range(5)])
     assert all(y.grad_fn is None and not y.requires_grad for y in out)
     assert b.pool.y.grad_fn is None and not b.pool.y.requires_grad
+
+
+def test_text_conditions_and_per_request_guidance_equal_each_request_alone() -> None:
+    """A tiny diffusers text UNet served with classifier-free guidance: each request brings its own text
+    embedding, negative prompt and guidance scale (and NFE); the stream equals each request sampled alone."""
+    diffusers = pytest.importorskip("diffusers")
+    from tests.helpers import TEXT, text_unet
+
+    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                  beta_end=0.012)
+    den = indis.from_diffusers(text_unet(), sched)
+    grids = {n: indis.grid_from_scheduler(sched, n) for n in (3, 5)}
+    g = torch.Generator().manual_seed(2)
+    reqs = [Request(seed=i, nfe=[3, 5][i % 2], solver="dpmpp_2m", schedule=grids[[3, 5][i % 2]],
+                    cond={TEXT: torch.randn(5, 12, generator=g)},
+                    uncond={TEXT: torch.zeros(5, 12) if i % 3 else torch.randn(1, 5, 12, generator=g)},
+                    guidance_scale=[1.0, 4.0, 7.5][i % 3]) for i in range(7)]
+    sigma_max = float(grids[3][0])
+    b = ContinuousBatcher(den, (4, 8, 8), capacity=4, sigma_max=sigma_max,
+                          conditions={TEXT: indis.TensorCondition((5, 12))}, guidance=True)
+    with torch.no_grad():
+        out = b.run_all(reqs)
+        for r, o in zip(reqs, out, strict=True):
+            x = indis.noise_from_seeds([r.seed], (4, 8, 8)) * float(den.family.s(torch.tensor(sigma_max)))
+            alone = indis.sample(den, x, r.schedule, "dpmpp_2m", cond={TEXT: r.cond[TEXT][None]},
+                                 uncond={TEXT: r.uncond[TEXT].reshape(1, 5, 12)},
+                                 guidance_scale=r.guidance_scale)[0]
+            assert float((o - alone).abs().max() / alone.abs().max()) <= 1e-5
+    assert float((out[0] - out[3]).abs().max()) > 1e-3  # conditions and scales act
+    bad = [Request(seed=1, nfe=3, schedule=grids[3], cond={TEXT: torch.zeros(5, 12)}),   # no uncond
+           Request(seed=1, nfe=3, schedule=grids[3], cond={TEXT: torch.zeros(4, 12)},
+                   uncond={TEXT: torch.zeros(5, 12)}, guidance_scale=2.0),                 # wrong shape
+           Request(seed=1, nfe=3, schedule=grids[3], cond={TEXT: torch.full((5, 12), float("nan"))},
+                   uncond={TEXT: torch.zeros(5, 12)}, guidance_scale=2.0),                 # NaN
+           Request(seed=1, nfe=3, schedule=grids[3], cond={}, uncond={TEXT: torch.zeros(5, 12)},
+                   guidance_scale=2.0),                                                    # no text
+           Request(seed=1, nfe=3, schedule=grids[3], cond={TEXT: torch.zeros(5, 12)},
+                   uncond={TEXT: torch.zeros(5, 12)}, guidance_scale=float("inf"))]
+    for r, match in zip(bad, ["give uncond", r"shape \(5, 12\)", "NaN", "required", "finite"], strict=True):
+        with pytest.raises(ValueError, match=match):
+            b.run_all([r])[0]
+    plain = ContinuousBatcher(den, (4, 8, 8), capacity=2, sigma_max=sigma_max,
+                              conditions={TEXT: indis.TensorCondition((5, 12))})
+    with pytest.raises(ValueError, match="without guidance"):
+        plain.run_all([reqs[0]])[0]
+    with pytest.raises(ValueError, match="TensorCondition"):
+        ContinuousBatcher(den, (4, 8, 8), conditions={TEXT: (5, 12, 3)})
