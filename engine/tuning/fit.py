@@ -28,7 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from indis.engine.core.conditions import Cond
 from indis.engine.core.families import FAMILIES, NoiseFamily, as_denoiser, get_family
+from indis.engine.core.guidance import guidance_key
 from indis.engine.core.predictor import (
     HEURISTICS,
     PerInstanceSchedule,
@@ -38,7 +40,7 @@ from indis.engine.core.predictor import (
 )
 from indis.engine.core.sampling import check_solver, sample
 from indis.engine.core.schedules import Schedule, get_sigmas
-from indis.engine.tuning.teacher import TeacherCache, TeacherSpec, TuningData
+from indis.engine.tuning.teacher import Conditions, TeacherCache, TeacherSpec, TuningData
 
 Loss = Literal["l2", "l1", "huber"]
 DEFAULT_TEACHER = TeacherSpec()  # iPNDM, 30 EDM steps
@@ -128,12 +130,23 @@ def sample_loss(student: Tensor, teacher: Tensor, kind: Loss) -> Tensor:
     raise ValueError(f"loss={kind!r} is unknown; choose l2, l1 or huber")
 
 
-def unroll(head: nn.Module, model: Callable[..., Tensor], x_T: Tensor, labels: Tensor | None, solver: str,
-           index: Tensor | None = None, x_in: Tensor | None = None, **solver_opts) -> Tensor:
-    """Student end points: the head's schedule for ``x_T`` (``x_in`` -- LD3's moved input -- is solved)."""
-    schedule = head(x_T, labels, index)
-    cond = None if labels is None else {"class_labels": labels}
+def unroll(head: nn.Module, model: Callable[..., Tensor], x_T: Tensor, head_cond: Tensor | None, solver: str,
+           index: Tensor | None = None, x_in: Tensor | None = None, cond: Cond | None = None,
+           **solver_opts) -> Tensor:
+    """Student end points: the head's schedule for ``x_T`` and its condition ``head_cond`` (``x_in`` --
+    LD3's moved input -- is solved); the model receives ``cond`` (default: ``head_cond`` as class labels)."""
+    schedule = head(x_T, head_cond, index)
+    if cond is None and head_cond is not None:
+        if head_cond.is_floating_point():
+            raise ValueError("a float head condition is not class labels: pass the model's inputs as cond")
+        cond = {"class_labels": head_cond}
     return sample(model, x_T if x_in is None else x_in, schedule, solver, cond=cond, **solver_opts)
+
+
+def unroll_data(head: nn.Module, model: Callable[..., Tensor], d: TuningData, solver: str,
+                index: Tensor | None = None, x_in: Tensor | None = None, **solver_opts) -> Tensor:
+    """:func:`unroll` on tuning data: its x_T, the head's condition and the model's inputs."""
+    return unroll(head, model, d.x_T, d.head_cond(), solver, index, x_in, d.model_cond(), **solver_opts)
 
 
 def _rank_world() -> tuple[int, int]:
@@ -150,7 +163,7 @@ def evaluate(head: nn.Module, model: Callable[..., Tensor], data: TuningData, so
     for a in range(0, len(data), batch_size):
         idx = torch.arange(a, min(a + batch_size, len(data)))
         d = data.subset(idx)
-        x = unroll(head, model, d.x_T, d.labels, solver, idx if per_instance else None, **solver_opts)
+        x = unroll_data(head, model, d, solver, idx if per_instance else None, **solver_opts)
         out.append(sample_loss(x, d.x0, loss))
     return torch.cat(out)
 
@@ -208,7 +221,7 @@ def fit(head: nn.Module, model: Callable[..., Tensor], train: TuningData, val: T
         if delta is not None:
             x_in = (d.x_T + delta[local]).requires_grad_(True)
         index = local if per_instance else None
-        student = unroll(module, model, d.x_T, d.labels, solver, index, x_in, **solver_opts)
+        student = unroll_data(module, model, d, solver, index, x_in, **solver_opts)
         losses = sample_loss(student, d.x0, cfg.loss)
         loss = losses.mean()
         feat = _feature_distance(student, d.x0, cfg, feature_net)
@@ -289,7 +302,7 @@ def _lbfgs_finish(head: nn.Module, model: Callable[..., Tensor], train: TuningDa
         for chunk in local.split(LBFGS_CHUNK):
             d = train.subset(chunk)
             index = chunk if per_instance else None
-            student = unroll(head, model, d.x_T, d.labels, solver, index, **solver_opts)
+            student = unroll_data(head, model, d, solver, index, **solver_opts)
             loss = sample_loss(student, d.x0, cfg.loss).sum() / n
             feat = _feature_distance(student, d.x0, cfg, feature_net)
             if feat is not None:
@@ -324,7 +337,7 @@ def _soft_teacher_move(head: nn.Module, model: Callable[..., Tensor], d: TuningD
     norm = proposal.norm(dim=1, keepdim=True)
     proposal = (proposal * torch.clamp(radius / norm.clamp_min(1e-30), max=1.0)).view_as(delta[local])
     with torch.no_grad():
-        student = unroll(head, model, d.x_T, d.labels, solver, None, d.x_T + proposal, **solver_opts)
+        student = unroll_data(head, model, d, solver, None, d.x_T + proposal, **solver_opts)
         better = sample_loss(student, d.x0, loss) < losses
     delta[local[better]] = proposal[better]
 
@@ -347,13 +360,16 @@ class TuningSetup:
     shard_size: int = 256
     dtype: torch.dtype = torch.float32
     solver_opts: dict = field(default_factory=dict)
+    conditions: Conditions | None = None
+    conditions_key: str = ""
 
     def cache(self) -> TeacherCache:
         s = self.schedule
         return TeacherCache(self.cache_dir, backbone=self.backbone, shape=self.shape, sigma_min=s.sigma_min,
                             sigma_max=s.sigma_max, family=s.family, final_zero=s.final_zero,
                             teacher=self.teacher, num_classes=self.num_classes, shard_size=self.shard_size,
-                            dtype=self.dtype)
+                            dtype=self.dtype, conditions=self.conditions, conditions_key=self.conditions_key,
+                            guidance=guidance_key(self.model))
 
     def data(self, progress: bool = True) -> tuple[TuningData, TuningData]:
         """Train seeds ``[0, num_train)``, validation seeds after them; teacher shards split across ranks."""
@@ -377,7 +393,8 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
                   teacher: TeacherSpec = DEFAULT_TEACHER, num_train: int = 1024, num_val: int = 512,
                   cache_dir: str = ".indis-cache/teacher", fit_config: FitConfig | None = None,
                   blind_config: FitConfig | None = None, data: tuple[TuningData, TuningData] | None = None,
-                  init_grid: Tensor | None = None, shrink: bool = True, **solver_opts) -> Predictor:
+                  init_grid: Tensor | None = None, shrink: bool = True, cond_dim: int = 0,
+                  conditions: Conditions | None = None, conditions_key: str = "", **solver_opts) -> Predictor:
     """Tune an INDIS predictor phi(x_T, c) for ``model`` at ``nfe`` steps of ``solver``.
 
     The start: ``init="auto"`` (default) is the best global grid found cheaply on the tuning seeds
@@ -395,19 +412,31 @@ def fit_predictor(model: Callable[..., Tensor], *, nfe: int, solver: str, shape:
     VE for a plain callable); a different one is refused. The returned predictor carries ``start`` (the
     start grid, the candidates' teacher MSE and the shrink factor), ``fit_results`` (blind stage, phi stage)
     and ``blind`` (the tuned blind head, or None).
+
+    Conditions beyond class labels (``num_classes``): ``conditions(seeds) -> (cond, phi_cond)`` gives each
+    tuning seed the model's inputs (e.g. ``{"encoder_hidden_states": [M, L, D]}``) and phi's condition
+    ``[M, cond_dim]`` (e.g. the pooled text embedding; the paper mean-pools T5 tokens and concatenates
+    CLIP's pooled embedding), stored with the teacher end points under ``conditions_key``. Guidance: pass
+    ``indis.guided(model, uncond, scale)`` as ``model``; teacher and student then sample with the same
+    guidance (and it enters the teacher cache's key).
     """
     early = _schedule_config(model, nfe, sigma_min, sigma_max, family, space, init, final_zero, shift_bound,
                              scale_bound)  # this and the next line check the arguments before any tuning
     PredictorConfig(early, solver, tuple(shape), backbone=backbone, hidden=hidden, depth=depth, pool=pool,
-                    blind=blind, num_classes=num_classes)
+                    blind=blind, num_classes=num_classes, cond_dim=cond_dim)
     check_solver(solver, solver_opts)
     sc, setup, (train, val), base, start = _prepare(
         model, nfe=nfe, solver=solver, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, family=family,
         space=space, init=init, final_zero=final_zero, shift_bound=shift_bound, scale_bound=scale_bound,
         num_classes=num_classes, backbone=backbone, teacher=teacher, num_train=num_train, num_val=num_val,
-        cache_dir=cache_dir, data=data, init_grid=init_grid, solver_opts=solver_opts)
+        cache_dir=cache_dir, data=data, init_grid=init_grid, solver_opts=solver_opts, conditions=conditions,
+        conditions_key=conditions_key)
+    if cond_dim and (train.phi_cond is None or train.phi_cond.shape[-1] != cond_dim):
+        got = None if train.phi_cond is None else tuple(train.phi_cond.shape)
+        raise ValueError(f"cond_dim={cond_dim}: the tuning data must carry phi's condition [M, {cond_dim}] "
+                         f"(conditions(seeds) -> (cond, phi_cond)), got {got}")
     pc = PredictorConfig(sc, solver, tuple(shape), backbone=backbone, hidden=hidden, depth=depth, pool=pool,
-                         blind=blind, num_classes=num_classes)
+                         blind=blind, num_classes=num_classes, cond_dim=cond_dim)
     cfg = fit_config or PHI_FIT
     results = []
     blind_head = None
@@ -488,7 +517,7 @@ def _schedule_config(model: Callable[..., Tensor], nfe: int, sigma_min: float, s
     if init not in INITS:
         raise ValueError(f"init={init!r} is unknown; choose one of {INITS}")
     return ScheduleConfig(nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max,
-                          family=model_family(model, family), space=space,
+                          family=model_family(model, family, space), space=space,
                           init="edm" if init == "auto" else init, final_zero=final_zero,
                           shift_bound=shift_bound, scale_bound=scale_bound)
 
@@ -497,13 +526,15 @@ def _prepare(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tupl
              sigma_max: float, family: str | None, space: str, init: str, final_zero: bool,
              shift_bound: float, scale_bound: float, num_classes: int, backbone: str, teacher: TeacherSpec,
              num_train: int, num_val: int, cache_dir: str, data: tuple[TuningData, TuningData] | None,
-             init_grid: Tensor | None, solver_opts: dict):
+             init_grid: Tensor | None, solver_opts: dict, conditions: Conditions | None = None,
+             conditions_key: str = ""):
     """What every tuning entry point does first: the schedule config (family from the model), the tuning
     data (teacher cache) and the start (``init``/``init_grid``) as a raw base vector."""
     sc = _schedule_config(model, nfe, sigma_min, sigma_max, family, space, init, final_zero, shift_bound,
                           scale_bound)
     setup = TuningSetup(model, sc, solver, tuple(shape), backbone, num_classes, teacher, num_train, num_val,
-                        cache_dir, solver_opts=solver_opts)
+                        cache_dir, solver_opts=solver_opts, conditions=conditions,
+                        conditions_key=conditions_key)
     train, val = data if data is not None else setup.data()
     if init_grid is not None:
         start = {"chosen": "init_grid", "candidates": {}}
@@ -548,11 +579,11 @@ def fit_global(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tu
                num_val: int = 50,
                cache_dir: str = ".indis-cache/teacher", fit_config: FitConfig | None = None,
                data: tuple[TuningData, TuningData] | None = None, init_grid: Tensor | None = None,
-               **solver_opts) -> Schedule:
+               conditions: Conditions | None = None, conditions_key: str = "", **solver_opts) -> Schedule:
     """LD3-global (Tong et al., ICLR 2025): one grid of N+1 logits plus decoupled evaluation offsets (the
     shift), tuned with the soft teacher and RMSprop(lr 0.005) on 50 + 50 samples (its published defaults);
     started like :func:`fit_predictor` (``init="auto"``: the best of GITS and the heuristics on the tuning
-    seeds; a heuristic name; or ``init_grid``).
+    seeds; a heuristic name; or ``init_grid``); ``conditions`` as in :func:`fit_predictor`.
 
     Returns a shared :class:`Schedule` (grid ``[N+1]``, shift ``[N]``) that ``indis.sample`` accepts.
     """
@@ -560,7 +591,8 @@ def fit_global(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tu
         model, nfe=nfe, solver=solver, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max, family=family,
         space=space, init=init, final_zero=final_zero, shift_bound=shift_bound, scale_bound=0.0,
         num_classes=num_classes, backbone=backbone, teacher=teacher, num_train=num_train, num_val=num_val,
-        cache_dir=cache_dir, data=data, init_grid=init_grid, solver_opts=solver_opts)
+        cache_dir=cache_dir, data=data, init_grid=init_grid, solver_opts=solver_opts, conditions=conditions,
+        conditions_key=conditions_key)
     pc = PredictorConfig(sc, solver, tuple(shape), backbone=backbone, blind=True)
     cfg = fit_config or FitConfig(steps=300, batch_size=num_train, lr=0.005, optimizer="rmsprop",
                                   soft_teacher=True, clip=None, patience=10**9)
@@ -575,7 +607,8 @@ def fit_global(model: Callable[..., Tensor], *, nfe: int, solver: str, shape: tu
 
 @torch.no_grad()
 def fit_gits(model: Callable[..., Tensor], x_T: Tensor, *, nfe: int, sigma_min: float, sigma_max: float,
-             fine_steps: int = 60, labels: Tensor | None = None, final_zero: bool = False) -> Tensor:
+             fine_steps: int = 60, labels: Tensor | None = None, final_zero: bool = False,
+             cond: Cond | None = None) -> Tensor:
     """GITS (Chen et al., ICML 2024) by dynamic programming: the ``[N+1]`` subset of a fine EDM grid whose
     summed one-step (Euler) errors against a fine teacher trajectory of ``x_T`` are smallest.
 
@@ -585,6 +618,7 @@ def fit_gits(model: Callable[..., Tensor], x_T: Tensor, *, nfe: int, sigma_min: 
     state at sigma_i and its state at sigma_j -- so the grid does not depend on the family a model is
     wrapped in. Works for any :class:`~indis.engine.core.families.Denoiser` (VE, VP, flow; ``x_T`` in its
     coordinate). With ``final_zero`` the grid passes through ``sigma_min`` and ends with a step to 0.
+    ``cond``: the model's condition inputs (default: ``labels`` as ``class_labels``).
     """
     if not 1 + final_zero <= nfe <= fine_steps:
         raise ValueError(f"need {1 + final_zero} <= nfe <= fine_steps, got nfe={nfe}, "
@@ -599,8 +633,9 @@ def fit_gits(model: Callable[..., Tensor], x_T: Tensor, *, nfe: int, sigma_min: 
         states.append(d["x"])
         x0s.append(d["denoised"])
 
-    states.append(sample(den, x_T, fine, "ipndm", cond=None if labels is None else {"class_labels": labels},
-                         callback=record))
+    if cond is None and labels is not None:
+        cond = {"class_labels": labels}
+    states.append(sample(den, x_T, fine, "ipndm", cond=cond, callback=record))
     alpha, s = fam.alpha(fine), fam.s(fine)
     k = fine_steps + 1
     cost = torch.full((k, k), math.inf, dtype=torch.float64)
@@ -636,8 +671,8 @@ def start_grid(model: Callable[..., Tensor], data: TuningData, schedule: Schedul
     sc = schedule
     grids = {f"heuristic {h}": ScheduleConfig(**{**sc.__dict__, "init": h}).init_grid() for h in HEURISTICS}
     grids["GITS"] = fit_gits(model, d.x_T, nfe=sc.nfe, sigma_min=sc.sigma_min, sigma_max=sc.sigma_max,
-                             labels=d.labels, final_zero=sc.final_zero).cpu()
-    cond = None if d.labels is None else {"class_labels": d.labels}
+                             final_zero=sc.final_zero, cond=d.model_cond()).cpu()
+    cond = d.model_cond()
     scores = {name: float(sample_loss(sample(model, d.x_T, g.to(d.x_T.device), solver, cond=cond,
                                              **solver_opts), d.x0, "l2").mean())
               for name, g in grids.items()}
@@ -645,20 +680,29 @@ def start_grid(model: Callable[..., Tensor], data: TuningData, schedule: Schedul
     return grids[chosen], {"chosen": chosen, "candidates": scores}
 
 
-def model_family(model: Callable[..., Tensor], family: str | None = None) -> str:
+def model_family(model: Callable[..., Tensor], family: str | None = None, space: str = "lambda") -> str:
     """The noise family's name of ``model`` (a :class:`Denoiser`'s own, VE for a plain callable), checked
-    against an explicit ``family``: a tuned head must start teacher and student from the model's x_T scale."""
+    against an explicit ``family``: a tuned head must start teacher and student from the model's x_T scale.
+
+    A family without a registered name that scales the state like a registered one -- a diffusers VP model's
+    ``VPDiscrete`` scales it like ``vp_linear`` -- takes that name, except in ``space="t"``, where the
+    schedule is laid out in the family's own time (refused there)."""
     fam = as_denoiser(model).family
     name = next((n for n in FAMILIES if _same_family(get_family(n), fam)), None)
+    same = _same_family if name is not None or space == "t" else _same_scaling
+    if name is None and space != "t":
+        name = next((n for n in FAMILIES if _same_scaling(get_family(n), fam)), None)
     if family is not None:
-        if not _same_family(get_family(family), fam):
+        if not same(get_family(family), fam):
             raise ValueError(f"family={family!r} does not match the model's noise family {fam!r}: teacher "
                              "and student would start from the wrong x_T scale; leave family unset to use "
                              "the model's")
         return family
     if name is None:
-        raise ValueError(f"the model's noise family {fam!r} has no registered name ({sorted(FAMILIES)}), "
-                         "so a tuned head could not record it; wrap the network with one of those families")
+        hint = " or use space='lambda'" if space == "t" else ""
+        raise ValueError(f"the model's noise family {fam!r} has no registered name ({sorted(FAMILIES)}) "
+                         f"in space {space!r}, so a tuned head could not record it; wrap the network with "
+                         f"one of those families{hint}")
     return name
 
 
@@ -667,6 +711,13 @@ def _same_family(a: NoiseFamily, b: NoiseFamily) -> bool:
         return False
     t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
     return bool(torch.allclose(a.sigma(t), b.sigma(t), rtol=1e-12, atol=0))
+
+
+def _same_scaling(a: NoiseFamily, b: NoiseFamily) -> bool:
+    """Whether two families scale the state alike at every sigma (x_T and a grid in sigma mean the same)."""
+    sigma = torch.logspace(-3, 3, 13, dtype=torch.float64)
+    return all(bool(torch.allclose(f(sigma), g(sigma), rtol=1e-12, atol=0))
+               for f, g in ((a.alpha, b.alpha), (a.s, b.s)))
 
 
 def fit_oracle(model: Callable[..., Tensor], data: TuningData, config: PredictorConfig,
@@ -681,4 +732,4 @@ def fit_oracle(model: Callable[..., Tensor], data: TuningData, config: Predictor
 
 __all__ = ["BLIND_FIT", "PHI_FIT", "FitConfig", "FitResult", "TuningSetup", "evaluate", "fit", "fit_gits",
            "fit_global", "fit_oracle", "fit_predictor", "model_family", "phi_from_blind", "sample_loss",
-           "shrink_toward_mean", "start_grid", "unroll"]
+           "shrink_toward_mean", "start_grid", "unroll", "unroll_data"]

@@ -6,6 +6,10 @@ batch it is drawn in). Teacher end points -- the same backbone solved with a man
 by default) or an exact reference -- are written once into safetensors shards, one per seed range, under a
 directory named by a hash of everything that determines them; shards are aligned seed blocks, written
 atomically, so an interrupted build resumes at the first missing shard and any seed range reuses them.
+
+Conditions beyond class labels (text embeddings, pooled embeddings, nested inputs) come from a user's
+function of the seeds (e.g. the embeddings of ``prompts[seed % len(prompts)]``): they are stored in the shards
+with the seeds, so the tuning data is what the teacher saw.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from indis.engine.core.conditions import Cond, check_batch, flatten, select, unflatten
 from indis.engine.core.families import NoiseFamily, get_family
 
 LABEL_STREAM = 0x5EED1AB3  # offset of the label generator seed from the noise seed
@@ -60,41 +65,71 @@ class TeacherSpec:
     rho: float = 7.0
 
 
+#: ``conditions(seeds [M]) -> (cond, phi_cond)``: the model's condition inputs (a dict of ``[M, ...]``
+#: tensors, nested allowed) and phi's condition ``[M, D]`` (or None) for those seeds.
+Conditions = Callable[[Tensor], tuple[Cond, Tensor | None]]
+
+
 @dataclass(frozen=True)
 class TuningData:
-    """Seeds, their regenerated initial states, optional class labels, and teacher end points (one split)."""
+    """Seeds, their regenerated initial states, optional class labels, and teacher end points (one split);
+    with conditions beyond class labels, ``cond`` (what the model receives, ``[M, ...]`` leaves) and
+    ``phi_cond`` (what the predictor reads, ``[M, D]``, e.g. a pooled text embedding)."""
 
     seeds: Tensor      # [M] int64
     x_T: Tensor        # [M, *shape]
     labels: Tensor | None
     x0: Tensor         # [M, *shape] teacher end points
+    cond: Cond | None = field(default=None)
+    phi_cond: Tensor | None = None
 
     def __len__(self) -> int:
         return self.seeds.shape[0]
 
     def subset(self, index: Tensor) -> TuningData:
         return TuningData(self.seeds[index], self.x_T[index],
-                          None if self.labels is None else self.labels[index], self.x0[index])
+                          None if self.labels is None else self.labels[index], self.x0[index],
+                          select(self.cond, index), None if self.phi_cond is None else self.phi_cond[index])
+
+    def model_cond(self) -> Cond | None:
+        """The model's condition inputs: ``cond``, else the class labels as ``class_labels``, else None."""
+        if self.cond is not None:
+            return self.cond
+        return None if self.labels is None else {"class_labels": self.labels}
+
+    def head_cond(self) -> Tensor | None:
+        """The predictor's condition: ``phi_cond``, else the class labels, else None."""
+        return self.phi_cond if self.phi_cond is not None else self.labels
 
 
 class TeacherCache:
     """Teacher end points on disk, sharded by seed range and keyed by what determines them.
 
     ``key`` names the backbone and everything that changes the end points (family, sigma range, shape,
-    teacher spec, classes, dtype); shards live in ``root / <hash of key>`` as ``seeds_<a>_<b>.safetensors``.
+    teacher spec, classes, dtype, the model's guidance, the conditions' name); shards live in
+    ``root / <hash of key>`` as ``seeds_<a>_<b>.safetensors``. ``conditions``: a function of the seeds
+    (:data:`Conditions`) named by ``conditions_key`` (e.g. the prompt list's name): its outputs are stored
+    in the shards beside the end points. ``guidance``: the model's ``guidance.guidance_key`` (or None).
     """
 
     def __init__(self, root: str | Path, *, backbone: str, shape: Sequence[int], sigma_min: float,
                  sigma_max: float, family: str = "ve", final_zero: bool = False,
                  teacher: TeacherSpec = TeacherSpec(), num_classes: int = 0, shard_size: int = 256,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, conditions: Conditions | None = None,
+                 conditions_key: str = "", guidance: dict | None = None) -> None:
+        if conditions is not None and (num_classes or not conditions_key):
+            raise ValueError("conditions need a conditions_key naming them (it enters the cache key) and "
+                             "replace class labels (num_classes=0)")
         self.shape, self.family, self.teacher = tuple(int(s) for s in shape), family, teacher
         self.sigma_min, self.sigma_max, self.final_zero = sigma_min, sigma_max, final_zero
         self.num_classes, self.shard_size, self.dtype = num_classes, shard_size, dtype
+        self.conditions = conditions
         self.key = {"backbone": backbone, "shape": list(self.shape), "sigma_min": sigma_min,
                     "sigma_max": sigma_max, "family": family, "final_zero": final_zero,
                     "teacher": asdict(teacher), "num_classes": num_classes, "dtype": str(dtype),
                     "shard_size": shard_size}
+        if conditions is not None or guidance is not None:  # absent otherwise: older caches keep their key
+            self.key.update(conditions=conditions_key, guidance=guidance)
         digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root) / digest
 
@@ -106,9 +141,11 @@ class TeacherCache:
         return get_sigmas(t.schedule, t.steps, self.sigma_min, self.sigma_max, rho=t.rho, family=self.family,
                           final_zero=self.final_zero)
 
-    def solve(self, model: Callable[..., Tensor], x_T: Tensor, labels: Tensor | None) -> Tensor:
-        """Teacher end points for initial states ``x_T``."""
-        cond = {} if labels is None else {"class_labels": labels}
+    def solve(self, model: Callable[..., Tensor], x_T: Tensor, labels: Tensor | None,
+              cond: Cond | None = None) -> Tensor:
+        """Teacher end points for initial states ``x_T`` (the model's inputs ``cond``, else the labels)."""
+        if cond is None:
+            cond = {} if labels is None else {"class_labels": labels}
         with torch.no_grad():
             if self.teacher.solver == "exact":
                 from indis.engine.testbeds.mixtures import reference_solve
@@ -124,6 +161,20 @@ class TeacherCache:
         x_T = initial_state(noise_from_seeds(ids, self.shape, dtype=self.dtype, device=device),
                             self.sigma_max, self.family)
         return x_T, labels_from_seeds(ids, self.num_classes, device) if self.num_classes else None
+
+    def condition_tensors(self, ids: Tensor, device: torch.device | str | None) -> dict[str, Tensor]:
+        """The conditions of seeds ``ids`` as shard entries (``cond.<path>``, ``phi_cond``), checked."""
+        cond, phi = self.conditions(ids)
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        what = "conditions(seeds)"
+        flat = check_batch({k: v.to(dev) for k, v in flatten(cond, what).items()}, len(ids), dev, what)
+        out = {f"cond.{k}": v for k, v in flat.items()}
+        if phi is not None:
+            if not isinstance(phi, Tensor) or phi.ndim != 2 or phi.shape[0] != len(ids):
+                raise ValueError(f"conditions(seeds) must return phi's condition as [{len(ids)}, D], got "
+                                 f"{getattr(phi, 'shape', type(phi).__name__)}")
+            out["phi_cond"] = phi.to(dev)
+        return out
 
     # ------------------------------------------------------------------------------------------- storage
     def _shards(self, seeds: range) -> list[tuple[int, int]]:
@@ -153,17 +204,21 @@ class TeacherCache:
         for a, b in tqdm(todo, desc="teacher shards", disable=not progress or not todo):
             ids = torch.arange(a, b)
             x_T, labels = self.inputs(ids, device)
-            x0 = self.solve(model, x_T, labels).to(self.dtype).cpu().contiguous()
+            extra = {} if self.conditions is None else self.condition_tensors(ids, device)
+            cond = unflatten({k.removeprefix("cond."): v for k, v in extra.items() if k.startswith("cond.")})
+            x0 = self.solve(model, x_T, labels, cond if self.conditions else None)
+            entries = {"seeds": ids, "x0": x0.to(self.dtype).cpu().contiguous(),
+                       **{k: v.detach().cpu().contiguous() for k, v in extra.items()}}
             path = self._path(a, b)
             tmp = path.with_suffix(".tmp")
-            save_file({"seeds": ids, "x0": x0}, str(tmp), metadata={"key": json.dumps(self.key)})
+            save_file(entries, str(tmp), metadata={"key": json.dumps(self.key)})
             tmp.replace(path)  # atomic: a shard is either complete or absent
 
     def load(self, seeds: range, device: torch.device | str | None = None) -> TuningData:
         """Seeds ``seeds`` with regenerated x_T, labels and their cached teacher end points."""
         from safetensors.torch import load_file
 
-        x0 = []
+        shards = []
         blocks = self._shards(seeds)
         for a, b in blocks:
             path = self._path(a, b)
@@ -172,12 +227,17 @@ class TeacherCache:
             shard = load_file(str(path))
             if not torch.equal(shard["seeds"], torch.arange(a, b)):
                 raise ValueError(f"teacher shard {path} holds other seeds than its name says")
-            x0.append(shard["x0"])
+            if (self.conditions is not None) != any(k.startswith("cond.") for k in shard):
+                raise ValueError(f"teacher shard {path} does not hold the conditions this cache expects")
+            shards.append(shard)
         offset = seeds.start - blocks[0][0]
-        x0_all = torch.cat(x0)[offset:offset + len(seeds)]
+        rows = slice(offset, offset + len(seeds))
+        entries = {k: torch.cat([s[k] for s in shards])[rows].to(device) for k in shards[0] if k != "seeds"}
         ids = torch.arange(seeds.start, seeds.stop)
-        return TuningData(ids, *self.inputs(ids, device), x0_all.to(device))
+        cond = unflatten({k.removeprefix("cond."): v for k, v in entries.items() if k.startswith("cond.")})
+        x_T, labels = self.inputs(ids, device)
+        return TuningData(ids, x_T, labels, entries["x0"], cond or None, entries.get("phi_cond"))
 
 
-__all__ = ["TeacherCache", "TeacherSpec", "TuningData", "initial_state", "labels_from_seeds",
+__all__ = ["Conditions", "TeacherCache", "TeacherSpec", "TuningData", "initial_state", "labels_from_seeds",
            "noise_from_seeds"]

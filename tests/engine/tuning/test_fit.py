@@ -346,3 +346,52 @@ def test_gits_dynamic_programming_is_the_best_path() -> None:
     torch.testing.assert_close(grid, fine[list(best)], rtol=0, atol=0)
     with pytest.raises(ValueError, match="nfe"):
         fit_gits(model, x_T, nfe=7, sigma_min=0.002, sigma_max=10.0, fine_steps=6)
+
+
+def test_phi_tunes_on_a_text_unet_with_guidance_and_a_pooled_embedding(tmp_path) -> None:
+    """A tiny diffusers UNet2DConditionModel with latents (4, 16, 16), CFG 5 with a shared negative prompt,
+    text embeddings per seed from a prompt list, and phi conditioned on the mean-pooled embedding: the
+    teacher shards keep the conditions with the seeds (the teacher is the guided model on them), the blind
+    stage lowers the teacher loss, phi reads the pooled embedding, and another scale is another cache."""
+    diffusers = pytest.importorskip("diffusers")
+    from tests.helpers import TEXT, text_unet
+
+    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                  beta_end=0.012)
+    den = indis.from_diffusers(text_unet(sample_size=16), sched)
+    prompts = torch.randn(6, 5, 12, generator=torch.Generator().manual_seed(0))  # a "prompt list", encoded
+
+    def conditions(seeds: torch.Tensor):
+        emb = prompts[seeds % len(prompts)]
+        return {TEXT: emb}, emb.mean(1)
+
+    model = indis.guided(den, {TEXT: torch.zeros(1, 5, 12)}, 5.0)
+    fc = FitConfig(steps=6, batch_size=8, lr=1e-2, val_every=3, progress=False)
+    bc = FitConfig(steps=12, batch_size=16, lr=5e-2, val_every=6, keep="last", progress=False)
+    kw = dict(nfe=3, solver="dpmpp_2m", shape=(4, 16, 16), sigma_min=0.03, sigma_max=14.0, init="logsnr",
+              teacher=TeacherSpec("dpmpp_2m", 12), num_train=16, num_val=8, cache_dir=str(tmp_path),
+              backbone="tiny-text-unet", hidden=16, cond_dim=12, pool=4, conditions=conditions,
+              conditions_key="six-random-prompts", fit_config=fc, blind_config=bc)
+    phi = fit_predictor(model, **kw)
+    assert phi.config.cond_dim == 12 and phi.config.schedule.family == "vp_linear"
+    blind, full = phi.fit_results
+    assert blind.best_val < blind.init_val and full.best_val <= blind.best_val
+    (cache_dir,) = list(tmp_path.iterdir())
+    from safetensors.torch import load_file
+
+    shard = load_file(str(next(cache_dir.glob("seeds_*.safetensors"))))
+    assert torch.equal(shard[f"cond.{TEXT}"][:24], prompts[torch.arange(24) % 6])
+    seeds = torch.arange(2)
+    x_T = indis.noise_from_seeds(seeds, (4, 16, 16)) * float(den.family.s(torch.tensor(14.0)))
+    grid = indis.get_sigmas("edm", 12, 0.03, 14.0, family="vp_linear")
+    teacher = indis.sample(model, x_T, grid, "dpmpp_2m", cond={TEXT: prompts[seeds]})
+    assert float((teacher - shard["x0"][:2]).abs().max()) <= 1e-5 * float(teacher.abs().max())
+    with torch.no_grad():
+        a, b = phi(x_T, prompts[:2].mean(1)), phi(x_T, prompts[2:4].mean(1))
+    assert not torch.equal(a.grid, b.grid)  # the schedule depends on the text
+    with pytest.raises(ValueError, match="cond_dim=8"):
+        fit_predictor(model, **{**kw, "cond_dim": 8})
+    stronger = indis.guided(den, {TEXT: torch.zeros(1, 5, 12)}, 7.5)
+    fit_global(stronger, **{k: v for k, v in kw.items() if k not in ("hidden", "cond_dim", "pool",
+                                                                      "blind_config")})
+    assert len(list(tmp_path.iterdir())) == 2  # other guidance: other teacher end points
