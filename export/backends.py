@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from indis.engine.core.conditions import flatten
+from indis.engine.core.families import Denoiser, NoiseFamily, get_family
 from indis.engine.core.predictor import check_format
 from indis.engine.core.schedules import Schedule
 
@@ -44,10 +46,27 @@ class ExportedDenoiser:
         if sigma.numel() == 1:
             sigma = sigma.expand(x.shape[0])
         feeds = {"x": x, "sigma": sigma}
-        for k, v in cond.items():
-            if v is not None:
-                feeds[k] = torch.as_tensor(v, device=x.device).reshape(-1).expand(x.shape[0])
+        given = flatten({k: v for k, v in cond.items() if v is not None}, "cond", leaves=(Tensor, int))
+        for k, v in given.items():
+            v = torch.as_tensor(v, device=x.device)
+            if v.is_floating_point():  # an embedding: [B, ...], or [1, ...] shared by the batch
+                feeds[k] = v.expand(x.shape[0], *v.shape[1:]) if v.ndim and v.shape[0] == 1 else v
+            else:                       # class labels: [B], or one for all
+                feeds[k] = v.reshape(-1).expand(x.shape[0])
         return self.runner.run(feeds)[0].to(x.dtype)
+
+    def in_family(self, family: NoiseFamily | str) -> Denoiser:
+        """This exported denoiser as a :class:`Denoiser` in ``family``'s coordinate (x0 output, sigma
+        input): a drop-in for the torch model it was exported from (e.g. ``indis.from_diffusers``'s, whose
+        states are VP latents), so ``indis.sample`` takes the same x. A flow model's t = 1 start (alpha 0)
+        cannot be converted: start at a finite sigma."""
+        fam = get_family(family)
+
+        def net(x_fam: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
+            alpha = fam.alpha(sigma.to(torch.float64)).to(x_fam.dtype)
+            return self(x_fam / alpha.view((-1,) + (1,) * (x_fam.ndim - 1)), sigma, **cond)
+
+        return Denoiser(net, fam, "x0", "sigma")
 
 
 class ExportedPredictor:
@@ -62,10 +81,11 @@ class ExportedPredictor:
 
     def __call__(self, x_T: Tensor, cond: Tensor | None = None) -> Schedule:
         feeds = {"x_T": x_T}
-        if "class_labels" in self.runner.inputs:
-            if cond is None:
-                raise ValueError("this predictor is conditional: pass class labels [B]")
-            feeds["class_labels"] = cond
+        for name, what in (("class_labels", "class labels [B]"), ("cond", "its condition embedding [B, D]")):
+            if name in self.runner.inputs:
+                if cond is None:
+                    raise ValueError(f"this predictor is conditional: pass {what}")
+                feeds[name] = cond
         grid, shift, scale = (t.to(torch.float64) for t in self.runner.run(feeds))
         return Schedule(grid, shift, scale)
 

@@ -47,7 +47,8 @@ def tensorrt_version() -> str | None:
 
 def profile_from_metadata(meta: dict[str, str], batch_min: int | None = None, batch_opt: int | None = None,
                           batch_max: int | None = None) -> Profile:
-    """Optimisation profile from an exported file's metadata (the batch range may be narrowed)."""
+    """Optimisation profile from an exported file's metadata (the batch range may be narrowed; other
+    dynamic axes, e.g. a text's sequence length, take their exported (min, opt, max))."""
     if "indis.inputs" not in meta:
         raise ValueError("this ONNX file has no indis export metadata; export it with `indis export`")
     lo, hi = int(meta["indis.batch_min"]), int(meta["indis.batch_max"])
@@ -55,9 +56,11 @@ def profile_from_metadata(meta: dict[str, str], batch_min: int | None = None, ba
     if not lo <= b[0] <= b[1] <= b[2] <= hi:
         raise ValueError(f"engine batch range {b} must lie within the exported range [{lo}, {hi}] and be "
                          "ordered min <= opt <= max")
+    axes = json.loads(meta.get("indis.axes", "{}"))
     out: Profile = {}
     for name, shape, _ in json.loads(meta["indis.inputs"]):
-        out[name] = tuple(tuple(v if d == "batch" else int(d) for d in shape) for v in b)  # type: ignore[misc]
+        out[name] = tuple(tuple(v if d == "batch" else axes[d][k] if isinstance(d, str) else int(d)  # type: ignore[misc]
+                                for d in shape) for k, v in enumerate(b))
     return out
 
 

@@ -175,8 +175,11 @@ class VPDiscrete(_VPScale):
         return cls(torch.cumprod(1.0 - betas.float(), dim=0).double())
 
     def _interp(self, x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+        """Piecewise-linear ``fp(x)`` over ascending ``xp`` (extended linearly past the ends). The segment is
+        found by counting the knots at or below x -- a comparison and a sum, which ONNX exports (opset 19 has
+        no searchsorted) -- equal to ``searchsorted(xp, x, right=True)``."""
         xp, fp = xp.to(x.device, x.dtype), fp.to(x.device, x.dtype)
-        idx = torch.clamp(torch.searchsorted(xp, x.contiguous(), right=True) - 1, 0, xp.numel() - 2)
+        idx = torch.clamp((xp <= x.unsqueeze(-1)).sum(-1) - 1, 0, xp.numel() - 2)
         w = (x - xp[idx]) / (xp[idx + 1] - xp[idx])
         return fp[idx] + w * (fp[idx + 1] - fp[idx])
 

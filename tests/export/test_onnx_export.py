@@ -12,6 +12,7 @@ import torch
 
 import indis
 from indis.export import ExportedDenoiser, ExportedPredictor, denoiser_spec, export_onnx, is_current
+from indis.export import predictor_spec as indis_predictor_spec
 from indis.export.onnx_export import spec_from_onnx, verify_export
 from indis.export.ort_backend import OrtModel
 
@@ -236,3 +237,68 @@ def test_foreign_files_have_nothing_to_verify_and_an_unsealed_export_is_refused(
     path.write_bytes(path.read_bytes().replace(b"indis.content_sha256", b"indis.content_sha25X"))
     with pytest.raises(ValueError, match="no \\(single\\) content hash"):
         OrtModel(path)
+
+
+def test_a_text_unet_with_guidance_and_a_text_conditioned_phi_run_in_onnxruntime(tmp_path) -> None:
+    """A diffusers UNet2DConditionModel (through from_diffusers: the VP time map and ``timestep [B]`` in the
+    graph) with ``encoder_hidden_states [B, seq, 12]`` on a dynamic sequence axis, and phi conditioned on the
+    pooled text embedding: CFG 7.5 with phi's per-sample schedules, all in onnxruntime, equals torch; the
+    TensorRT profile covers the sequence axis."""
+    diffusers = pytest.importorskip("diffusers")
+    from indis.export.tensorrt_backend import profile_from_metadata
+    from tests.helpers import TEXT, text_unet
+
+    sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                  beta_end=0.012)
+    den = indis.from_diffusers(text_unet(sample_size=16), sched)
+    spec = denoiser_spec(den, (4, 16, 16), name="text-unet", cond={TEXT: ("seq", 12)},
+                         axes={"seq": (1, 5, 8)}, batch_opt=4, batch_max=8)
+    result = export_onnx(spec, tmp_path / "unet.onnx")
+    assert result.max_rel_error <= 1e-4, result
+    sc = indis.ScheduleConfig(nfe=4, sigma_min=0.05, sigma_max=14.0, family="vp_linear")
+    phi = indis.Predictor(indis.PredictorConfig(sc, "dpmpp_2m", (4, 16, 16), cond_dim=12, pool=4))
+    torch.nn.init.normal_(phi.out.weight, std=0.05)
+    assert export_onnx(indis_predictor_spec(phi), tmp_path / "phi.onnx").max_rel_error <= 1e-4
+    ort_unet = ExportedDenoiser(OrtModel(tmp_path / "unet.onnx"))
+    ort_phi = ExportedPredictor(OrtModel(tmp_path / "phi.onnx"))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, 16, 16, generator=g) * float(den.family.s(torch.tensor(14.0)))
+    text = torch.randn(3, 7, 12, generator=g)  # sequence length 7: not the export's
+    cfg = dict(cond={TEXT: text}, uncond={TEXT: torch.zeros(1, 7, 12)}, guidance_scale=7.5)
+    with torch.no_grad():
+        ref = indis.sample(den, x, phi(x, text.mean(1)), "dpmpp_2m", **cfg)
+        got = indis.sample(ort_unet.in_family(den.family), x, ort_phi(x, text.mean(1)), "dpmpp_2m", **cfg)
+    abs_err, rel_err = _max_errors(got, ref)
+    print(f"text UNet + phi, CFG, onnxruntime: max abs error {abs_err:.2e}, relative {rel_err:.2e}")
+    assert rel_err <= 1e-4
+    prof = profile_from_metadata(spec_from_onnx(tmp_path / "unet.onnx"))
+    assert prof[TEXT] == ((1, 1, 12), (4, 5, 12), (8, 8, 12)) and prof["sigma"] == ((1,), (4,), (8,))
+
+
+def test_an_sd3_shaped_transformer_exports_with_text_and_pooled_inputs(tmp_path) -> None:
+    """A tiny diffusers SD3Transformer2DModel under FlowMatch (shift 3): text ``[B, seq, 12]`` and pooled
+    ``[B, 6]`` inputs, per-sample sigma; onnxruntime equals torch at batch 1 and 3 and two sequence
+    lengths."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    net = diffusers.SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=6,
+        pos_embed_max_size=16).eval()
+    den = indis.from_diffusers(net, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    cond = {"encoder_hidden_states": ("seq", 12), "pooled_projections": (6,)}
+    spec = denoiser_spec(den, (4, 16, 16), name="sd3", cond=cond, axes={"seq": (1, 5, 8)}, batch_opt=4,
+                         batch_max=8)
+    export_onnx(spec, tmp_path / "sd3.onnx", verify=False)
+    ort = ExportedDenoiser(OrtModel(tmp_path / "sd3.onnx"))
+    g = torch.Generator().manual_seed(6)
+    for b, seq in ((1, 5), (3, 2)):
+        x, sigma = torch.randn(b, 4, 16, 16, generator=g), torch.exp(torch.randn(b, generator=g))
+        c = {"encoder_hidden_states": torch.randn(b, seq, 12, generator=g),
+             "pooled_projections": torch.randn(b, 6, generator=g)}
+        with torch.no_grad():
+            ref = den(x, sigma, **c)
+        abs_err, rel_err = _max_errors(ort(x, sigma, **c), ref)
+        print(f"SD3-shaped transformer batch {b}, seq {seq}: max abs error {abs_err:.2e}, "
+              f"relative {rel_err:.2e}")
+        assert rel_err <= 1e-4

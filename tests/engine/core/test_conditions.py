@@ -36,7 +36,7 @@ def test_trees_flatten_by_dotted_path_and_back() -> None:
 
 @pytest.mark.parametrize(("cond", "match"), [
     ({"a.b": torch.zeros(3)}, "without dots"),
-    ({"a": 3}, "must be a tensor"),
+    ({"a": 3}, "must be a Tensor or a dict"),
     ({"a": {1: torch.zeros(3)}}, "non-empty string"),
     ([torch.zeros(3)], "dict of tensors"),
 ])

@@ -78,3 +78,20 @@ def test_a_model_output_of_another_shape_is_refused_not_broadcast(backend: str |
     for bad in (lambda x, s: x[:1], lambda x, s: x[:, :3], lambda x, s: x.tolist()):
         with pytest.raises(ValueError, match="one output per sample"):
             indis.sample(bad, x, grid, "euler", backend=backend)
+
+
+def test_vp_discrete_time_map_counts_knots_like_searchsorted() -> None:
+    """VPDiscrete finds its segment by counting knots (ONNX has no searchsorted): the same maps as with
+    ``torch.searchsorted``, inside the range, past both ends and exactly on knots."""
+    fam = VPDiscrete.from_config(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    knots = torch.arange(1000, dtype=torch.float64)
+    t = torch.cat([torch.rand(64, dtype=torch.float64) * 1010 - 5, knots[::97], torch.tensor([0.0, 999.0])])
+
+    def reference(x, xp, fp):
+        idx = torch.clamp(torch.searchsorted(xp, x, right=True) - 1, 0, xp.numel() - 2)
+        return fp[idx] + (x - xp[idx]) / (xp[idx + 1] - xp[idx]) * (fp[idx + 1] - fp[idx])
+
+    torch.testing.assert_close(fam.sigma(t), torch.exp(reference(t, knots, fam.log_sigmas)), rtol=0, atol=0)
+    sigma = torch.exp(torch.linspace(-4, 3, 50, dtype=torch.float64))
+    torch.testing.assert_close(fam.t(sigma), reference(torch.log(sigma), fam.log_sigmas, knots), rtol=0,
+                               atol=0)
