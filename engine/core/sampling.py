@@ -371,11 +371,38 @@ def check_finite(t: Tensor, what: str, stage: int | None = None, step: int | Non
                                  f"{' ...' if len(rows) > 16 else ''} of {t.shape[0]}")
 
 
+def stage_update(st: Stage, y: Tensor, stash: Tensor, hist: list[Tensor], raw: Tensor, history: int
+                 ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """One stage's linear update (the generic ragged step in torch): the network's ``raw`` output at state
+    ``y`` becomes ``h = raw_scale * raw + state_scale * y``, and the next state and stash are the stage's
+    combinations of ``(y, stash, h, *hist)``; returns ``(y, stash, hist)`` with ``h`` pushed onto a history
+    of ``history`` outputs."""
+    h = raw if st.raw_scale is None else raw * st.raw_scale
+    if st.state_scale is not None:
+        h = h.addcmul(y, st.state_scale)
+    inputs = (y, stash, h, *hist)
+    y_next = _lin(st.y_terms, inputs)
+    if st.stash_terms:
+        stash = _lin(st.stash_terms, inputs)
+    return y_next, stash, [h, *hist][:history]
+
+
+StepEnd = Callable[[int, Tensor], "Tensor | None"]
+
+
+def _ends_step(plan: Plan, k: int) -> bool:
+    """Whether stage ``k`` is the last of its grid step (Heun's second evaluation; a one-stage step's
+    only one)."""
+    steps = plan.table.step_of_stage
+    return k + 1 == len(steps) or steps[k + 1] != steps[k]
+
+
 def run_table(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
-              check_output: bool = False, progress: bool | None = False) -> Tensor:
+              check_output: bool = False, progress: bool | None = False, step_end: StepEnd | None = None
+              ) -> Tensor:
     """Torch reference of the generic ragged step: one model call and one linear update per stage.
     ``check_output``: after each stage, raise if the model output or the state is not finite (a host sync
-    per stage). ``callback`` and ``progress``: see :func:`sample`."""
+    per stage). ``callback``, ``progress`` and ``step_end``: see :func:`run`."""
     cond = cond or {}
     den, history = plan.denoiser, plan.table.history
     reports = plan.reports if callback is not None else ()
@@ -391,23 +418,28 @@ def run_table(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callabl
             before = y.clone()
             _tell(callback, reports[k], k, before, before if inp is y else inp, raw)
         with nvtx_range(f"step {k}"):
-            h = raw if st.raw_scale is None else raw * st.raw_scale
-            if st.state_scale is not None:
-                h = h.addcmul(y, st.state_scale)
-            inputs = (y, stash, h, *hist)
-            y_next = _lin(st.y_terms, inputs)
-            if st.stash_terms:
-                stash = _lin(st.stash_terms, inputs)
-            hist = [h, *hist][:history]
+            y_next, stash, hist = stage_update(st, y, stash, hist, raw, history)
         if check_output:
             check_finite(y_next, "the state", k, plan.table.step_of_stage[k])
         y = y_next
+        if step_end is not None and _ends_step(plan, k):
+            edited = step_end(plan.table.step_of_stage[k], y.clone())
+            if edited is not None:
+                y = _edited_state(edited, y)
     return y
+
+
+def _edited_state(edited: object, y: Tensor) -> Tensor:
+    """A ``step_end`` hook's replacement state, checked to be shaped like the state."""
+    if not isinstance(edited, Tensor) or edited.shape != y.shape:
+        got = tuple(edited.shape) if isinstance(edited, Tensor) else type(edited).__name__
+        raise ValueError(f"step_end returned {got}; return None or a state of shape {tuple(y.shape)}")
+    return edited.to(y.dtype)
 
 
 def run_fused(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
               backend: str | None = None, check_output: bool = False,
-              progress: bool | None = False) -> Tensor:
+              progress: bool | None = False, step_end: StepEnd | None = None) -> Tensor:
     """The sampling loop with one fused ragged step per stage (Triton, C++ or the torch reference).
 
     State, stash and history live in preallocated buffers updated in place; the stage index is a device
@@ -437,6 +469,10 @@ def run_fused(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callabl
             ragged_step(y, raw, stash, hist, packed, stage[k].expand(bsz), backend)
         if check_output:
             check_finite(y, "the state", k, plan.table.step_of_stage[k])
+        if step_end is not None and _ends_step(plan, k):
+            edited = step_end(plan.table.step_of_stage[k], y.clone())
+            if edited is not None:
+                y.copy_(_edited_state(edited, y))
     return y
 
 
@@ -452,13 +488,19 @@ def _needs_autograd(plan: Plan, x: Tensor) -> bool:
 
 
 def run(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callable[[dict], None] | None = None,
-        backend: str | None = None, check_output: bool = False, progress: bool | None = False) -> Tensor:
+        backend: str | None = None, check_output: bool = False, progress: bool | None = False,
+        step_end: StepEnd | None = None) -> Tensor:
     """Run a prepared plan: the fused loop when the backend has a fused step (triton on CUDA, the C++
-    extension on CPU) and no gradient has to flow through the loop, else the torch reference loop."""
+    extension on CPU) and no gradient has to flow through the loop, else the torch reference loop.
+
+    ``callback`` and ``progress``: see :func:`sample`. ``step_end(i, y)``: called after each grid step ``i``
+    (once per step, after its last evaluation) with a copy of the state; a tensor it returns replaces the
+    state (diffusers' ``callback_on_step_end`` editing ``latents``) -- the same on every backend: the
+    solver's history and stash are left as they are, only the state changes."""
     backend = backend_for(x.device, backend)
     if fused(backend, x.dtype) and not _needs_autograd(plan, x):
-        return run_fused(plan, x, cond, callback, backend, check_output, progress)
-    return run_table(plan, x, cond, callback, check_output, progress)
+        return run_fused(plan, x, cond, callback, backend, check_output, progress, step_end)
+    return run_table(plan, x, cond, callback, check_output, progress, step_end)
 
 
 def sample(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule,
@@ -535,6 +577,6 @@ sample_unipc = _kd("unipc")
 __all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_coefficients", "check_finite", "check_grid",
            "check_inputs", "check_schedule", "check_solver", "check_state",
            "make_plan", "per_step", "pool_layout", "prepare", "run", "run_fused", "run_table", "sample",
-           "table_for",
+           "stage_update", "table_for",
            "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_ipndm",
            "sample_ipndm_v", "sample_unipc"]

@@ -104,3 +104,29 @@ def test_the_callback_gets_copies_and_heuns_second_call_is_at_the_next_point(bac
     for (_, sigma, sigma_hat), p in zip(seen, points, strict=True):
         torch.testing.assert_close(sigma, grid[p].float().expand(2))
         torch.testing.assert_close(sigma_hat, sigma)
+
+
+@pytest.mark.parametrize("solver", ["heun", "unipc", "dpmpp_2m"])
+def test_a_step_end_hook_that_edits_the_state_acts_alike_on_every_backend(solver: str) -> None:
+    """``run(..., step_end=)`` is called once per grid step (after Heun's second evaluation too) with a copy
+    of the state; the state it returns replaces the sample's, on every backend alike."""
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0)) * 80
+    grid = ragged_grids(3, 4, seed=1)
+    plan = indis.prepare(MODEL, x, grid, solver)
+    outs, calls = {}, {}
+    for backend in BACKENDS:
+        seen = calls.setdefault(backend, [])
+
+        def halve_at_step_1(i: int, y: torch.Tensor, seen=seen) -> torch.Tensor | None:
+            seen.append(i)
+            y.add_(1.0)  # a copy: editing it without returning it changes nothing
+            return y * 0.5 if i == 1 else None
+
+        outs[backend] = indis.run(plan, x, backend=backend, step_end=halve_at_step_1)
+    plain = indis.run(plan, x, backend="torch")
+    for backend, out in outs.items():
+        assert calls[backend] == [0, 1, 2, 3], backend
+        torch.testing.assert_close(out, outs["torch"], rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(outs["torch"], plain, atol=1e-2)
+    with pytest.raises(ValueError, match="step_end returned"):
+        indis.run(plan, x, backend="torch", step_end=lambda i, y: y[:1])
