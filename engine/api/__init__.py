@@ -47,6 +47,7 @@ from indis.engine.core.schedules import (
     logits_from_grid,
 )
 from indis.engine.core.solvers import SOLVERS, SolverTable, build_table
+from indis.engine.pipelines.runner import diffusers_pipeline
 from indis.engine.serving.allocation import NFEChooser
 from indis.engine.serving.batcher import ContinuousBatcher, Request, TensorCondition
 from indis.engine.tuning.fit import FitConfig, fit_gits, fit_global, fit_oracle, fit_predictor
@@ -59,7 +60,8 @@ __all__ = [
     "NoiseFamily", "PerInstanceSchedule", "Plan", "Predictor", "PredictorConfig", "Request", "SOLVERS",
     "Schedule", "ScheduleConfig", "SolverTable", "TeacherSpec", "TensorCondition", "VE", "VPCosine",
     "VPDiscrete", "VPLinear",
-    "as_grid", "build_table", "fit_gits", "fit_global", "fit_oracle", "fit_predictor", "from_diffusers",
+    "as_grid", "build_table", "diffusers_pipeline", "fit_gits", "fit_global", "fit_oracle", "fit_predictor",
+    "from_diffusers",
     "get_family", "get_sigmas", "grid_from_logits", "grid_from_scheduler", "guided", "logits_from_grid",
     "noise_from_seeds", "prepare", "run", "sample", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_euler",
     "sample_heun", "sample_ipndm", "sample_ipndm_v", "sample_unipc",

@@ -1,0 +1,1 @@
+"""diffusers pipelines run by indis: a pipeline runner and a scheduler shim."""

@@ -1,0 +1,133 @@
+"""``indis.diffusers_pipeline``: a tiny Stable Diffusion pipeline (CLIP encoder, UNet, VAE, built offline)
+run by indis, against the pipe's own call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import indis
+from tests.helpers import TEXT, tiny_sd_pipe
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+PROMPTS = ["a photo of a cat", "a red dog"]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def test_the_schedulers_grid_gives_the_pipes_own_result() -> None:
+    """Same scheduler grid, solver, noise (the pipe's generator) and CFG 7.5 with a negative prompt: the
+    latents and the decoded images equal the pipe's own call."""
+    pipe = tiny_sd_pipe()
+    kw = dict(negative_prompt=["blurry", "blurry"], guidance_scale=7.5)
+    ref = pipe(PROMPTS, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+               output_type="latent", **kw).images
+    ours = indis.diffusers_pipeline(pipe, PROMPTS, nfe=6, generator=torch.Generator().manual_seed(0),
+                                    output_type="latent", progress=False, **kw).images
+    assert _rel(ours, ref) <= 1e-5, _rel(ours, ref)
+    img_ref = pipe(PROMPTS, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+                   output_type="np", **kw).images
+    img = indis.diffusers_pipeline(pipe, PROMPTS, nfe=6, generator=torch.Generator().manual_seed(0),
+                                   output_type="np", progress=False, **kw).images
+    assert img.shape == img_ref.shape == (2, 16, 16, 3) and abs(img - img_ref).max() <= 1e-4
+
+
+def test_per_image_schedules_from_a_text_conditioned_predictor_and_per_image_guidance() -> None:
+    """phi reads each image's noise and pooled prompt embedding: each image equals itself sampled alone
+    (seeds are per image), and equals indis.sample with the same schedule and guidance."""
+    pipe = tiny_sd_pipe()
+    sc = indis.ScheduleConfig(nfe=4, sigma_min=0.05, sigma_max=14.0, family="vp_linear")
+    phi = indis.Predictor(indis.PredictorConfig(sc, "dpmpp_2m", (4, 8, 8), cond_dim=12, pool=2))
+    torch.nn.init.normal_(phi.out.weight, std=0.05)
+    embeds, negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True, None)
+    scales = torch.tensor([3.0, 7.5])
+    out = indis.diffusers_pipeline(pipe, PROMPTS, schedule=phi, seeds=[4, 9], phi_cond=embeds.mean(1),
+                                   guidance_scale=scales, output_type="latent", progress=False).images
+    den = indis.from_diffusers(pipe.unet, pipe.scheduler)
+    x = indis.noise_from_seeds([4, 9], (4, 8, 8)) * float(den.family.s(torch.tensor(14.0)))
+    with torch.no_grad():
+        ref = indis.sample(den, x, phi(x, embeds.mean(1)), "dpmpp_2m", cond={TEXT: embeds},
+                           uncond={TEXT: negative}, guidance_scale=scales)
+        assert _rel(out, ref) <= 1e-5
+        alone = indis.diffusers_pipeline(pipe, PROMPTS[1], schedule=phi, seeds=[9],
+                                         phi_cond=embeds[1:].mean(1), guidance_scale=7.5,
+                                         output_type="latent", progress=False).images
+    assert _rel(out[1:], alone) <= 1e-5
+    grids = phi(x, embeds.mean(1)).grid
+    assert not torch.equal(grids[0], grids[1])  # per-image schedules
+
+
+def test_callback_on_step_end_sees_every_step_and_may_edit_the_latents(capsys) -> None:
+    pipe = tiny_sd_pipe()
+    seen = []
+
+    def callback(p, i, t, kwargs):
+        assert p is pipe and t.shape == (2,) and set(kwargs) == {"latents", "prompt_embeds"}
+        seen.append((i, kwargs["latents"].clone()))
+        return {"latents": kwargs["latents"] * 0.5} if i == 2 else {}
+
+    common = dict(nfe=5, seeds=[0, 1], output_type="latent")
+    edited = indis.diffusers_pipeline(pipe, PROMPTS, callback_on_step_end=callback,
+                                      callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+                                      **common).images
+    assert [i for i, _ in seen] == [0, 1, 2, 3, 4]
+    assert "indis" in capsys.readouterr().err  # the progress bar
+    recorded = []
+
+    def record(p, i, t, kwargs) -> None:
+        recorded.append(kwargs["latents"])
+
+    plain = indis.diffusers_pipeline(pipe, PROMPTS, progress=False, callback_on_step_end=record,
+                                     **common).images
+    assert _rel(edited, plain) > 1e-3
+    for i in range(5):  # the same states up to the edit at the end of step 2, apart after it
+        if i <= 2:
+            torch.testing.assert_close(seen[i][1], recorded[i])
+        else:
+            assert _rel(seen[i][1], recorded[i]) > 1e-3
+
+
+def test_bad_use_is_refused_with_what_to_do() -> None:
+    pipe = tiny_sd_pipe()
+    sc = indis.ScheduleConfig(nfe=3, sigma_min=0.05, sigma_max=14.0, family="vp_linear")
+    phi = indis.Predictor(indis.PredictorConfig(sc, "dpmpp_2m", (4, 8, 8), cond_dim=12))
+    for kw, error, match in [
+        (dict(nfe=3, output_type="gif"), ValueError, "output_type"),
+        (dict(nfe=3, seeds=[1]), ValueError, "1 entries for 2 images"),
+        (dict(nfe=3, seeds=[1, 2], generator=torch.Generator()), ValueError, "at most one"),
+        (dict(schedule=phi), ValueError, "phi_cond"),
+        (dict(schedule=phi, nfe=5, phi_cond=torch.zeros(2, 12)), ValueError, "NFE 3"),
+        (dict(schedule="nonsense", nfe=3), ValueError, "schedule="),
+        (dict(nfe=3, callback_on_step_end_tensor_inputs=["noise_pred"]), ValueError, "not available"),
+    ]:
+        with pytest.raises(error, match=match):
+            indis.diffusers_pipeline(pipe, PROMPTS, progress=False, **kw)
+
+    class SDXLish:
+        unet = vae = scheduler = image_processor = text_encoder_2 = None
+
+        def encode_prompt(self, *a, **k):
+            raise AssertionError("not reached")
+
+    with pytest.raises(NotImplementedError, match="IndisScheduler"):
+        indis.diffusers_pipeline(SDXLish(), "a cat", nfe=3)
+
+
+@pytest.mark.parametrize("schedule", ["gits", "logsnr"])
+def test_gits_and_heuristic_schedules_equal_indis_sample_on_those_grids(schedule: str) -> None:
+    pipe = tiny_sd_pipe()
+    out = indis.diffusers_pipeline(pipe, PROMPTS, schedule=schedule, nfe=3, seeds=[1, 2], guidance_scale=5.0,
+                                   output_type="latent", progress=False).images
+    den = indis.from_diffusers(pipe.unet, pipe.scheduler)
+    lo, hi = den.family.sigma_range
+    embeds, negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True, None)
+    model = indis.guided(den, {TEXT: negative}, 5.0)
+    x = indis.noise_from_seeds([1, 2], (4, 8, 8)) * float(den.family.s(torch.tensor(hi, dtype=torch.float64)))
+    with torch.no_grad():
+        grid = (indis.fit_gits(model, x, nfe=3, sigma_min=lo, sigma_max=hi, cond={TEXT: embeds})
+                if schedule == "gits" else indis.get_sigmas(schedule, 3, lo, hi, family=den.family))
+        ref = indis.sample(model, x, grid, "dpmpp_2m", cond={TEXT: embeds})
+    assert _rel(out, ref) <= 1e-5
