@@ -225,7 +225,7 @@ class Plan:
     def stages(self) -> tuple[Stage, ...]:
         """Per-stage views of the table, cast to the state's dtype once."""
         if self._stages is None:
-            self._stages = _stage_views(self.table, self.time, self.shape, self.dtype)
+            self._stages = stage_views(self.table, self.time, self.shape, self.dtype)
         return self._stages
 
     @property
@@ -243,8 +243,10 @@ class Plan:
         return self._packed
 
 
-def _stage_views(table: SolverTable, time: Tensor, shape: tuple[int, ...], dtype: torch.dtype
-                 ) -> tuple[Stage, ...]:
+def stage_views(table: SolverTable, time: Tensor, shape: tuple[int, ...], dtype: torch.dtype
+                ) -> tuple[Stage, ...]:
+    """The table's per-stage :class:`Stage` views for states shaped ``shape`` (a table of one row serves any
+    batch: its views broadcast), cast to ``dtype`` once; ``time``: the network time per evaluation."""
     view = (shape[0],) + (1,) * (len(shape) - 1)
 
     def cols(t: Tensor) -> tuple[Tensor, ...]:  # [B, S] -> S views [B, 1, ...]
@@ -577,6 +579,6 @@ sample_unipc = _kd("unipc")
 __all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_coefficients", "check_finite", "check_grid",
            "check_inputs", "check_schedule", "check_solver", "check_state",
            "make_plan", "per_step", "pool_layout", "prepare", "run", "run_fused", "run_table", "sample",
-           "stage_update", "table_for",
+           "stage_update", "stage_views", "table_for",
            "sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_ipndm",
            "sample_ipndm_v", "sample_unipc"]
