@@ -245,8 +245,8 @@ def test_a_text_unet_with_guidance_and_a_text_conditioned_phi_run_in_onnxruntime
     pooled text embedding: CFG 7.5 with phi's per-sample schedules, all in onnxruntime, equals torch; the
     TensorRT profile covers the sequence axis."""
     diffusers = pytest.importorskip("diffusers")
+    from indis.engine.testbeds.tiny_diffusers import TEXT, text_unet
     from indis.export.tensorrt_backend import profile_from_metadata
-    from tests.helpers import TEXT, text_unet
 
     sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                                   beta_end=0.012)

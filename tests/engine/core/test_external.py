@@ -10,7 +10,7 @@ import torch
 
 import indis
 from indis.engine.core.external import family_from_config
-from tests.helpers import TEXT, text_unet
+from indis.engine.testbeds.tiny_diffusers import TEXT, text_unet
 
 diffusers = pytest.importorskip("diffusers")
 TOL = 1e-5

@@ -19,7 +19,8 @@ from indis.engine.core.graphs import GraphSampler
 from indis.engine.core.sampling import make_plan, prepare, run_fused, run_table
 from indis.engine.core.solvers import build_table
 from indis.engine.studies.convergence import small_mixture
-from tests.helpers import IDS, KERNEL_DEVICE, SOLVER_CASES, TEXT, text_unet
+from indis.engine.testbeds.tiny_diffusers import TEXT, text_unet
+from tests.helpers import IDS, KERNEL_DEVICE, SOLVER_CASES
 from tests.helpers import ragged_grids as _ragged_grids
 
 CUDA = torch.cuda.is_available()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import indis
-from tests.helpers import TEXT, tiny_sd_pipe
+from indis.engine.testbeds.tiny_diffusers import TEXT, tiny_sd_pipe
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")

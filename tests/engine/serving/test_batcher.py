@@ -581,7 +581,7 @@ def test_text_conditions_and_per_request_guidance_equal_each_request_alone() -> 
     """A tiny diffusers text UNet served with classifier-free guidance: each request brings its own text
     embedding, negative prompt and guidance scale (and NFE); the stream equals each request sampled alone."""
     diffusers = pytest.importorskip("diffusers")
-    from tests.helpers import TEXT, text_unet
+    from indis.engine.testbeds.tiny_diffusers import TEXT, text_unet
 
     sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                                   beta_end=0.012)

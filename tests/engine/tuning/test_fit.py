@@ -354,7 +354,7 @@ def test_phi_tunes_on_a_text_unet_with_guidance_and_a_pooled_embedding(tmp_path)
     teacher shards keep the conditions with the seeds (the teacher is the guided model on them), the blind
     stage lowers the teacher loss, phi reads the pooled embedding, and another scale is another cache."""
     diffusers = pytest.importorskip("diffusers")
-    from tests.helpers import TEXT, text_unet
+    from indis.engine.testbeds.tiny_diffusers import TEXT, text_unet
 
     sched = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                                   beta_end=0.012)
