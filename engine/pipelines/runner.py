@@ -1,22 +1,25 @@
-"""A diffusers Stable Diffusion pipeline run by indis: the pipe's own prompt encoder and VAE around indis'
-sampler, with per-sample schedules (an INDIS predictor), classifier-free guidance, a progress bar,
-``callback_on_step_end`` and CUDA graphs on GPU.
+"""diffusers pipelines run by indis: the pipe's own prompt encoders and VAE around indis' sampler, with
+per-sample schedules (an INDIS predictor), classifier-free guidance, a progress bar, ``callback_on_step_end``
+and CUDA graphs on GPU.
 
-:func:`diffusers_pipeline` takes pipelines shaped like ``StableDiffusionPipeline`` (a ``unet``, a ``vae``,
-``encode_prompt(prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt, ...)``
-returning the prompt's and the negative prompt's embeddings); pipelines with other encoders (SDXL's two text
-encoders and ``added_cond_kwargs``, SD3 / FLUX transformers) are refused with what to use instead:
-``indis.from_diffusers`` with the embeddings they produce, or :class:`~indis.engine.pipelines.scheduler.
-IndisScheduler` inside the pipe itself.
+:func:`diffusers_pipeline` runs Stable Diffusion 1.x/2.x (``StableDiffusionPipeline``: text embeddings),
+SDXL (``StableDiffusionXLPipeline``: two text encoders, pooled embeddings and size ids as
+``added_cond_kwargs``) and SD3 (``StableDiffusion3Pipeline``: an MMDiT transformer under flow matching,
+pooled projections) pipelines, each through an adapter that gives indis the pipe's network, its conditional
+and unconditional inputs, the latent shape and the decoding. Other pipelines (FLUX: packed latents and
+distilled guidance; img2img, inpainting) are refused with what to use instead: ``indis.from_diffusers`` with
+the inputs they produce, or :class:`~indis.engine.pipelines.scheduler.IndisScheduler` inside the pipe.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from indis.engine.core.external import from_diffusers, grid_from_scheduler
 from indis.engine.core.families import Denoiser
@@ -32,16 +35,131 @@ TEXT = "encoder_hidden_states"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
-def _check_pipe(pipe: Any) -> None:
-    needed = ("unet", "vae", "encode_prompt", "scheduler", "image_processor")
-    missing = [a for a in needed if not hasattr(pipe, a)]
-    if missing or hasattr(pipe, "text_encoder_2"):
-        why = f"it has no {missing}" if missing else "it has a second text encoder (SDXL-style)"
-        raise NotImplementedError(
-            f"diffusers_pipeline runs StableDiffusionPipeline-shaped pipes; {type(pipe).__name__} is not "
-            f"({why}). Use indis.from_diffusers(model, scheduler) with indis.sample(..., cond=, uncond=, "
-            "guidance_scale=) on the embeddings the pipe's encoders produce, or keep the pipe and set "
-            "pipe.scheduler = IndisScheduler.from_config(pipe.scheduler.config, sigmas=...)")
+@dataclass
+class Prepared:
+    """What a pipeline adapter gives indis: the pipe's network, its conditional and unconditional inputs
+    (``uncond`` None without guidance), the latent shape, ``decode(latents) -> images`` in the pipe's output
+    format and the pipe's output class."""
+
+    network: nn.Module
+    cond: dict
+    uncond: dict | None
+    shape: tuple[int, ...]
+    decode: Callable[[Tensor, str], Any]
+    output: Callable[[Any], Any]
+
+
+def _size(pipe: Any, height: int | None, width: int | None, sample_size: int) -> tuple[int, int]:
+    """The image size (default: the network's sample size times the VAE's factor), checked."""
+    scaling = pipe.vae_scale_factor
+    height, width = height or sample_size * scaling, width or sample_size * scaling
+    if height % scaling or width % scaling:
+        raise ValueError(f"height and width must be multiples of the VAE's factor {scaling}")
+    return height, width
+
+
+def _latent(pipe: Any, channels: int, height: int, width: int) -> tuple[int, int, int]:
+    return channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+
+
+def _stable_diffusion(pipe: Any, prompt: Any, negative_prompt: Any, n: int, do_cfg: bool, height: int | None,
+                      width: int | None, encode: dict) -> Prepared:
+    """Stable Diffusion 1.x / 2.x: text embeddings into a UNet."""
+    from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+    unet, vae = pipe.unet, pipe.vae
+    pe, ne = pipe.encode_prompt(prompt, unet.device, n, do_cfg, negative_prompt, **encode)
+    height, width = _size(pipe, height, width, unet.config.sample_size)
+
+    def decode(latents: Tensor, output_type: str) -> Any:
+        image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type=output_type,
+                                                do_denormalize=[True] * image.shape[0])
+
+    return Prepared(unet, {TEXT: pe}, {TEXT: ne} if do_cfg else None,
+                    _latent(pipe, unet.config.in_channels, height, width), decode,
+                    lambda images: StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None))
+
+
+def _stable_diffusion_xl(pipe: Any, prompt: Any, negative_prompt: Any, n: int, do_cfg: bool,
+                         height: int | None, width: int | None, encode: dict) -> Prepared:
+    """SDXL: two text encoders' embeddings, the pooled embedding and the size ids (``added_cond_kwargs``)."""
+    from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+    unet, vae = pipe.unet, pipe.vae
+    pe, ne, pooled, npooled = pipe.encode_prompt(prompt=prompt, device=unet.device, num_images_per_prompt=n,
+                                                 do_classifier_free_guidance=do_cfg,
+                                                 negative_prompt=negative_prompt, **encode)
+    height, width = _size(pipe, height, width, pipe.default_sample_size)
+    proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
+    ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
+                                 text_encoder_projection_dim=proj).to(unet.device).repeat(pe.shape[0], 1)
+
+    def inputs(embeds: Tensor, pooled_embeds: Tensor) -> dict:
+        return {TEXT: embeds, "added_cond_kwargs": {"text_embeds": pooled_embeds, "time_ids": ids}}
+
+    def decode(latents: Tensor, output_type: str) -> Any:
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            pipe.upcast_vae()
+        c = vae.config
+        if getattr(c, "latents_mean", None) is not None and getattr(c, "latents_std", None) is not None:
+            mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents)
+                         for v in (c.latents_mean, c.latents_std))
+            latents = latents * std / c.scaling_factor + mean
+        else:
+            latents = latents / c.scaling_factor
+        image = vae.decode(latents.to(next(vae.post_quant_conv.parameters()).dtype), return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        if getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+
+    return Prepared(unet, inputs(pe, pooled), inputs(ne, npooled) if do_cfg else None,
+                    _latent(pipe, unet.config.in_channels, height, width), decode,
+                    lambda images: StableDiffusionXLPipelineOutput(images=images))
+
+
+def _stable_diffusion_3(pipe: Any, prompt: Any, negative_prompt: Any, n: int, do_cfg: bool,
+                        height: int | None, width: int | None, encode: dict) -> Prepared:
+    """SD3: an MMDiT transformer under flow matching, text embeddings and pooled projections."""
+    from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
+
+    net, vae = pipe.transformer, pipe.vae
+    pe, ne, pooled, npooled = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None,
+                                                 device=net.device, num_images_per_prompt=n,
+                                                 do_classifier_free_guidance=do_cfg,
+                                                 negative_prompt=negative_prompt, **encode)
+    height, width = _size(pipe, height, width, pipe.default_sample_size)
+
+    def decode(latents: Tensor, output_type: str) -> Any:
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+
+    return Prepared(net, {TEXT: pe, "pooled_projections": pooled},
+                    {TEXT: ne, "pooled_projections": npooled} if do_cfg else None,
+                    _latent(pipe, net.config.in_channels, height, width), decode,
+                    lambda images: StableDiffusion3PipelineOutput(images=images))
+
+
+def adapter_for(pipe: Any) -> Callable[..., Prepared]:
+    """The adapter of ``pipe``'s class (SDXL and SD3 before SD: a subclass keeps its base's adapter), or
+    ``NotImplementedError`` naming what to use instead."""
+    import diffusers
+
+    for cls, adapter in ((diffusers.StableDiffusionXLPipeline, _stable_diffusion_xl),
+                         (diffusers.StableDiffusion3Pipeline, _stable_diffusion_3),
+                         (diffusers.StableDiffusionPipeline, _stable_diffusion)):
+        if isinstance(pipe, cls):
+            return adapter
+    raise NotImplementedError(
+        f"diffusers_pipeline runs StableDiffusionPipeline, StableDiffusionXLPipeline and "
+        f"StableDiffusion3Pipeline (and their subclasses), not {type(pipe).__name__}. Use "
+        "indis.from_diffusers(model, scheduler) with indis.sample(..., cond=, uncond=, guidance_scale=) on "
+        "the inputs the pipe's encoders produce, or keep the pipe and set "
+        "pipe.scheduler = IndisScheduler.from_config(pipe.scheduler.config, sigmas=...)")
 
 
 def _initial_noise(batch: int, shape: tuple[int, ...], seeds: Sequence[int] | None,
@@ -86,11 +204,16 @@ def _schedule(schedule: Any, den: Denoiser, pipe: Any, nfe: int | None, noise: T
         raise ValueError("nfe is required unless the schedule is an INDIS predictor")
     if isinstance(schedule, str) and schedule == "scheduler":
         grid = grid_from_scheduler(pipe.scheduler, nfe).to(noise.device)
-        start = noise * float(pipe.scheduler.init_noise_sigma)
-        if float(pipe.scheduler.init_noise_sigma) != 1.0:  # a VE-coordinate scheduler (Euler, Heun, ...)
+        init = float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))  # FlowMatch: none, the noise itself
+        start = noise * init
+        if init != 1.0:  # a VE-coordinate scheduler (Euler, Heun, ...)
             start = start * float(fam.alpha(grid[:1].cpu()))
         return grid, start
     lo, hi = fam.sigma_range
+    if isinstance(schedule, str) and (schedule in HEURISTICS or schedule == "gits") and not (
+            0 < lo and math.isfinite(hi)):
+        raise ValueError(f"schedule={schedule!r} needs a finite sigma range, and this model's family {fam!r} "
+                         "has none (flow matching): pass 'scheduler', a grid or a predictor")
     if isinstance(schedule, str) and schedule in HEURISTICS:
         grid = get_sigmas(schedule, nfe, lo, hi, family=fam, device=noise.device)
     elif isinstance(schedule, str) and schedule == "gits":
@@ -110,7 +233,8 @@ def _schedule(schedule: Any, den: Denoiser, pipe: Any, nfe: int | None, noise: T
 def diffusers_pipeline(pipe: Any, prompt: str | list[str] | None = None, *, nfe: int | None = None,
                        schedule: Any = "scheduler", solver: str = "dpmpp_2m",
                        negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
-                       negative_prompt_embeds: Tensor | None = None, guidance_scale: float | Tensor = 7.5,
+                       negative_prompt_embeds: Tensor | None = None, encode_kwargs: dict | None = None,
+                       guidance_scale: float | Tensor = 7.5,
                        guidance_rescale: float = 0.0, num_images_per_prompt: int = 1,
                        height: int | None = None, width: int | None = None,
                        seeds: Sequence[int] | None = None, generator: torch.Generator | list | None = None,
@@ -120,8 +244,10 @@ def diffusers_pipeline(pipe: Any, prompt: str | list[str] | None = None, *, nfe:
                        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                        progress: bool | None = True, graphs: bool | None = None,
                        timestep_rounding: str | None = None, **solver_opts) -> Any:
-    """Generate images with ``pipe`` (a ``StableDiffusionPipeline``-shaped diffusers pipeline; see the
-    module docstring) sampled by indis.
+    """Generate images with ``pipe`` (a Stable Diffusion, SDXL or SD3 diffusers pipeline; see the module
+    docstring) sampled by indis. Prompts are encoded by the pipe's own ``encode_prompt`` (``prompt_embeds``,
+    ``negative_prompt_embeds`` and ``encode_kwargs`` -- e.g. SDXL's ``pooled_prompt_embeds``, SD3's
+    ``max_sequence_length`` -- are passed to it).
 
     ``schedule``: ``"scheduler"`` (the pipe's scheduler's own grid for ``nfe`` steps: with the same solver
     and ``generator``, the pipe's own images to float rounding), ``"gits"`` (GITS on this batch: 60 extra
@@ -135,43 +261,35 @@ def diffusers_pipeline(pipe: Any, prompt: str | list[str] | None = None, *, nfe:
     (``latents``, in the model's coordinate, ``prompt_embeds``, ``negative_prompt_embeds``); a returned
     ``"latents"`` replaces the state, the same on every backend. ``progress``: a progress bar over the
     network evaluations. ``graphs``: one CUDA graph per call (default on CUDA without a callback).
-    Returns the pipe's output type (``images``; ``output_type``: pil, np, pt or latent), or a tuple with
-    ``return_dict=False``.
+    Returns the pipe's output class (``images``; ``output_type``: pil, np, pt or latent), or ``(images,)``
+    with ``return_dict=False``.
     """
-    _check_pipe(pipe)
+    adapter = adapter_for(pipe)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
     unknown = set(callback_on_step_end_tensor_inputs) - {"latents", "prompt_embeds", "negative_prompt_embeds"}
     if unknown:
         raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(unknown)} are not available; choose "
                          "from latents, prompt_embeds, negative_prompt_embeds")
-    unet = pipe.unet
-    device, dtype = unet.device, unet.dtype
     do_cfg = isinstance(guidance_scale, Tensor) or float(guidance_scale) > 1.0
-    embeds, negative = pipe.encode_prompt(prompt, device, num_images_per_prompt, do_cfg, negative_prompt,
-                                          prompt_embeds=prompt_embeds,
-                                          negative_prompt_embeds=negative_prompt_embeds)
-    batch = embeds.shape[0]
-    scaling = pipe.vae_scale_factor
-    height = height or unet.config.sample_size * scaling
-    width = width or unet.config.sample_size * scaling
-    if height % scaling or width % scaling:
-        raise ValueError(f"height and width must be multiples of the VAE's factor {scaling}")
-    shape = (unet.config.in_channels, height // scaling, width // scaling)
-    noise = _initial_noise(batch, shape, seeds, generator, latents, device)
-    den = from_diffusers(unet, pipe.scheduler, timestep_rounding=timestep_rounding)
-    cond = {TEXT: embeds}
+    encode = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+              **(encode_kwargs or {})}
+    prep = adapter(pipe, prompt, negative_prompt, num_images_per_prompt, do_cfg, height, width, encode)
+    device, dtype = prep.network.device, prep.network.dtype
+    batch = prep.cond[TEXT].shape[0]
+    noise = _initial_noise(batch, prep.shape, seeds, generator, latents, device)
+    den = from_diffusers(prep.network, pipe.scheduler, timestep_rounding=timestep_rounding)
     model = den
     if do_cfg:
-        model = guided(den, {TEXT: negative}, guidance_scale, guidance_rescale=guidance_rescale)
-
-    sched, x = _schedule(schedule, den, pipe, nfe, noise, cond, phi_cond, model)
+        model = guided(den, prep.uncond, guidance_scale, guidance_rescale=guidance_rescale)
+    sched, x = _schedule(schedule, den, pipe, nfe, noise, prep.cond, phi_cond, model)
     x = x.to(dtype)
     grid = as_grid(sched.grid if isinstance(sched, Schedule) else sched, batch_size=batch, device=device)
 
     def step_end(i: int, y: Tensor) -> Tensor | None:
         t = den.time(grid[:, i].to(torch.float64))
-        local = {"latents": y, "prompt_embeds": embeds, "negative_prompt_embeds": negative}
+        local = {"latents": y, "prompt_embeds": prep.cond[TEXT],
+                 "negative_prompt_embeds": None if prep.uncond is None else prep.uncond[TEXT]}
         out = callback_on_step_end(pipe, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
         return None if not out else out.get("latents")
 
@@ -180,24 +298,14 @@ def diffusers_pipeline(pipe: Any, prompt: str | list[str] | None = None, *, nfe:
         if callback_on_step_end is not None:
             raise ValueError("graphs=True replays one captured call: callback_on_step_end needs graphs=False")
         sampler = GraphSampler(den, solver, guidance_rescale=guidance_rescale, **solver_opts)
-        extra = {"uncond": {TEXT: negative}, "guidance_scale": guidance_scale} if do_cfg else {}
-        out = sampler(x, sched, cond=cond, **extra)
+        extra = {"uncond": prep.uncond, "guidance_scale": guidance_scale} if do_cfg else {}
+        out = sampler(x, sched, cond=prep.cond, **extra)
     else:
         plan = prepare(model, x, sched, solver, **solver_opts)
-        out = run(plan, x, cond, progress=progress,
+        out = run(plan, x, prep.cond, progress=progress,
                   step_end=step_end if callback_on_step_end is not None else None)
-    if output_type == "latent":
-        images = out
-    else:
-        scaled = out.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
-        decoded = pipe.vae.decode(scaled, return_dict=False)[0]
-        images = pipe.image_processor.postprocess(decoded, output_type=output_type,
-                                                  do_denormalize=[True] * batch)
-    if not return_dict:
-        return images, None
-    from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-
-    return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+    images = out if output_type == "latent" else prep.decode(out, output_type)
+    return prep.output(images) if return_dict else (images,)
 
 
 __all__ = ["diffusers_pipeline"]
