@@ -55,18 +55,27 @@ class ExportedDenoiser:
                 feeds[k] = v.reshape(-1).expand(x.shape[0])
         return self.runner.run(feeds)[0].to(x.dtype)
 
-    def in_family(self, family: NoiseFamily | str) -> Denoiser:
-        """This exported denoiser as a :class:`Denoiser` in ``family``'s coordinate (x0 output, sigma
-        input): a drop-in for the torch model it was exported from (e.g. ``indis.from_diffusers``'s, whose
-        states are VP latents), so ``indis.sample`` takes the same x. A flow model's t = 1 start (alpha 0)
-        cannot be converted: start at a finite sigma."""
+    def in_family(self, family: NoiseFamily | str, prediction: str = "x0") -> Denoiser:
+        """This exported denoiser as a :class:`Denoiser` in ``family``'s coordinate (sigma input): a drop-in
+        for the torch model it was exported from (e.g. ``indis.from_diffusers``'s, whose states are VP
+        latents), so ``indis.sample`` takes the same x. ``prediction``: what it returns, ``"x0"`` or
+        ``"eps"`` (the noise, converted from x0 -- give the source model's, ``den.prediction``, where
+        guidance rescale acts on the prediction). A flow model's t = 1 start (alpha 0) cannot be converted:
+        start at a finite sigma."""
         fam = get_family(family)
+        if prediction not in ("x0", "eps"):
+            raise ValueError(f"prediction={prediction!r}: choose 'x0' or 'eps'")
 
         def net(x_fam: Tensor, sigma: Tensor, **cond: Tensor) -> Tensor:
-            alpha = fam.alpha(sigma.to(torch.float64)).to(x_fam.dtype)
-            return self(x_fam / alpha.view((-1,) + (1,) * (x_fam.ndim - 1)), sigma, **cond)
+            view = (-1,) + (1,) * (x_fam.ndim - 1)
+            s64 = sigma.to(torch.float64)
+            alpha = fam.alpha(s64).to(x_fam.dtype).view(view)
+            x0 = self(x_fam / alpha, sigma, **cond)
+            if prediction == "x0":
+                return x0
+            return (x_fam - alpha * x0) / fam.s(s64).to(x_fam.dtype).view(view)
 
-        return Denoiser(net, fam, "x0", "sigma")
+        return Denoiser(net, fam, prediction, "sigma")
 
 
 class ExportedPredictor:

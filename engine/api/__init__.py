@@ -67,12 +67,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AYS_TABLES", "ContinuousBatcher", "Denoiser", "FitConfig", "Flow", "GraphSampler", "IndisScheduler",
-    "NFEChooser", "NoiseFamily", "PerInstanceSchedule", "Plan", "Predictor", "PredictorConfig", "Request",
-    "SOLVERS", "Schedule", "ScheduleConfig", "SolverTable", "TeacherSpec", "TensorCondition", "VE",
-    "VPCosine", "VPDiscrete", "VPLinear", "as_grid", "build_table", "diffusers_pipeline", "fit_gits",
-    "fit_global", "fit_oracle", "fit_predictor", "from_diffusers", "get_family", "get_sigmas",
-    "grid_from_logits", "grid_from_scheduler", "guided", "logits_from_grid", "noise_from_seeds", "prepare",
-    "run", "sample", "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_euler", "sample_heun", "sample_ipndm",
-    "sample_ipndm_v", "sample_unipc",
+    "AYS_TABLES", "ContinuousBatcher", "Denoiser", "FitConfig", "Flow", "GraphSampler", "NFEChooser",
+    "NoiseFamily", "PerInstanceSchedule", "Plan", "Predictor", "PredictorConfig", "Request", "SOLVERS",
+    "Schedule", "ScheduleConfig", "SolverTable", "TeacherSpec", "TensorCondition", "VE", "VPCosine",
+    "VPDiscrete", "VPLinear", "as_grid", "build_table", "diffusers_pipeline", "fit_gits", "fit_global",
+    "fit_oracle", "fit_predictor", "from_diffusers", "get_family", "get_sigmas", "grid_from_logits",
+    "grid_from_scheduler", "guided", "logits_from_grid", "noise_from_seeds", "prepare", "run", "sample",
+    "sample_dpmpp_2m", "sample_dpmpp_3m", "sample_euler", "sample_heun", "sample_ipndm", "sample_ipndm_v",
+    "sample_unipc",
 ]

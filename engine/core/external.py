@@ -28,7 +28,8 @@ PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_pred
 
 
 def scheduler_config(scheduler_or_config: Any) -> dict[str, Any]:
-    """A scheduler's config (diffusers' ``FrozenDict`` included) as a plain dict."""
+    """A scheduler's config (diffusers' ``FrozenDict`` included) as a plain dict; for an ``IndisScheduler``,
+    the config of the scheduler it replaced (which says the model's family and prediction type)."""
     config = getattr(scheduler_or_config, "config", scheduler_or_config)
     if not isinstance(config, Mapping):
         raise ValueError("expected a diffusers scheduler or its config, got "
@@ -36,6 +37,8 @@ def scheduler_config(scheduler_or_config: Any) -> dict[str, Any]:
     config = dict(config)
     if config is not scheduler_or_config and hasattr(scheduler_or_config, "set_timesteps"):
         config.setdefault("_class_name", type(scheduler_or_config).__name__)
+    if config.get("_class_name") == "IndisScheduler" and isinstance(config.get("base_config"), Mapping):
+        return dict(config["base_config"])  # indis' scheduler shim: the replaced scheduler's config
     return config
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from indis.engine.core.conditions import Cond, concat, expand, flatten
+from indis.engine.core.conditions import Cond, check_batch, concat, expand, flatten
 from indis.engine.core.families import Denoiser
 
 
@@ -25,6 +25,7 @@ def guided_raw(den: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, sc
     if list(flatten(cond)) != list(flatten(uncond)):
         raise ValueError(f"cond has {sorted(flatten(cond))}, uncond {sorted(flatten(uncond))}: give the same "
                          f"inputs")
+    check_batch(uncond, b, x.device, "uncond", broadcast=True)
     uncond = expand(uncond, b)
     if batched:
         u, c = den.raw(torch.cat([x, x]), torch.cat([t, t]), **concat([uncond, cond])).chunk(2)
@@ -32,7 +33,7 @@ def guided_raw(den: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, sc
         u, c = den.raw(x, t, **uncond), den.raw(x, t, **cond)
     g = scale
     if isinstance(g, Tensor):
-        if g.numel() != b:
+        if g.numel() not in (1, b):
             raise ValueError(f"guidance_scale has {g.numel()} values for a batch of {b}")
         g = g.to(x.device, x.dtype).view((-1,) + (1,) * (x.ndim - 1))
     out = u + g * (c - u)
@@ -59,8 +60,8 @@ def check_guidance(uncond: object, guidance_scale: object, guidance_rescale: flo
     if not isinstance(uncond, Mapping) or not flatten(uncond, "uncond"):
         raise ValueError("uncond must be a non-empty dict of the unconditional inputs")
     if isinstance(guidance_scale, Tensor):
-        if guidance_scale.ndim != 1 or not bool(torch.isfinite(guidance_scale).all()):
-            raise ValueError("guidance_scale must be a float or a finite [B] tensor")
+        if guidance_scale.ndim > 1 or not bool(torch.isfinite(guidance_scale).all()):
+            raise ValueError("guidance_scale must be a float or a finite [B] (or 0-dim) tensor")
     elif not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or \
             not torch.isfinite(torch.tensor(float(guidance_scale))):
         raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite float or a [B] tensor")

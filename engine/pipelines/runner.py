@@ -13,7 +13,10 @@ the inputs they produce, or :class:`~indis.engine.pipelines.scheduler.IndisSched
 
 from __future__ import annotations
 
+import copy
+import json
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from indis.engine.core.external import from_diffusers, grid_from_scheduler
+from indis.engine.core.external import from_diffusers, grid_from_scheduler, scheduler_config
 from indis.engine.core.families import Denoiser
 from indis.engine.core.graphs import GraphSampler
 from indis.engine.core.guidance import guided
 from indis.engine.core.predictor import Predictor
-from indis.engine.core.sampling import prepare, run
+from indis.engine.core.sampling import check_solver, prepare, run
 from indis.engine.core.schedules import HEURISTICS, Schedule, as_grid, get_sigmas
 from indis.engine.tuning.fit import fit_gits
 from indis.engine.tuning.teacher import noise_from_seeds
@@ -68,7 +71,7 @@ def _stable_diffusion(pipe: Any, prompt: Any, negative_prompt: Any, n: int, do_c
     from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
     unet, vae = pipe.unet, pipe.vae
-    pe, ne = pipe.encode_prompt(prompt, unet.device, n, do_cfg, negative_prompt, **encode)
+    pe, ne = pipe.encode_prompt(prompt, pipe._execution_device, n, do_cfg, negative_prompt, **encode)
     height, width = _size(pipe, height, width, unet.config.sample_size)
 
     def decode(latents: Tensor, output_type: str) -> Any:
@@ -87,13 +90,14 @@ def _stable_diffusion_xl(pipe: Any, prompt: Any, negative_prompt: Any, n: int, d
     from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
     unet, vae = pipe.unet, pipe.vae
-    pe, ne, pooled, npooled = pipe.encode_prompt(prompt=prompt, device=unet.device, num_images_per_prompt=n,
+    pe, ne, pooled, npooled = pipe.encode_prompt(prompt=prompt, device=pipe._execution_device,
+                                                 num_images_per_prompt=n,
                                                  do_classifier_free_guidance=do_cfg,
                                                  negative_prompt=negative_prompt, **encode)
     height, width = _size(pipe, height, width, pipe.default_sample_size)
     proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
     ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=pe.dtype,
-                                 text_encoder_projection_dim=proj).to(unet.device).repeat(pe.shape[0], 1)
+                                 text_encoder_projection_dim=proj).to(pe.device).repeat(pe.shape[0], 1)
 
     def inputs(embeds: Tensor, pooled_embeds: Tensor) -> dict:
         return {TEXT: embeds, "added_cond_kwargs": {"text_embeds": pooled_embeds, "time_ids": ids}}
@@ -128,7 +132,7 @@ def _stable_diffusion_3(pipe: Any, prompt: Any, negative_prompt: Any, n: int, do
 
     net, vae = pipe.transformer, pipe.vae
     pe, ne, pooled, npooled = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None,
-                                                 device=net.device, num_images_per_prompt=n,
+                                                 device=pipe._execution_device, num_images_per_prompt=n,
                                                  do_classifier_free_guidance=do_cfg,
                                                  negative_prompt=negative_prompt, **encode)
     height, width = _size(pipe, height, width, pipe.default_sample_size)
@@ -200,9 +204,22 @@ def _schedule(schedule: Any, den: Denoiser, pipe: Any, nfe: int | None, noise: T
                              "embedding it was tuned on)")
         with torch.no_grad():
             return schedule(x, phi_cond), x
+    if isinstance(schedule, (list, tuple)):
+        schedule = torch.tensor(schedule, dtype=torch.float64)
+    if isinstance(schedule, (Tensor, Schedule)):
+        steps = (schedule.grid if isinstance(schedule, Schedule) else schedule).shape[-1] - 1
+        if nfe is not None and nfe != steps:
+            raise ValueError(f"nfe={nfe} but the grid given as schedule has {steps} steps")
+        return schedule, _start(schedule, noise, fam)
     if nfe is None:
-        raise ValueError("nfe is required unless the schedule is an INDIS predictor")
+        raise ValueError("nfe is required unless the schedule is an INDIS predictor or a grid")
     if isinstance(schedule, str) and schedule == "scheduler":
+        from indis.engine.pipelines.scheduler import IndisScheduler
+
+        if isinstance(pipe.scheduler, IndisScheduler):  # the shim's own grid, shift and scale
+            sched = pipe.scheduler.schedule(nfe)
+            init = pipe.scheduler.config.init_noise_sigma
+            return sched, (_start(sched, noise, fam) if init is None else noise * float(init))
         grid = grid_from_scheduler(pipe.scheduler, nfe).to(noise.device)
         init = float(getattr(pipe.scheduler, "init_noise_sigma", 1.0))  # FlowMatch: none, the noise itself
         start = noise * init
@@ -219,14 +236,58 @@ def _schedule(schedule: Any, den: Denoiser, pipe: Any, nfe: int | None, noise: T
     elif isinstance(schedule, str) and schedule == "gits":
         x = noise * float(fam.s(torch.tensor(hi, dtype=torch.float64)))
         grid = fit_gits(gits_model, x, nfe=nfe, sigma_min=lo, sigma_max=hi, cond=cond)
-    elif isinstance(schedule, (Tensor, Schedule)):
-        grid = schedule
     else:
         raise ValueError(f"schedule={schedule!r}: use 'scheduler', 'gits', a heuristic {HEURISTICS}, a grid "
                          "[N+1] / [B, N+1], a Schedule or an INDIS Predictor")
-    first = (grid.grid if isinstance(grid, Schedule) else torch.as_tensor(grid)).to(torch.float64)
+    return grid, _start(grid, noise, fam)
+
+
+def _start(schedule: Tensor | Schedule, noise: Tensor, fam: Any) -> Tensor:
+    """The state at each sample's first grid point: ``s(sigma_0)`` times the noise (as in tuning)."""
+    first = (schedule.grid if isinstance(schedule, Schedule) else schedule).to(torch.float64)
     first = first[..., 0].reshape(-1, *([1] * (noise.ndim - 1))).cpu()
-    return grid, noise * fam.s(first).to(noise.device, noise.dtype)
+    return noise * fam.s(first).to(noise.device, noise.dtype)
+
+
+def infer_rounding(scheduler: Any, steps: int) -> str | None:
+    """How ``scheduler`` rounds the timestep it feeds the network on its own grid, found by comparing its
+    ``timesteps`` with the exact times of its sigmas: ``"round"`` (integer timesteps, e.g. DPM-Solver with
+    Karras sigmas), ``"floor"`` (truncated, e.g. flow-mode DPM-Solver / UniPC) or None (fractional times
+    passed as they are)."""
+    fresh = copy.deepcopy(scheduler)
+    fresh.set_timesteps(steps)
+    fed = torch.as_tensor(fresh.timesteps, dtype=torch.float64)
+    den = from_diffusers(nn.Identity(), scheduler)
+    exact = den.time(grid_from_scheduler(scheduler, steps)[:fed.numel()])
+    if exact.numel() != fed.numel() or not torch.equal(fed, fed.round()):
+        return None
+    for rule, f in (("round", torch.round), ("floor", torch.floor)):
+        if torch.equal(f(exact), fed):
+            return rule
+    return None
+
+
+class _Interrupted(Exception):
+    """``pipe._interrupt`` was set in a step's callback: sampling stops with these latents."""
+
+    def __init__(self, latents: Tensor) -> None:
+        super().__init__("interrupted")
+        self.latents = latents
+
+
+#: per pipe, the GraphSampler of each (network, scheduler config, solver, options): its graphs are replayed
+#: by later calls of the same shape instead of being captured again
+_SAMPLERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _graph_sampler(pipe: Any, den: Denoiser, solver: str, guidance_rescale: float, rounding: str | None,
+                   solver_opts: dict) -> GraphSampler:
+    key = (id(den.net.model), json.dumps(scheduler_config(pipe.scheduler), sort_keys=True, default=str),
+           solver, json.dumps(solver_opts, sort_keys=True, default=str), float(guidance_rescale), rounding)
+    samplers = _SAMPLERS.setdefault(pipe, {})
+    if key not in samplers:
+        samplers[key] = GraphSampler(den, solver, guidance_rescale=guidance_rescale, **solver_opts)
+    return samplers[key]
 
 
 @torch.no_grad()
@@ -259,12 +320,29 @@ def diffusers_pipeline(pipe: Any, prompt: str | list[str] | None = None, *, nfe:
     ``callback_on_step_end(pipe, i, t, kwargs) -> dict`` is called after every grid step ``i`` with the
     per-image network times ``t`` and ``kwargs`` holding ``callback_on_step_end_tensor_inputs``
     (``latents``, in the model's coordinate, ``prompt_embeds``, ``negative_prompt_embeds``); a returned
-    ``"latents"`` replaces the state, the same on every backend. ``progress``: a progress bar over the
-    network evaluations. ``graphs``: one CUDA graph per call (default on CUDA without a callback).
-    Returns the pipe's output class (``images``; ``output_type``: pil, np, pt or latent), or ``(images,)``
-    with ``return_dict=False``.
+    ``"latents"`` replaces the state, the same on every backend, and setting ``pipe._interrupt = True``
+    stops after that step (the current latents are decoded), as in diffusers. Unlike diffusers, the callback
+    sees the conditional ``prompt_embeds`` alone (not ``[negative; positive]``) and returned embeddings are
+    not used; ``PipelineCallback`` objects (which edit embeddings) are refused. ``progress``: a progress bar
+    over the network evaluations. ``graphs``: CUDA graphs (default on CUDA without a callback; the sampler
+    and its graphs are kept per pipe, so repeated calls of one shape replay). ``timestep_rounding``: as in
+    ``from_diffusers``; with ``schedule="scheduler"`` it defaults to the scheduler's own (``infer_rounding``).
+    The pipe's safety checker and watermark-free postprocessing options are not applied (``nsfw_content_
+    detected`` is None). Returns the pipe's output class (``images``; ``output_type``: pil, np, pt or latent),
+    or ``(images,)`` with ``return_dict=False``.
     """
     adapter = adapter_for(pipe)
+    try:
+        check_solver(solver, solver_opts)
+    except ValueError as e:
+        raise ValueError(f"{e} (diffusers' own call arguments are not taken: num_inference_steps is nfe; "
+                         "image, eta and cross_attention_kwargs have no counterpart)") from None
+    if any(c.__name__ in ("PipelineCallback", "MultiPipelineCallbacks")
+           for c in type(callback_on_step_end).__mro__):
+        raise NotImplementedError("PipelineCallback objects edit prompt embeddings, which indis' callback "
+                                  "does not take back; pass a function that returns {'latents': ...} or {}")
+    if isinstance(guidance_scale, (list, tuple)):
+        guidance_scale = torch.tensor(guidance_scale, dtype=torch.float32)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
     unknown = set(callback_on_step_end_tensor_inputs) - {"latents", "prompt_embeds", "negative_prompt_embeds"}
@@ -275,9 +353,14 @@ def diffusers_pipeline(pipe: Any, prompt: str | list[str] | None = None, *, nfe:
     encode = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
               **(encode_kwargs or {})}
     prep = adapter(pipe, prompt, negative_prompt, num_images_per_prompt, do_cfg, height, width, encode)
-    device, dtype = prep.network.device, prep.network.dtype
+    device, dtype = pipe._execution_device, prep.network.dtype
     batch = prep.cond[TEXT].shape[0]
     noise = _initial_noise(batch, prep.shape, seeds, generator, latents, device)
+    if isinstance(schedule, str) and schedule == "scheduler" and timestep_rounding is None and nfe:
+        from indis.engine.pipelines.scheduler import IndisScheduler
+
+        if not isinstance(pipe.scheduler, IndisScheduler):
+            timestep_rounding = infer_rounding(pipe.scheduler, nfe)
     den = from_diffusers(prep.network, pipe.scheduler, timestep_rounding=timestep_rounding)
     model = den
     if do_cfg:
@@ -286,26 +369,34 @@ def diffusers_pipeline(pipe: Any, prompt: str | list[str] | None = None, *, nfe:
     x = x.to(dtype)
     grid = as_grid(sched.grid if isinstance(sched, Schedule) else sched, batch_size=batch, device=device)
 
+    pipe._guidance_scale, pipe._num_timesteps, pipe._interrupt = guidance_scale, grid.shape[-1] - 1, False
+
     def step_end(i: int, y: Tensor) -> Tensor | None:
         t = den.time(grid[:, i].to(torch.float64))
         local = {"latents": y, "prompt_embeds": prep.cond[TEXT],
                  "negative_prompt_embeds": None if prep.uncond is None else prep.uncond[TEXT]}
         out = callback_on_step_end(pipe, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-        return None if not out else out.get("latents")
+        edited = out.get("latents") if out else None
+        if getattr(pipe, "_interrupt", False):
+            raise _Interrupted(y if edited is None else edited)
+        return edited
 
     use_graphs = (x.is_cuda and callback_on_step_end is None) if graphs is None else graphs
     if use_graphs:
         if callback_on_step_end is not None:
             raise ValueError("graphs=True replays one captured call: callback_on_step_end needs graphs=False")
-        sampler = GraphSampler(den, solver, guidance_rescale=guidance_rescale, **solver_opts)
+        sampler = _graph_sampler(pipe, den, solver, guidance_rescale, timestep_rounding, solver_opts)
         extra = {"uncond": prep.uncond, "guidance_scale": guidance_scale} if do_cfg else {}
         out = sampler(x, sched, cond=prep.cond, **extra)
     else:
         plan = prepare(model, x, sched, solver, **solver_opts)
-        out = run(plan, x, prep.cond, progress=progress,
-                  step_end=step_end if callback_on_step_end is not None else None)
+        try:
+            out = run(plan, x, prep.cond, progress=progress,
+                      step_end=step_end if callback_on_step_end is not None else None)
+        except _Interrupted as stop:
+            out = stop.latents
     images = out if output_type == "latent" else prep.decode(out, output_type)
     return prep.output(images) if return_dict else (images,)
 
 
-__all__ = ["diffusers_pipeline"]
+__all__ = ["Prepared", "adapter_for", "diffusers_pipeline", "infer_rounding"]

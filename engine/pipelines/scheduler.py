@@ -9,7 +9,10 @@ the solver's coefficient table (``sampling.stage_update``), so the pipeline's lo
 
 Limits (a diffusers pipeline passes one timestep for the whole batch): the grid is shared by every sample --
 per-sample INDIS schedules need ``indis.diffusers_pipeline`` or ``indis.sample`` --; the number of inference
-steps is the grid's; ``add_noise`` (img2img, inpainting) is not provided.
+steps is the grid's, and sigmas, timesteps or ``mu`` a pipeline passes to ``set_timesteps`` (FLUX does) are
+ignored for it; a flow-matching model needs an explicit grid, without a time shift (SD3 / FLUX pipelines never
+call ``scale_model_input``, where the shift's rescaled input is made); ``add_noise`` (img2img, inpainting)
+is not provided.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from torch import Tensor, nn
 
 from indis.engine.core.external import from_diffusers, scheduler_config
+from indis.engine.core.families import Flow
 from indis.engine.core.sampling import Stage, stage_update, stage_views, table_for
-from indis.engine.core.schedules import HEURISTICS, get_sigmas
+from indis.engine.core.schedules import HEURISTICS, Schedule, get_sigmas
 from indis.engine.core.solvers import SOLVERS
 
 
@@ -55,6 +59,13 @@ class IndisScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"schedule={schedule!r}: give sigmas or a heuristic {HEURISTICS}")
         self.denoiser = from_diffusers(nn.Identity(), dict(base_config or {}),
                                        timestep_rounding=timestep_rounding)
+        if isinstance(self.denoiser.family, Flow) and (sigmas is None or shift is not None):
+            raise ValueError("a flow-matching model needs an explicit grid (sigmas=) and no shift: its "
+                             "heuristics have no finite sigma range, and SD3 / FLUX pipelines never call "
+                             "scale_model_input, where a shift's rescaled input is made")
+        # saved as plain lists (a tensor grid would not serialise with save_config / save_pretrained)
+        self.register_to_config(**{k: None if v is None else torch.as_tensor(v, dtype=torch.float64).tolist()
+                                   for k, v in (("sigmas", sigmas), ("shift", shift), ("scale", scale))})
         self.timesteps: Tensor | None = None
         self.sigmas: Tensor | None = None
         self._table = None
@@ -68,10 +79,12 @@ class IndisScheduler(SchedulerMixin, ConfigMixin):
         """From another scheduler's config (its family and prediction type) and this class' options
         (``sigmas``, ``shift``, ``scale``, ``schedule``, ``solver``, ...); an IndisScheduler's own config
         loads as saved."""
-        config = scheduler_config(config)
-        if config.get("_class_name") != cls.__name__:
-            config = {"base_config": {k: v for k, v in config.items() if not k.startswith("_")
-                                      or k == "_class_name"}}
+        own = dict(getattr(config, "config", config) or {})
+        if own.get("_class_name") != cls.__name__:  # another scheduler's: it becomes the base config
+            base = scheduler_config(config)
+            own = {"base_config": {k: v for k, v in base.items()
+                                   if not k.startswith("_") or k == "_class_name"}}
+        config = own
         return super().from_config({**config, **kwargs}, return_unused_kwargs=return_unused_kwargs)
 
     @property
@@ -84,31 +97,40 @@ class IndisScheduler(SchedulerMixin, ConfigMixin):
         return float(self.denoiser.family.s(self.sigmas[:1].double().cpu()))
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
-                      **_: Any) -> None:
+                      sigmas: Any = None, timesteps: Any = None, mu: float | None = None, **_: Any) -> None:
         """The grid (``sigmas`` of the config, or the heuristic for ``num_inference_steps``), its coefficient
-        table and the network time of every stage (``timesteps``: one per network evaluation)."""
-        c, fam = self.config, self.denoiser.family
-        if c.sigmas is not None:
-            grid = torch.as_tensor(c.sigmas, dtype=torch.float64)
-            if num_inference_steps is not None and num_inference_steps != grid.numel() - 1:
-                raise ValueError(f"this IndisScheduler holds a grid of {grid.numel() - 1} steps; call the "
-                                 f"pipeline with num_inference_steps={grid.numel() - 1}")
-        else:
-            if num_inference_steps is None:
-                raise ValueError("num_inference_steps is required without a grid in the config")
-            lo, hi = fam.sigma_range
-            grid = get_sigmas(c.schedule, num_inference_steps, lo, hi, family=fam)
-        grid = grid.to(device)[None]
-        per_step = [None if v is None else torch.as_tensor(v, dtype=torch.float64, device=device)[None]
-                    for v in (c.shift, c.scale)]
-        self._table = table_for(self.denoiser, grid, c.solver, torch.float32, shift=per_step[0],
-                                scale=per_step[1], **(c.solver_options or {}))
+        table and the network time of every stage (``timesteps``: one per network evaluation). ``sigmas``,
+        ``timesteps`` and ``mu`` a pipeline passes are ignored: this scheduler runs its own grid."""
+        c = self.config
+        try:
+            sched = self.schedule(num_inference_steps)
+        except ValueError as e:
+            raise ValueError(f"{e}; call the pipeline with num_inference_steps={len(c.sigmas) - 1}"
+                             if c.sigmas is not None else str(e)) from None
+        grid, shift, scale = (None if v is None else v.to(device)[None]
+                              for v in (sched.grid, sched.shift, sched.scale))
+        self._table = table_for(self.denoiser, grid, c.solver, torch.float32, shift=shift, scale=scale,
+                                **(c.solver_options or {}))
         self.sigmas = grid[0].float()
         time = self.denoiser.time(self._table.sigma_eval[0])
         rounding = {"round": torch.round, "floor": torch.floor, None: lambda t: t}[c.timestep_rounding]
         self.timesteps = rounding(time.float())
         self.num_inference_steps = grid.shape[-1] - 1
         self._stages, self._state, self._stage = (), None, 0
+
+    def schedule(self, num_inference_steps: int | None = None) -> Schedule:
+        """This scheduler's grid ``[N+1]`` with its shift and scale ``[N]`` as an indis :class:`Schedule`."""
+        c = self.config
+        if c.sigmas is None:
+            if num_inference_steps is None:
+                raise ValueError("num_inference_steps is required without a grid in the config")
+            lo, hi = self.denoiser.family.sigma_range
+            return Schedule(get_sigmas(c.schedule, num_inference_steps, lo, hi, family=self.denoiser.family))
+        if num_inference_steps is not None and num_inference_steps != len(c.sigmas) - 1:
+            raise ValueError(f"this IndisScheduler holds a grid of {len(c.sigmas) - 1} steps, not "
+                             f"{num_inference_steps}")
+        return Schedule(*(None if v is None else torch.tensor(v, dtype=torch.float64)
+                          for v in (c.sigmas, c.shift, c.scale)))
 
     def scale_model_input(self, sample: Tensor, timestep: Tensor | float | None = None) -> Tensor:
         """The network's input at the current stage (the state, rescaled where a time shift moves a VP /

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from indis.engine.core.conditions import Cond, check_batch, flatten, select, unflatten
 from indis.engine.core.families import NoiseFamily, get_family
+from indis.engine.core.guidance import guidance_key
 
 LABEL_STREAM = 0x5EED1AB3  # offset of the label generator seed from the noise seed
 
@@ -190,10 +191,16 @@ class TeacherCache:
 
     def build(self, model: Callable[..., Tensor], seeds: range, *, rank: int = 0, world_size: int = 1,
               progress: bool = True) -> None:
-        """Write every missing shard of ``seeds`` (shard i goes to rank i mod world_size); resumable."""
+        """Write every missing shard of ``seeds`` (shard i goes to rank i mod world_size); resumable. A model
+        whose guidance (``guidance.guidance_key``) is not the one in this cache's key is refused: its end
+        points would be stored under another model's key."""
         from safetensors.torch import save_file
         from tqdm.auto import tqdm
 
+        if guidance_key(model) != self.key.get("guidance"):
+            raise ValueError(f"the model's guidance {guidance_key(model)} is not this cache's "
+                             f"{self.key.get('guidance')}: build the TeacherCache with "
+                             f"guidance=guidance_key(model)")
         self.dir.mkdir(parents=True, exist_ok=True)
         key_file = self.dir / "key.json"
         if not key_file.exists():
@@ -229,6 +236,13 @@ class TeacherCache:
                 raise ValueError(f"teacher shard {path} holds other seeds than its name says")
             if (self.conditions is not None) != any(k.startswith("cond.") for k in shard):
                 raise ValueError(f"teacher shard {path} does not hold the conditions this cache expects")
+            if self.conditions is not None:
+                fresh = self.condition_tensors(torch.arange(a, b), "cpu")
+                if set(fresh) != {k for k in shard if k.startswith("cond.") or k == "phi_cond"} or not all(
+                        torch.equal(v.to(shard[k].dtype), shard[k]) for k, v in fresh.items()):
+                    raise ValueError(f"conditions(seeds) for seeds {a}..{b - 1} differ from those stored in "
+                                     f"{path}: the conditions changed under conditions_key="
+                                     f"{self.key['conditions']!r}; give them another key")
             shards.append(shard)
         offset = seeds.start - blocks[0][0]
         rows = slice(offset, offset + len(seeds))

@@ -264,13 +264,17 @@ def test_a_text_unet_with_guidance_and_a_text_conditioned_phi_run_in_onnxruntime
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 4, 16, 16, generator=g) * float(den.family.s(torch.tensor(14.0)))
     text = torch.randn(3, 7, 12, generator=g)  # sequence length 7: not the export's
-    cfg = dict(cond={TEXT: text}, uncond={TEXT: torch.zeros(1, 7, 12)}, guidance_scale=7.5)
-    with torch.no_grad():
-        ref = indis.sample(den, x, phi(x, text.mean(1)), "dpmpp_2m", **cfg)
-        got = indis.sample(ort_unet.in_family(den.family), x, ort_phi(x, text.mean(1)), "dpmpp_2m", **cfg)
-    abs_err, rel_err = _max_errors(got, ref)
-    print(f"text UNet + phi, CFG, onnxruntime: max abs error {abs_err:.2e}, relative {rel_err:.2e}")
-    assert rel_err <= 1e-4
+    for rescale, prediction in ((0.0, "x0"), (0.7, den.prediction)):  # rescale acts on the prediction
+        cfg = dict(cond={TEXT: text}, uncond={TEXT: torch.zeros(1, 7, 12)}, guidance_scale=7.5,
+                   guidance_rescale=rescale)
+        with torch.no_grad():
+            ref = indis.sample(den, x, phi(x, text.mean(1)), "dpmpp_2m", **cfg)
+            got = indis.sample(ort_unet.in_family(den.family, prediction), x, ort_phi(x, text.mean(1)),
+                               "dpmpp_2m", **cfg)
+        abs_err, rel_err = _max_errors(got, ref)
+        print(f"text UNet + phi, CFG (rescale {rescale}), onnxruntime: max abs error {abs_err:.2e}, "
+              f"relative {rel_err:.2e}")
+        assert rel_err <= 1e-4
     prof = profile_from_metadata(spec_from_onnx(tmp_path / "unet.onnx"))
     assert prof[TEXT] == ((1, 1, 12), (4, 5, 12), (8, 8, 12)) and prof["sigma"] == ((1,), (4,), (8,))
 

@@ -82,3 +82,18 @@ def test_a_shared_negative_prompt_equals_it_repeated_and_the_key_tells_guidance_
     other = guidance_key(indis.guided(den, {**neg, "encoder_hidden_states": torch.ones(1, 5, 4)}, 4.0))
     assert guidance_key(den) is None and len({str(k) for k in (*keys, other)}) == 3
     assert keys[0] == guidance_key(indis.guided(den, neg, 4.0))
+
+
+def test_a_badly_shaped_uncond_is_named_and_a_0_dim_scale_is_a_float() -> None:
+    den = indis.Denoiser(_net, "vp_linear", "eps", "t", 1000.0)
+    x, cond = torch.randn(4, 4), _tree(4)
+    neg = {"encoder_hidden_states": torch.zeros(1, 5, 4),
+           "added_cond_kwargs": {"text_embeds": torch.ones(1, 6), "time_ids": torch.zeros(1, 2)}}
+    grid = indis.get_sigmas("edm", 3, 0.01, 50.0)
+    for bad in ({**neg, "encoder_hidden_states": torch.zeros(2, 5, 4)},
+                {**neg, "encoder_hidden_states": torch.tensor(0.0)}):
+        with pytest.raises(ValueError, match=r"uncond\['encoder_hidden_states'\].*batch size 4 \(or 1\)"):
+            indis.sample(den, x, grid, "euler", cond=cond, uncond=bad, guidance_scale=3.0)
+    torch.testing.assert_close(
+        indis.sample(den, x, grid, "euler", cond=cond, uncond=neg, guidance_scale=torch.tensor(3.0)),
+        indis.sample(den, x, grid, "euler", cond=cond, uncond=neg, guidance_scale=3.0))

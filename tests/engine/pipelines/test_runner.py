@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import indis
-from indis.engine.testbeds.tiny_diffusers import TEXT, tiny_sd3_pipe, tiny_sd_pipe, tiny_sdxl_pipe
+from indis.engine.testbeds.tiny_diffusers import SD_BETAS, TEXT, tiny_sd3_pipe, tiny_sd_pipe, tiny_sdxl_pipe
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -158,3 +158,71 @@ def test_gits_and_heuristic_schedules_equal_indis_sample_on_those_grids(schedule
                 if schedule == "gits" else indis.get_sigmas(schedule, 3, lo, hi, family=den.family))
         ref = indis.sample(model, x, grid, "dpmpp_2m", cond={TEXT: embeds})
     assert _rel(out, ref) <= 1e-5
+
+
+def test_interrupts_pipe_properties_and_what_diffusers_callbacks_need() -> None:
+    """``pipe._interrupt`` set in a callback stops after that step (its latents are the result); the
+    callback can read ``pipe.num_timesteps`` and ``pipe.guidance_scale``; PipelineCallback objects (which edit
+    embeddings) and diffusers' own call arguments are refused up front."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = tiny_sd_pipe()
+    common = dict(nfe=5, seeds=[0, 1], output_type="latent", progress=False)
+    recorded, calls = [], []
+
+    def record(p, i, t, kwargs):
+        recorded.append(kwargs["latents"])
+        assert p.num_timesteps == 5 and p.guidance_scale == 7.5
+
+    indis.diffusers_pipeline(pipe, PROMPTS, callback_on_step_end=record, **common)
+
+    def stop_after_step_1(p, i, t, kwargs):
+        calls.append(i)
+        p._interrupt = i == 1
+        return {}
+
+    out = indis.diffusers_pipeline(pipe, PROMPTS, callback_on_step_end=stop_after_step_1, **common).images
+    assert calls == [0, 1] and torch.equal(out, recorded[1])
+    with pytest.raises(NotImplementedError, match="PipelineCallback"):
+        cutoff = SDCFGCutoffCallback(cutoff_step_ratio=0.5)
+        indis.diffusers_pipeline(pipe, PROMPTS, callback_on_step_end=cutoff, **common)
+    with pytest.raises(ValueError, match="num_inference_steps is nfe"):
+        indis.diffusers_pipeline(pipe, PROMPTS, num_inference_steps=5, **common)
+
+
+def test_karras_rounding_is_inferred_and_grids_and_graphs_are_handled() -> None:
+    """DPM-Solver++ with Karras sigmas feeds rounded timesteps: the runner rounds likewise by default; a grid
+    given as a list works, a mismatching nfe is refused; graphs=True reuses one sampler per pipe."""
+    from indis.engine.pipelines.runner import _SAMPLERS, infer_rounding
+
+    pipe = tiny_sd_pipe(diffusers.DPMSolverMultistepScheduler(use_karras_sigmas=True, **SD_BETAS))
+    assert infer_rounding(pipe.scheduler, 6) == "round"
+    ref = pipe(PROMPTS, num_inference_steps=6, generator=torch.Generator().manual_seed(0),
+               output_type="latent").images
+    ours = indis.diffusers_pipeline(pipe, PROMPTS, nfe=6, generator=torch.Generator().manual_seed(0),
+                                    output_type="latent", progress=False).images
+    assert _rel(ours, ref) <= 1e-5, _rel(ours, ref)
+    grid = indis.grid_from_scheduler(pipe.scheduler, 4).tolist()
+    common = dict(seeds=[0, 1], output_type="latent", progress=False)
+    eager = indis.diffusers_pipeline(pipe, PROMPTS, schedule=grid, **common).images
+    with pytest.raises(ValueError, match="has 4 steps"):
+        indis.diffusers_pipeline(pipe, PROMPTS, schedule=grid, nfe=6, **common)
+    for _ in range(2):
+        graphed = indis.diffusers_pipeline(pipe, PROMPTS, schedule=grid, graphs=True, **common).images
+        assert _rel(graphed, eager) <= 1e-5
+    assert len(_SAMPLERS[pipe]) == 1
+
+
+def test_a_pipe_with_the_scheduler_shim_runs_its_grid() -> None:
+    """With ``IndisScheduler`` as the pipe's scheduler, from_diffusers still reads the model's family (not
+    flow matching) and schedule='scheduler' runs the shim's grid, shift and scale as the pipe does."""
+    pipe = tiny_sd_pipe()
+    grid = indis.get_sigmas("logsnr", 4, 0.05, 14.0)
+    pipe.scheduler = indis.IndisScheduler.from_config(pipe.scheduler.config, sigmas=grid, shift=[0.05] * 4,
+                                                      scale=[1.01] * 4, solver="ipndm")
+    assert isinstance(indis.from_diffusers(pipe.unet, pipe.scheduler).family, indis.VPDiscrete)
+    ref = pipe(PROMPTS, num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+               output_type="latent").images
+    ours = indis.diffusers_pipeline(pipe, PROMPTS, nfe=4, solver="ipndm", output_type="latent",
+                                    generator=torch.Generator().manual_seed(0), progress=False).images
+    assert _rel(ours, ref) <= 1e-5, _rel(ours, ref)

@@ -79,3 +79,24 @@ def test_misuse_is_refused() -> None:
     heuristic = indis.IndisScheduler.from_config(config, schedule="edm")
     heuristic.set_timesteps(7)
     assert heuristic.timesteps.numel() == 7
+
+
+def test_sd3_with_the_shim_on_its_flow_grid_and_what_flow_refuses(tmp_path) -> None:
+    """SD3 (FlowMatch, shift 3) with the shim on the FlowMatch scheduler's own grid gives the pipe's own
+    latents; a tensor grid saves as a list; a flow model without a grid, or with a shift, is refused."""
+    from indis.engine.testbeds.tiny_diffusers import tiny_sd3_pipe
+
+    pipe = tiny_sd3_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(num_inference_steps=5, guidance_scale=7.0, output_type="latent", max_sequence_length=8)
+    ref = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), **call).images
+    grid = indis.grid_from_scheduler(pipe.scheduler, 5)
+    config = pipe.scheduler.config
+    pipe.scheduler = indis.IndisScheduler.from_config(config, sigmas=grid, solver="euler")
+    ours = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), **call).images
+    assert _rel(ours, ref) <= 1e-5, _rel(ours, ref)
+    pipe.scheduler.save_config(tmp_path)
+    assert indis.IndisScheduler.from_pretrained(tmp_path).config.sigmas[1:] == grid[1:].tolist()
+    for kw in ({}, {"sigmas": grid, "shift": [0.1] * 5}):
+        with pytest.raises(ValueError, match="explicit grid"):
+            indis.IndisScheduler.from_config(config, **kw)

@@ -70,3 +70,32 @@ def test_noise_does_not_depend_on_the_batch() -> None:
     assert torch.equal(noise_from_seeds(torch.tensor([9, 0]), (1, 8, 8)), batch[[2, 0]])
     lab = labels_from_seeds([0, 5, 9], 10)
     assert torch.equal(labels_from_seeds([5], 10), lab[1:2])
+
+
+def _text_model(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """A denoiser whose output depends on a text-like condition ``[B, 3]``."""
+    return gaussian_denoiser(x, sigma) + 0.1 * text.mean(1, keepdim=True)
+
+
+def test_conditions_are_stored_with_the_seeds_and_a_changed_source_or_guidance_is_refused(tmp_path) -> None:
+    prompts = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+
+    def conditions(seeds: torch.Tensor):
+        emb = prompts[seeds % 5]
+        return {"text": emb}, emb * 2
+
+    kw = dict(backbone="toy", shape=(4,), sigma_min=0.002, sigma_max=80.0, shard_size=4,
+              teacher=TeacherSpec("euler", 4), conditions_key="five-prompts")
+    cache = TeacherCache(tmp_path, conditions=conditions, **kw)
+    cache.build(gaussian_denoiser, range(0, 8), progress=False)  # a model without guidance
+    data = cache.load(range(2, 7))
+    assert torch.equal(data.cond["text"], prompts[torch.arange(2, 7) % 5])
+    assert torch.equal(data.phi_cond, 2 * prompts[torch.arange(2, 7) % 5])
+    prompts.add_(1.0)  # another prompt list under the same conditions_key
+    with pytest.raises(ValueError, match="conditions changed under conditions_key='five-prompts'"):
+        cache.load(range(0, 4))
+    guided = indis.guided(indis.Denoiser(_text_model), {"text": torch.zeros(1, 3)}, 5.0)
+    with pytest.raises(ValueError, match="guidance"):
+        cache.build(guided, range(0, 8), progress=False)
+    with pytest.raises(ValueError, match="conditions_key"):
+        TeacherCache(tmp_path, conditions=conditions, **{**kw, "conditions_key": ""})
