@@ -150,13 +150,19 @@ def _stable_diffusion_3(pipe: Any, prompt: Any, negative_prompt: Any, n: int, do
 
 def adapter_for(pipe: Any) -> Callable[..., Prepared]:
     """The adapter of ``pipe``'s class (SDXL and SD3 before SD: a subclass keeps its base's adapter), or
-    ``NotImplementedError`` naming what to use instead."""
+    ``NotImplementedError`` naming what to use instead (also for a guidance-distilled UNet, e.g. LCM's, whose
+    ``time_cond_proj_dim`` takes the guidance scale as an input rather than two calls)."""
     import diffusers
 
     for cls, adapter in ((diffusers.StableDiffusionXLPipeline, _stable_diffusion_xl),
                          (diffusers.StableDiffusion3Pipeline, _stable_diffusion_3),
                          (diffusers.StableDiffusionPipeline, _stable_diffusion)):
         if isinstance(pipe, cls):
+            unet = getattr(pipe, "unet", None)
+            if unet is not None and getattr(unet.config, "time_cond_proj_dim", None) is not None:
+                raise NotImplementedError("this UNet is guidance-distilled (time_cond_proj_dim, e.g. LCM): "
+                                          "it takes the guidance scale as an input, which the runner does "
+                                          "not pass; use indis.sample with timestep_cond in cond")
             return adapter
     raise NotImplementedError(
         f"diffusers_pipeline runs StableDiffusionPipeline, StableDiffusionXLPipeline and "
