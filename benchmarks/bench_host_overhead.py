@@ -15,8 +15,11 @@ when the network is trivial (``x * 0.5``), at shape ``[B, 3, 32, 32]`` float32 o
 µs/step = median over repeats of (whole-loop wall time / steps); warm-up runs are discarded. Nothing is
 subtracted: the trivial model's cost is inside every loop equally. diffusers' ``set_timesteps`` and
 indis' ``prepare`` (per-generation fixed costs) are reported separately, per call (measured hot, back to
-back, so they are lower bounds for a once-per-generation call). Each method is timed in hot back-to-back
-blocks; the blocks alternate over several rounds so that clock or thermal drift hits each one equally.
+back, so they are lower bounds for a once-per-generation call). ``prepare`` keeps validated tables by value,
+so a repeated call with the same grid reuses its table; the rows marked "cold" empty that cache before
+every call, which is what a call with a new grid (e.g. an INDIS predictor's per-sample schedules) pays.
+Each method is timed in hot back-to-back blocks; the blocks alternate over several rounds so that clock or
+thermal drift hits each one equally.
 
 Run:  python benchmarks/bench_host_overhead.py [--steps 10] [--repeats 200] [--batch-sizes 1,16]
       [--json out.json]
@@ -38,7 +41,7 @@ from collections.abc import Callable
 import torch
 
 import indis
-from indis.engine.core.sampling import run_table
+from indis.engine.core.sampling import clear_plan_cache, run_table
 
 SHAPE = (3, 32, 32)
 BARE = "bare torch DPM++(2M) loop (Python-float coefs)"
@@ -209,9 +212,21 @@ def build_benches(batch: int, steps: int) -> list[Bench]:
             def prep(grid=grid, solver=solver) -> object:
                 return indis.prepare(kd_model, x, grid, solver)
 
+            def e2e_cold(grid=grid, solver=solver) -> object:
+                clear_plan_cache()
+                return indis.sample(kd_model, x, grid, solver)
+
+            def prep_cold(grid=grid, solver=solver) -> object:
+                clear_plan_cache()
+                return indis.prepare(kd_model, x, grid, solver)
+
             benches.append(Bench(f"indis.sample {solver} end-to-end ({grid_name} grid)", timed(e2e), steps,
                                  "loop"))
+            benches.append(Bench(f"indis.sample {solver} end-to-end ({grid_name} grid, cold)",
+                                 timed(e2e_cold), steps, "loop"))
             benches.append(Bench(f"indis.prepare {solver} ({grid_name} grid)", timed(prep), 1, "fixed"))
+            benches.append(Bench(f"indis.prepare {solver} ({grid_name} grid, cold)", timed(prep_cold), 1,
+                                 "fixed"))
     return benches
 
 
@@ -349,9 +364,22 @@ def main(argv: list[str] | None = None) -> int:
         ("indis dpmpp_2m ragged (loop) / bare torch DPM++(2M)", "indis run_table dpmpp_2m (ragged grid)",
          bare, "target <= 1x"),
         ("diffusers DPM++(2M) / indis.sample dpmpp_2m (end-to-end)", "diffusers DPM++(2M) step()",
-         "indis.sample dpmpp_2m end-to-end (shared grid)", "info (diffusers loop only)"),
+         "indis.sample dpmpp_2m end-to-end (shared grid)", "target >= 4x at B=1, >= 2x at B=16"),
         ("diffusers UniPC / indis.sample unipc (end-to-end)", "diffusers UniPC(bh2) step()",
-         "indis.sample unipc end-to-end (shared grid)", "info (diffusers loop only)"),
+         "indis.sample unipc end-to-end (shared grid)", "target >= 4x at B=1, >= 2x at B=16"),
+        ("diffusers DPM++(2M) / indis.sample dpmpp_2m (end-to-end, cold)", "diffusers DPM++(2M) step()",
+         "indis.sample dpmpp_2m end-to-end (shared grid, cold)", "info: every call a new table"),
+        ("diffusers UniPC / indis.sample unipc (end-to-end, cold)", "diffusers UniPC(bh2) step()",
+         "indis.sample unipc end-to-end (shared grid, cold)", "info: every call a new table"),
+        ("indis.prepare dpmpp_2m / diffusers set_timesteps", "indis.prepare dpmpp_2m (shared grid)",
+         "diffusers DPM++(2M) set_timesteps()", "target <= 3x at B=16"),
+        ("indis.prepare unipc / diffusers set_timesteps", "indis.prepare unipc (shared grid)",
+         "diffusers UniPC(bh2) set_timesteps()", "target <= 6x at B=16"),
+        ("indis.prepare dpmpp_2m (cold) / diffusers set_timesteps",
+         "indis.prepare dpmpp_2m (shared grid, cold)", "diffusers DPM++(2M) set_timesteps()",
+         "info: every call a new table"),
+        ("indis.prepare unipc (cold) / diffusers set_timesteps", "indis.prepare unipc (shared grid, cold)",
+         "diffusers UniPC(bh2) set_timesteps()", "info: every call a new table"),
     ]
     print(f"\n## Ratios\n\n| ratio | {cols} | target |")
     print("|---" * (2 + len(batches)) + "|")

@@ -22,6 +22,7 @@ and keep ``inf`` / ``0`` endpoints exact.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -63,6 +64,19 @@ class NoiseFamily:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+    def key(self) -> tuple:
+        """What identifies this family's maps by value (its class and parameters; a tensor parameter by a
+        digest of its bytes), for caches keyed by value. Computed once per instance."""
+        cached = self.__dict__.get("_key")
+        if cached is None:
+            items = []
+            for name, v in sorted(vars(self).items()):
+                if isinstance(v, Tensor):
+                    v = hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+                items.append((name, v if isinstance(v, (int, float, str, tuple)) else repr(v)))
+            cached = self.__dict__["_key"] = (type(self).__qualname__, tuple(items))
+        return cached
 
 
 class VE(NoiseFamily):

@@ -11,6 +11,8 @@ branches on the table's static structure.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -78,8 +80,8 @@ def check_state(x: object, name: str = "x", finite: bool = True) -> None:
         raise ValueError(f"{name} must be a floating-point tensor [B, ...]")
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"{name} must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-    if finite and not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
+    if finite and x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
+        raise ValueError(f"{name} contains NaN or inf")  # min and max carry any NaN / inf: one pass
 
 
 def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Tensor | None,
@@ -197,50 +199,65 @@ class Stage:
     stash_terms: tuple[tuple[int, Tensor], ...]  # empty: the stash is left as it is
 
 
+class _Layouts:
+    """A table's layouts for one state shape and dtype, each made on first use; shared by every plan of a
+    cached table."""
+
+    __slots__ = ("time", "stages", "packed", "reports")
+
+    def __init__(self) -> None:
+        self.time: Tensor | None = None
+        self.stages: tuple[Stage, ...] | None = None
+        self.packed: PackedTable | None = None
+        self.reports: tuple[Report, ...] | None = None
+
+
 class Plan:
     """A validated solver table for one state shape and dtype, with the two layouts the loops read: per-stage
     views (:attr:`stages`, for :func:`run_table`) and packed rows (:attr:`packed`, for :func:`run_fused`).
 
-    Built once per batch by :func:`prepare`; each layout is made on first use, so a plan builds only the
-    one its backend reads. The loops then only call the network and combine tensors -- no slicing, casting
-    or host synchronisation inside the loop.
+    Built by :func:`prepare` (or taken from its cache); each layout is made on first use, so a plan builds
+    only the one its backend reads. The loops then only call the network and combine tensors -- no slicing,
+    casting or host synchronisation inside the loop.
     """
 
-    def __init__(self, denoiser: Denoiser, table: SolverTable, x: Tensor) -> None:
+    def __init__(self, denoiser: Denoiser, table: SolverTable, x: Tensor, layouts: _Layouts | None = None
+                 ) -> None:
         self.denoiser, self.table = denoiser, table
         self.shape, self.dtype = tuple(x.shape), x.dtype
-        self._time: Tensor | None = None
-        self._stages: tuple[Stage, ...] | None = None
-        self._packed: PackedTable | None = None
-        self._reports: tuple[Report, ...] | None = None
+        self._layouts = _Layouts() if layouts is None else layouts
 
     @property
     def time(self) -> Tensor:
         """The network's time input at each evaluated sigma ``[B, S]`` (float64)."""
-        if self._time is None:
-            self._time = self.denoiser.time(self.table.sigma_eval)
-        return self._time
+        lay = self._layouts
+        if lay.time is None:
+            lay.time = self.denoiser.time(self.table.sigma_eval)
+        return lay.time
 
     @property
     def stages(self) -> tuple[Stage, ...]:
         """Per-stage views of the table, cast to the state's dtype once."""
-        if self._stages is None:
-            self._stages = stage_views(self.table, self.time, self.shape, self.dtype)
-        return self._stages
+        lay = self._layouts
+        if lay.stages is None:
+            lay.stages = stage_views(self.table, self.time, self.shape, self.dtype)
+        return lay.stages
 
     @property
     def reports(self) -> tuple[Report, ...]:
         """What a callback is told at each stage (made on the first call with a callback)."""
-        if self._reports is None:
-            self._reports = _reports(self.denoiser, self.table, self.shape, self.dtype)
-        return self._reports
+        lay = self._layouts
+        if lay.reports is None:
+            lay.reports = _reports(self.denoiser, self.table, self.shape, self.dtype)
+        return lay.reports
 
     @property
     def packed(self) -> PackedTable:
         """The table laid out for the fused step (``indis.kernels.ragged_step.pack_table``)."""
-        if self._packed is None:
-            self._packed = pack_table(self.table, self.time, self.dtype)
-        return self._packed
+        lay = self._layouts
+        if lay.packed is None:
+            lay.packed = pack_table(self.table, self.time, self.dtype)
+        return lay.packed
 
 
 def stage_views(table: SolverTable, time: Tensor, shape: tuple[int, ...], dtype: torch.dtype
@@ -339,6 +356,47 @@ def pool_layout(den: Denoiser, table: SolverTable, dtype: torch.dtype, stages: i
     return rows, time
 
 
+#: How many validated tables :func:`prepare` keeps (least recently used first out).
+PLAN_CACHE_SIZE = 64
+_plans: OrderedDict[tuple, tuple[SolverTable, _Layouts]] = OrderedDict()
+_plans_lock = threading.Lock()
+
+
+def clear_plan_cache() -> None:
+    """Forget every table :func:`prepare` keeps."""
+    with _plans_lock:
+        _plans.clear()
+
+
+def _plan_key(den: Denoiser, x: Tensor, sigmas: object, solver: str, shift: object, scale: object,
+              solver_opts: dict) -> tuple | None:
+    """The value that decides a table and its layouts: the solver and its options, the grid / shift / scale
+    bytes, the state's shape, dtype and device, and the denoiser's family, prediction and time input. None
+    (no caching) when a gradient may flow or an input is not a plain tensor or sequence."""
+    if isinstance(sigmas, Schedule):
+        if shift is not None or scale is not None:
+            return None  # check_inputs refuses it
+        sigmas, shift, scale = sigmas.grid, sigmas.shift, sigmas.scale
+    parts = []
+    for v in (sigmas, shift, scale):
+        if v is None:
+            parts.append(None)
+            continue
+        try:
+            t = v if isinstance(v, Tensor) else torch.as_tensor(v, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        if t.requires_grad or not t.is_floating_point() or t.device != x.device:
+            return None  # (a grid on another device is refused by check_inputs)
+        parts.append((tuple(t.shape), t.dtype, t.device, t.detach().cpu().contiguous().numpy().tobytes()))
+    try:
+        opts = repr(sorted(solver_opts.items()))
+    except TypeError:
+        return None
+    return (solver, opts, *parts, tuple(x.shape), x.dtype, x.device, den.family.key(), den.prediction,
+            den.time_input, den.time_scale)
+
+
 def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule,
             solver: str = "ipndm", *, shift: Tensor | None = None, scale: Tensor | None = None,
             **solver_opts) -> Plan:
@@ -346,13 +404,34 @@ def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor |
     table (:func:`table_for`) as a :class:`Plan`.
 
     ``sigmas`` may be a :class:`~indis.engine.core.schedules.Schedule` (an INDIS predictor's output), which
-    carries its own ``shift`` and ``scale``.
+    carries its own ``shift`` and ``scale``. Tables are cached by value (the last :data:`PLAN_CACHE_SIZE`):
+    a call with the same grid, shift, scale, solver, options, state shape, dtype and device and a denoiser of
+    the same family, prediction and time input reuses the validated table and its layouts, and only checks
+    ``x`` (its shape, dtype and finiteness) -- the values that decided the table were checked when it was
+    built. Calls through which a gradient may flow are not cached. :func:`clear_plan_cache` empties it.
     """
     den = as_denoiser(model)
+    key = None
+    if isinstance(x, Tensor) and not (torch.is_grad_enabled() and x.requires_grad):
+        key = _plan_key(den, x, sigmas, solver, shift, scale, solver_opts)
+    if key is not None:
+        with _plans_lock:
+            hit = _plans.get(key)
+            if hit is not None:
+                _plans.move_to_end(key)
+        if hit is not None:
+            check_state(x)
+            return Plan(den, hit[0], x, hit[1])
     grid, shift, scale = check_inputs(den, x, sigmas, solver, shift=shift, scale=scale,
                                       solver_opts=solver_opts)
     with nvtx_range("coefficients"):
-        return Plan(den, table_for(den, grid, solver, x.dtype, shift=shift, scale=scale, **solver_opts), x)
+        plan = Plan(den, table_for(den, grid, solver, x.dtype, shift=shift, scale=scale, **solver_opts), x)
+    if key is not None and not plan.table.coef.requires_grad:
+        with _plans_lock:
+            _plans[key] = (plan.table, plan._layouts)
+            while len(_plans) > PLAN_CACHE_SIZE:
+                _plans.popitem(last=False)
+    return plan
 
 
 def _lin(terms: tuple[tuple[int, Tensor], ...], inputs: Sequence[Tensor]) -> Tensor:
@@ -576,7 +655,8 @@ sample_ipndm = _kd("ipndm")
 sample_ipndm_v = _kd("ipndm_v")
 sample_unipc = _kd("unipc")
 
-__all__ = ["DEFAULT_ORDER", "Plan", "Stage", "check_coefficients", "check_finite", "check_grid",
+__all__ = ["DEFAULT_ORDER", "PLAN_CACHE_SIZE", "Plan", "Stage", "check_coefficients", "check_finite",
+           "check_grid", "clear_plan_cache",
            "check_inputs", "check_schedule", "check_solver", "check_state",
            "make_plan", "per_step", "pool_layout", "prepare", "run", "run_fused", "run_table", "sample",
            "stage_update", "stage_views", "table_for",

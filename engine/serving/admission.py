@@ -28,7 +28,7 @@ from indis.engine.core.sampling import (
 from indis.engine.core.schedules import HEURISTICS, Schedule, get_sigmas
 from indis.engine.serving.allocation import NFEChooser
 from indis.engine.serving.pool import MAX_HISTORY
-from indis.engine.tuning.teacher import initial_state, noise_from_seeds
+from indis.engine.tuning.teacher import noise_from_seeds, noise_scale
 
 
 @dataclass
@@ -150,6 +150,10 @@ class Admission:
         self.predictors, self.predictor_cond, self.chooser = predictors, predictor_cond, chooser
         self.conditions, self.max_stages, self.guidance = conditions, max_stages, guidance
         self.device, self.dtype, self.coef_dtype = device, dtype, coef_dtype
+        self.noise_scale = noise_scale(sigma_max, den.family)  # x_T = noise_scale * noise, as in tuning
+        # A seed's noise is a normal draw from 32- or 64-bit uniforms, so |noise| < 64: its x_T can overflow
+        # the pool's dtype only when noise_scale * 64 does, and only then is each one checked.
+        self.check_seed_states = self.noise_scale * 64 > torch.finfo(dtype).max
         self.tables: dict[tuple, tuple[Tensor, Tensor, int]] = {}  # heuristic schedules: one table each
 
     def admit(self, batch: list[tuple[Request, object]], on_nfe: Callable[[object, int], None] | None = None
@@ -243,9 +247,9 @@ class Admission:
         if req.x_T is None:
             if isinstance(req.seed, bool) or not isinstance(req.seed, int) or req.seed < 0:
                 raise ValueError(f"seed={req.seed!r} must be a non-negative int")
-            noise = noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0]
-            x = initial_state(noise, self.sigma_max, self.den.family)
-            check_state(x[None].to(self.dtype), f"x_T (seed {req.seed} at sigma_max {self.sigma_max})")
+            x = noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0] * self.noise_scale
+            if self.check_seed_states:
+                check_state(x[None].to(self.dtype), f"x_T (seed {req.seed} at sigma_max {self.sigma_max})")
             return x
         try:
             x = torch.as_tensor(req.x_T).detach().to("cpu", torch.float64)

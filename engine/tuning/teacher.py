@@ -50,10 +50,14 @@ def labels_from_seeds(seeds: Sequence[int] | Tensor, num_classes: int,
     return torch.tensor(labels, dtype=torch.long, device=device)
 
 
+def noise_scale(sigma_max: float, family: NoiseFamily | str = "ve") -> float:
+    """The state's noise scale at ``sigma_max``, ``family.s(sigma_max)`` (sigma itself for VE)."""
+    return float(get_family(family).s(torch.tensor(sigma_max, dtype=torch.float64)))
+
+
 def initial_state(noise: Tensor, sigma_max: float, family: NoiseFamily | str = "ve") -> Tensor:
     """The sampler's start ``x_T`` in the family's coordinate: ``family.s(sigma_max) * noise``."""
-    s = get_family(family).s(torch.tensor(sigma_max, dtype=torch.float64))
-    return noise * float(s)
+    return noise * noise_scale(sigma_max, family)
 
 
 @dataclass(frozen=True)
@@ -254,4 +258,4 @@ class TeacherCache:
 
 
 __all__ = ["Conditions", "TeacherCache", "TeacherSpec", "TuningData", "initial_state", "labels_from_seeds",
-           "noise_from_seeds"]
+           "noise_from_seeds", "noise_scale"]

@@ -157,3 +157,36 @@ def test_property_perturbed_grids_are_rejected(data, seed):
     for bad in (swapped, dup):
         with pytest.raises(ValueError, match="sigmas"):
             indis.sample(model, x.double(), bad, "dpmpp_2m")
+
+
+def test_prepare_reuses_a_validated_table_by_value_and_only_that() -> None:
+    """A repeated call with equal inputs reuses the table (and its layouts) even for another model of the same
+    family, prediction and time input -- whose own outputs are then used; anything that decides the table
+    makes another; x is still checked on a hit; gradients and the size bound are respected."""
+    from indis.engine.core import sampling
+
+    sampling.clear_plan_cache()
+    model, x, sig = _ok_args()
+    first = indis.prepare(model, x, sig, "unipc")
+    again = indis.prepare(model, x, sig.clone(), "unipc")
+    assert again.table is first.table and again.stages is first.stages
+    other = indis.prepare(lambda x, s: x * 0.25, x, sig, "unipc")
+    assert other.table is first.table
+    torch.testing.assert_close(indis.run(other, x, backend="torch"),
+                               indis.sample(lambda x, s: x * 0.25, x, sig, "unipc", backend="torch"))
+    for changed in (dict(sigmas=sig * 0.5), dict(solver="dpmpp_2m"), dict(order=2), dict(x=x.double()),
+                    dict(x=torch.cat([x, x])), dict(shift=[0.01] * (sig.numel() - 1))):
+        kw = {"sigmas": sig, "solver": "unipc", "x": x, **changed}
+        plan = indis.prepare(model, kw.pop("x"), kw.pop("sigmas"), kw.pop("solver"), **kw)
+        assert plan.table is not first.table
+    with pytest.raises(ValueError, match="x contains NaN"):
+        indis.prepare(model, torch.full_like(x, float("nan")), sig, "unipc")
+    vp = [indis.Denoiser(lambda x, t: x, indis.VPDiscrete.from_config(), "eps", "t") for _ in range(2)]
+    grid = indis.get_sigmas("edm", 4, 0.05, 50.0)
+    assert indis.prepare(vp[0], x, grid, "euler").table is indis.prepare(vp[1], x, grid, "euler").table
+    leaf = sig.clone().requires_grad_(True)
+    assert indis.prepare(model, x, leaf, "euler").table is not indis.prepare(model, x, leaf, "euler").table
+    sampling.clear_plan_cache()
+    for k in range(sampling.PLAN_CACHE_SIZE + 5):
+        indis.prepare(model, x, sig * (1 - 0.001 * k), "euler")
+    assert len(sampling._plans) == sampling.PLAN_CACHE_SIZE
