@@ -134,6 +134,70 @@ class _Stage:
     stash_row: Row | None = None
 
 
+@dataclass
+class _Built:
+    """A solver's stages as stage-major tensors (what :func:`_assemble` turns into a table): ``p`` / ``q``
+    ``[B, S]`` of ``h = p * y + q * x0`` (``p_used[k]``: p structurally nonzero at stage k), the update rows
+    ``coef [B, S, 2, W]`` and the structure -- each stage's grid step and evaluated point, the nonzero slots
+    of its two rows and whether it writes the stash."""
+
+    steps: tuple[int, ...]
+    points: tuple[int, ...]
+    p: Tensor
+    p_used: tuple[bool, ...]
+    q: Tensor
+    coef: Tensor
+    support: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    writes_stash: tuple[bool, ...]
+
+
+def _runs(orders: list[int]) -> list[tuple[int, slice]]:
+    """Maximal runs of equal order: ``[(order, slice of steps)]`` (few, so per-run ops stay few)."""
+    out, start = [], 0
+    for n in range(1, len(orders) + 1):
+        if n == len(orders) or orders[n] != orders[start]:
+            out.append((orders[start], slice(start, n)))
+            start = n
+    return out
+
+
+def _by_run(orders: list[int], column) -> Tensor:
+    """``[B, N]``: each run's ``column(order, steps)`` side by side (slices and one cat: no index tensor, so
+    no host-to-device copy inside a CUDA graph capture)."""
+    parts = [column(k, sl) for k, sl in _runs(orders)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _one_stage_per_step(orders: list[int], p: Tensor | None, q: Tensor, cols: list[Tensor | None]
+                        ) -> _Built:
+    """A solver with one evaluation per step at the step's own point and no stash: the state row's columns
+    ``cols`` (None: structurally zero) over slots (y, stash, h, H_1, ...); slot ``H + j`` is used where the
+    step's order exceeds j."""
+    zero = q.new_zeros(q.shape)
+    y_row = torch.stack([zero if c is None else c for c in cols], dim=-1)
+    coef = torch.stack([y_row, torch.zeros_like(y_row)], dim=2)
+    steps = tuple(range(len(orders)))
+    support = tuple((tuple([Y, H, *(HIST(j) for j in range(1, k))]), ()) for k in orders)
+    return _Built(steps, steps, zero if p is None else p, (p is not None,) * len(orders), q, coef, support,
+                  (False,) * len(orders))
+
+
+def _built_from_stages(stages: list[_Stage], bsz: int, like: Tensor) -> _Built:
+    """Stage-by-stage rows (the solvers still built per step) as stage-major tensors."""
+    rows = [(st.y_row, st.stash_row or {}) for st in stages]
+    history = max([i - H for pair in rows for row in pair for i in row if i > H], default=0)
+    width = 3 + history
+    zero = like.new_zeros(bsz)
+    entries = [row.get(i, zero) for pair in rows for row in pair for i in range(width)]
+    coef = torch.stack([v.expand(bsz) if isinstance(v, Tensor) else zero + v for v in entries], dim=1)
+    p = torch.stack([st.p if st.p is not None else torch.zeros_like(st.q) for st in stages], dim=1)
+    return _Built(tuple(st.step for st in stages), tuple(st.point for st in stages), p,
+                  tuple(st.p is not None for st in stages), torch.stack([st.q for st in stages], dim=1),
+                  coef.reshape(bsz, len(stages), 2, width),
+                  tuple((tuple(sorted(y)), tuple(sorted(s))) for y, s in rows),
+                  tuple(st.stash_row is not None for st in stages))
+
+
 class _Points:
     """Per-grid-point quantities ``[B, N+1]`` in float64: family scales, lambda, frame time and ratio."""
 
@@ -148,6 +212,10 @@ class _Points:
 
     def step_h(self, n: int) -> Tensor:
         return self.lam[:, n + 1] - self.lam[:, n]
+
+    def steps_h(self) -> Tensor:
+        """Every step's ``h`` ``[B, N]``."""
+        return self.lam[:, 1:] - self.lam[:, :-1]
 
 
 def _combine(*terms: tuple[Tensor | float, Row]) -> Row:
@@ -165,9 +233,6 @@ def _euler(pt: _Points, n: int) -> Row:
     ratio = pt.s[:, n + 1] / pt.s[:, n]
     return {Y: ratio, H: pt.alpha[:, n + 1] - pt.alpha[:, n] * ratio}
 
-
-def _stages_euler(pt: _Points, steps: int, **_: object) -> list[_Stage]:
-    return [_Stage(n, n, None, torch.ones_like(pt.sigma[:, 0]), _euler(pt, n)) for n in range(steps)]
 
 
 def _frame_conv(pt: _Points, i: int) -> tuple[Tensor, Tensor]:
@@ -219,16 +284,31 @@ def _ab_variable(tau: Tensor, n: int, order: int) -> list[Tensor]:
     return weights
 
 
-def _stages_ipndm(pt: _Points, steps: int, *, order: int, variable: bool, first: int,
-                  **_: object) -> list[_Stage]:
+def _ipndm_orders(steps: int, order: int, first: int) -> list[int]:
+    """iPNDM's order per step: lower-order warm-up from the first usable step."""
+    return [min(order, n + 1 - first) if n >= first else 1 for n in range(steps)]
+
+
+def _built_ipndm(pt: _Points, steps: int, *, order: int, first: int, **_: object) -> _Built:
+    """iPNDM with fixed Adams-Bashforth weights over every step at once: ``z' = z + dtau sum_j w_j g_j`` in
+    the frame, written in state coordinates (``y = rho z``), with ``g = (z - x0) / tau``."""
+    orders = _ipndm_orders(steps, order, first)
+    rho0, rho1, tau0 = pt.rho[:, :-1], pt.rho[:, 1:], pt.tau[:, :-1]
+    p, q = 1.0 / (rho0 * tau0), -1.0 / tau0          # the frame derivative, as in _frame_conv
+    scale = rho1 * (pt.tau[:, 1:] - tau0)             # rho' dtau
+    zero = torch.zeros_like(scale)
+    cols: list[Tensor | None] = [rho1 / rho0, None]
+    for j in range(max(orders)):  # weight j of each step's order (0 past it), newest derivative first
+        cols.append(_by_run(orders, lambda k, sl, j=j: (scale * _AB[k][j] if j < k else zero)[:, sl]))
+    return _one_stage_per_step(orders, p, q, cols)
+
+
+def _stages_ipndm_v(pt: _Points, steps: int, *, order: int, first: int, **_: object) -> list[_Stage]:
+    """Variable-step iPNDM, step by step (its weights depend on each step's own nodes)."""
     stages = []
-    for n in range(steps):
+    for n, k in enumerate(_ipndm_orders(steps, order, first)):
         p, q = _frame_conv(pt, n)
-        k = min(order, n + 1 - first) if n >= first else 1
-        if variable:
-            weights = _ab_variable(pt.tau, n, k)
-        else:
-            weights = [torch.full_like(p, c) for c in _AB[k]]
+        weights = _ab_variable(pt.tau, n, k)
         derivs = {H if j == 0 else HIST(j): w for j, w in enumerate(weights)}
         stages.append(_Stage(n, n, p, q, _frame_step(pt, n, Y, derivs)))
     return stages
@@ -246,31 +326,42 @@ def _lower_order(n: int, steps: int, order: int, first: int, lower_order_final: 
     return k
 
 
-def _stages_dpmpp(pt: _Points, steps: int, *, order: int, first: int, lower_order_final: bool,
-                  final_zero: bool, **_: object) -> list[_Stage]:
-    stages = []
-    for n in range(steps):
-        k = _lower_order(n, steps, order, first, lower_order_final, final_zero)
-        row = _euler(pt, n)
-        c = row[H]  # alpha' (1 - e^{-h})
-        if k >= 2:
-            h = pt.step_h(n)
-            h0 = pt.step_h(n - 1)
-            if k == 2:  # midpoint form: x0 + (x0 - x0_prev) / (2 r), r = h0 / h
-                half_inv_r = h / (2 * h0)
-                row = {Y: row[Y], H: c * (1 + half_inv_r), HIST(1): -c * half_inv_r}
-            else:
-                h1 = pt.step_h(n - 2)
-                r0, r1 = h0 / h, h1 / h
-                em1 = torch.expm1(-h)
-                phi2 = pt.alpha[:, n + 1] * (em1 / h + 1)
-                phi3 = pt.alpha[:, n + 1] * ((em1 + h) / (h * h) - 0.5)
-                w, v = r0 / (r0 + r1), 1 / (r0 + r1)
-                a = phi2 * (1 + w) - phi3 * v    # coefficient of D1_0 = (m0 - m1) / r0
-                b = -phi2 * w + phi3 * v         # coefficient of D1_1 = (m1 - m2) / r1
-                row = {Y: row[Y], H: c + a / r0, HIST(1): -a / r0 + b / r1, HIST(2): -b / r1}
-        stages.append(_Stage(n, n, None, torch.ones_like(c), row))
-    return stages
+def _built_exponential(pt: _Points, steps: int, *, order: int, first: int, lower_order_final: bool,
+                       final_zero: bool, **_: object) -> _Built:
+    """Euler (order 1) and DPM-Solver++ 2M / 3M over every step at once: the exact exponential Euler row
+    ``y' = (s'/s) y + c x0`` with ``c = alpha' - alpha s'/s``, plus 2M's midpoint correction
+    ``c (x0 - x0_prev) / (2 r)`` (``r = h0 / h``) or 3M's two differences, per step's order (diffusers'
+    warm-up and lower-order final steps)."""
+    orders = [_lower_order(n, steps, order, first, lower_order_final, final_zero) for n in range(steps)]
+    ratio = pt.s[:, 1:] / pt.s[:, :-1]
+    c = pt.alpha[:, 1:] - pt.alpha[:, :-1] * ratio
+    h = pt.steps_h()
+    kmax = max(orders)
+    cols: list[Tensor | None] = [ratio, None, c, None, None][:3 + kmax - 1]
+    if kmax >= 2:
+        h0 = torch.cat([h[:, :1], h[:, :-1]], dim=1)          # h of the step before (column 0 unused)
+        half_inv_r = h / (2 * h0)
+        alpha1 = pt.alpha[:, 1:]
+        if kmax == 3:
+            h1 = torch.cat([h[:, :2], h[:, :-2]], dim=1)      # two steps before (columns 0, 1 unused)
+            r0, r1 = h0 / h, h1 / h
+            em1 = torch.expm1(-h)
+            phi2 = alpha1 * (em1 / h + 1)
+            phi3 = alpha1 * ((em1 + h) / (h * h) - 0.5)
+            w, v = r0 / (r0 + r1), 1 / (r0 + r1)
+            a = phi2 * (1 + w) - phi3 * v    # coefficient of D1_0 = (m0 - m1) / r0
+            b = -phi2 * w + phi3 * v         # coefficient of D1_1 = (m1 - m2) / r1
+        zero = torch.zeros_like(c)
+        used = set(orders)
+        newest = {1: c, 2: c * (1 + half_inv_r) if 2 in used else None, 3: c + a / r0 if 3 in used else None}
+        previous = {1: zero, 2: -c * half_inv_r if 2 in used else None,
+                    3: -a / r0 + b / r1 if 3 in used else None}
+        cols[H] = _by_run(orders, lambda k, sl: newest[k][:, sl])
+        cols[HIST(1)] = _by_run(orders, lambda k, sl: previous[k][:, sl])
+        if kmax == 3:
+            oldest = -b / r1
+            cols[HIST(2)] = _by_run(orders, lambda k, sl: (oldest if k == 3 else zero)[:, sl])
+    return _one_stage_per_step(orders, None, torch.ones_like(c), cols)
 
 
 def _unipc_b(h: Tensor, variant: str, order: int) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -431,27 +522,28 @@ def build_table(solver: str, grid: Tensor, family: NoiseFamily, *, prediction: P
     if final_zero is None:
         final_zero = bool((grid[:, -1] == 0).all())
     pt = _Points(grid, family, frame)
-    builders = {"euler": _stages_euler, "heun": _stages_heun, "ipndm": _stages_ipndm,
-                "ipndm_v": _stages_ipndm, "dpmpp_2m": _stages_dpmpp, "dpmpp_3m": _stages_dpmpp,
+    builders = {"euler": _built_exponential, "heun": _stages_heun, "ipndm": _built_ipndm,
+                "ipndm_v": _stages_ipndm_v, "dpmpp_2m": _built_exponential, "dpmpp_3m": _built_exponential,
                 "unipc": _stages_unipc}
-    stages = builders[solver](pt, steps, order=order, variable=solver == "ipndm_v", first=first,
-                              lower_order_final=lower_order_final, final_zero=final_zero, variant=variant,
-                              corrector=corrector, disable_corrector=tuple(disable_corrector))
-    return _assemble(solver, grid, family, prediction, stages, shift, scale, check_finite)
+    built = builders[solver](pt, steps, order=order, first=first, lower_order_final=lower_order_final,
+                             final_zero=final_zero, variant=variant, corrector=corrector,
+                             disable_corrector=tuple(disable_corrector))
+    if isinstance(built, list):
+        built = _built_from_stages(built, grid.shape[0], grid)
+    return _assemble(solver, grid, family, prediction, built, shift, scale, check_finite)
 
 
-def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Prediction, stages: list[_Stage],
+def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Prediction, built: _Built,
               shift: Tensor | None, scale: Tensor | None, check_finite: bool) -> SolverTable:
-    bsz = grid.shape[0]
-    rows = [st.y_row for st in stages] + [st.stash_row for st in stages if st.stash_row is not None]
-    history = max([i - H for row in rows for i in row if i > H], default=0)
-    uses_stash = any(st.stash_row is not None for st in stages)
-    width = 3 + history
-    def per_stage(t: Tensor, index: str) -> Tensor:  # [B, N(+1)] -> [B, S] (static indices: no H2D copy)
-        return torch.stack([t[:, getattr(st, index)] for st in stages], dim=1)
+    """The table from a solver's stages: the corrected network call (shift, scale) and the prediction type
+    folded into ``conv``, the network's input scale and evaluation points."""
+    def per_stage(t: Tensor, index: tuple[int, ...]) -> Tensor:  # [B, N(+1)] -> [B, S], static indices
+        if index == tuple(range(len(index))):
+            return t[:, :len(index)]
+        return torch.stack([t[:, i] for i in index], dim=1)
 
-    sigma_n = per_stage(grid, "point")                                     # [B, S]
-    dtau = torch.zeros_like(sigma_n) if shift is None else per_stage(shift.to(grid), "step")
+    sigma_n = per_stage(grid, built.points)                                 # [B, S]
+    dtau = torch.zeros_like(sigma_n) if shift is None else per_stage(shift.to(grid), built.steps)
     sigma_eval = sigma_n * torch.exp(dtau)
     alpha_n = family.alpha(sigma_n)
     start = torch.isinf(sigma_n)  # a flow model's t = 1: eps is the state itself, nothing to shift or scale
@@ -459,22 +551,17 @@ def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Predic
     alpha_safe = torch.where(start, torch.ones_like(alpha_n), alpha_n)
     in_scale = torch.where(same, torch.ones_like(sigma_n), family.alpha(sigma_eval) / alpha_safe)
     a, b = raw_to_x0(prediction, family, sigma_eval)                        # D = a * x_eval + b * raw
-    gamma = torch.ones_like(sigma_n) if scale is None else per_stage(scale.to(grid), "step")
+    gamma = torch.ones_like(sigma_n) if scale is None else per_stage(scale.to(grid), built.steps)
     # eps_hat = gamma (x - D) / sigma_eval; x0_hat = x - sigma_n eps_hat = (1 - k) x + k D, VE x = y / alpha_n
     k = torch.where(start, torch.ones_like(gamma), gamma * torch.exp(-dtau))
     x_weight = torch.where(start, torch.zeros_like(k), (1 - k) / alpha_safe)
-    p = torch.stack([st.p if st.p is not None else torch.zeros_like(st.q) for st in stages], dim=1)
-    q = torch.stack([st.q for st in stages], dim=1)
+    p, q, coef = built.p, built.q, built.coef
     conv = torch.stack([p + q * (x_weight + k * a * in_scale), q * k * b], dim=-1)
-    zero = grid.new_zeros(bsz)
-    rows = [(st.y_row, st.stash_row or {}) for st in stages]
-    entries = [row.get(i, zero) for pair in rows for row in pair for i in range(width)]
-    coef = torch.stack([v.expand(bsz) if isinstance(v, Tensor) else zero + v for v in entries], dim=1)
-    coef = coef.reshape(bsz, len(stages), 2, width)
-    support = [(tuple(sorted(y_row)), tuple(sorted(s_row))) for y_row, s_row in rows]
+    history = coef.shape[-1] - 3
+    uses_stash = any(built.writes_stash)
     corrected = shift is not None or scale is not None
-    uses_state = tuple(st.p is not None or prediction != "x0" or corrected for st in stages)
-    scales_raw = tuple(st.p is not None or prediction != "x0" or corrected for st in stages)
+    uses_state = tuple(used or prediction != "x0" or corrected for used in built.p_used)
+    scales_raw = uses_state
     scaled_input = shift is not None and not isinstance(family, VE)
     if check_finite:
         bad = ~torch.isfinite(conv).all(-1).all(-1) | ~torch.isfinite(coef).flatten(1).all(-1)
@@ -484,6 +571,5 @@ def _assemble(solver: str, grid: Tensor, family: NoiseFamily, prediction: Predic
                              f"(prediction={prediction!r} at "
                              f"sigma_eval={sigma_eval[bad][:, :2].tolist()}...): "
                              "check sigmas and shift for this family and prediction type")
-    return SolverTable(solver, grid, sigma_eval, in_scale, conv, coef, tuple(support), uses_state,
-                       scales_raw, scaled_input, tuple(st.step for st in stages),
-                       tuple(st.point for st in stages), history, uses_stash)
+    return SolverTable(solver, grid, sigma_eval, in_scale, conv, coef, built.support, uses_state,
+                       scales_raw, scaled_input, built.steps, built.points, history, uses_stash)

@@ -16,6 +16,7 @@ import torch
 import indis
 from indis.engine.core.families import VE, Denoiser, Flow, VPLinear
 from indis.engine.studies.convergence import LOCAL_ORDER, local_order, small_mixture
+from tests.helpers import IDS, SOLVER_CASES
 from tests.reference import eps_form
 
 FAMILIES = {"ve": (VE(), "x0"), "vp": (VPLinear(), "eps"), "flow": (Flow(), "velocity")}
@@ -170,3 +171,47 @@ def test_vp_wrapper_matches_plain_denoiser() -> None:
             ve = indis.sample(gmm, x_ve, sig, solver, shift=s)
             vp = indis.sample(den, x_ve * fam.alpha(sig[:1]), sig, solver, shift=s)
             torch.testing.assert_close(vp, ve * fam.alpha(sig[-1:]), rtol=1e-10, atol=1e-10, msg=solver)
+
+
+def _table_cases():
+    """(family, prediction, grids, shift, scale) with per-sample grids: VE with shift and scale, VP eps ending
+    at 0, flow velocity from t = 1 (sigma = inf) with shift, and a 3-step grid (warm-up and final rules
+    overlap)."""
+    from tests.helpers import ragged_grids
+
+    g = torch.Generator().manual_seed(11)
+    ve = ragged_grids(3, 7, seed=2)
+    vp = ragged_grids(3, 6, seed=3, smin=0.01, smax=50.0)
+    vp = torch.cat([vp, torch.zeros(3, 1, dtype=torch.float64)], 1)
+    flow = ragged_grids(3, 6, seed=4, smin=0.01, smax=20.0)
+    flow = torch.cat([torch.full((3, 1), math.inf, dtype=torch.float64), flow[:, 1:]], 1)
+    short = ragged_grids(2, 3, seed=5)
+    return [("ve", "x0", ve, 0.1 * torch.randn(3, 7, generator=g, dtype=torch.float64),
+             1 + 0.05 * torch.randn(3, 7, generator=g, dtype=torch.float64)),
+            ("vp_linear", "eps", vp, None, None),
+            ("flow", "velocity", flow, 0.05 * torch.randn(3, 6, generator=g, dtype=torch.float64), None),
+            ("ve", "x0", short, None, None)]
+
+
+@pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
+def test_tables_equal_the_step_by_step_construction(solver: str, opts: dict) -> None:
+    """The tables built over all steps at once equal the step-by-step construction (``tests/reference``),
+    values to 1e-12 and structure exactly, for every solver and option case, per-sample grids, shifts and
+    scales, VP eps to sigma = 0 and flow from t = 1."""
+    from indis.engine.core.solvers import build_table
+    from tests.reference.solver_tables import reference_table
+
+    for fam_name, prediction, grid, shift, scale in _table_cases():
+        fam = indis.get_family(fam_name)
+        kw = dict(prediction=prediction, shift=shift, scale=scale, **opts)
+        if "order" in opts and opts["order"] > grid.shape[-1] - 1:
+            continue
+        if fam_name == "flow" and solver in ("heun", "ipndm", "ipndm_v") and opts.get("frame") == "ve":
+            continue
+        new, ref = build_table(solver, grid, fam, **kw), reference_table(solver, grid, fam, **kw)
+        for field in ("grid", "sigma_eval", "in_scale", "conv", "coef"):
+            torch.testing.assert_close(getattr(new, field), getattr(ref, field), rtol=1e-12, atol=1e-12,
+                                       msg=f"{fam_name} {field}")
+        for field in ("support", "conv_uses_state", "conv_scales_raw", "scaled_input", "step_of_stage",
+                      "point_of_stage", "history", "uses_stash"):
+            assert getattr(new, field) == getattr(ref, field), (fam_name, field)
