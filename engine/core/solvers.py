@@ -419,19 +419,25 @@ def _cramer(mat: Tensor, rhs: Tensor) -> list[Tensor]:
     return cols
 
 
-def _unipc_update(pt: _Points, n: int, k: int, variant: str, base: Row, newest: Row,
+def _cols(t: Tensor, steps: slice, offset: int) -> Tensor:
+    """Columns ``n + offset`` of ``t`` for the steps ``n`` in ``steps`` (a slice: a view, no index tensor)."""
+    return t[:, steps.start + offset:steps.stop + offset]
+
+
+def _unipc_update(pt: _Points, steps: slice, k: int, variant: str, base: Row, newest: Row,
                   older: list[Row], predictor: bool, newer: Row | None = None) -> Row:
-    """One UniP (predictor) or UniC (corrector) update over step n -> n+1, as a row.
+    """One UniP (predictor) or UniC (corrector) update over steps n -> n+1 for every n in ``steps`` (which
+    share the order ``k``), as a row of ``[B, len(steps)]`` coefficients.
 
     ``newest`` is the output at sigma_n, ``older[i]`` the one at sigma_{n-1-i}; the corrector also uses
     ``newer`` (the output at sigma_{n+1}).
     """
-    h = pt.step_h(n)
-    alpha1 = pt.alpha[:, n + 1]
+    h = _cols(pt.lam, steps, 1) - _cols(pt.lam, steps, 0)
+    alpha1 = _cols(pt.alpha, steps, 1)
     h_phi_1, b_h, b = _unipc_b(h, variant, k)
-    rks = [(pt.lam[:, n - 1 - i] - pt.lam[:, n]) / h for i in range(k - 1)]
+    rks = [(_cols(pt.lam, steps, -1 - i) - _cols(pt.lam, steps, 0)) / h for i in range(k - 1)]
     rhos = _unipc_rhos(rks, b, predictor)
-    terms = [(pt.s[:, n + 1] / pt.s[:, n], base), (-alpha1 * h_phi_1, newest)]
+    terms = [(_cols(pt.s, steps, 1) / _cols(pt.s, steps, 0), base), (-alpha1 * h_phi_1, newest)]
     for rho, rk, old in zip(rhos, rks, older, strict=False):  # rho * (m_old - m_newest) / r
         terms += [(-alpha1 * b_h * rho / rk, old), (alpha1 * b_h * rho / rk, newest)]
     if not predictor:  # rho_last * (m_newer - m_newest)
@@ -439,29 +445,53 @@ def _unipc_update(pt: _Points, n: int, k: int, variant: str, base: Row, newest: 
     return _combine(*terms)
 
 
-def _stages_unipc(pt: _Points, steps: int, *, order: int, variant: str, first: int, corrector: bool,
-                  disable_corrector: tuple[int, ...], lower_order_final: bool, **_: object) -> list[_Stage]:
-    def unit(i: int) -> Row:
-        return {i: torch.ones_like(pt.sigma[:, 0])}
-
-    stages, orders = [], []
+def _built_unipc(pt: _Points, steps: int, *, order: int, variant: str, first: int, corrector: bool,
+                 disable_corrector: tuple[int, ...], lower_order_final: bool, **_: object) -> _Built:
+    """UniPC over runs of steps that share a structure (predictor order, whether the step's stage also
+    corrects the previous step, and that step's order): each run's rows in one go. Stage n corrects the
+    state predicted by step n - 1 with its own output (UniC, kept in the stash), then predicts step n from
+    the corrected state (UniP)."""
+    orders = []
     for n in range(steps):
         k = min(order, n + 1 - first) if n >= first else 1
-        if lower_order_final:
-            k = min(k, steps - n)
-        orders.append(k)
-        # UniC: correct the state predicted by the previous step with this stage's output (slot H).
-        if n > 0 and corrector and (n - 1) not in disable_corrector and n - 1 >= first:
-            kc = orders[n - 1]
-            corrected = _unipc_update(pt, n - 1, kc, variant, unit(STASH), unit(HIST(1)),
+        orders.append(min(k, steps - n) if lower_order_final else k)
+    corrects = [n > 0 and corrector and (n - 1) not in disable_corrector and n - 1 >= first
+                for n in range(steps)]
+    keys = [(orders[n], corrects[n], orders[n - 1] if corrects[n] else 0) for n in range(steps)]
+    bsz = pt.sigma.shape[0]
+    runs, start = [], 0
+    for n in range(1, steps + 1):
+        if n == steps or keys[n] != keys[start]:
+            runs.append((keys[start], slice(start, n)))
+            start = n
+    parts = []
+    for (k, correct, kc), run in runs:
+        ones = pt.sigma.new_ones(bsz, run.stop - run.start)
+
+        def unit(i: int, ones: Tensor = ones) -> Row:
+            return {i: ones}
+
+        if correct:  # the previous steps, corrected with this stage's output (slot H)
+            before = slice(run.start - 1, run.stop - 1)
+            corrected = _unipc_update(pt, before, kc, variant, unit(STASH), unit(HIST(1)),
                                       [unit(HIST(2 + i)) for i in range(kc - 1)], False, newer=unit(H))
         else:
             corrected = unit(Y)
-        # UniP from the corrected state; this stage's output is the newest.
-        older = [unit(HIST(1 + i)) for i in range(k - 1)]
-        predicted = _unipc_update(pt, n, k, variant, corrected, unit(H), older, True)
-        stages.append(_Stage(n, n, None, torch.ones_like(pt.sigma[:, 0]), predicted, stash_row=corrected))
-    return stages
+        predicted = _unipc_update(pt, run, k, variant, corrected, unit(H),
+                                  [unit(HIST(1 + i)) for i in range(k - 1)], True)
+        parts.append((run, predicted, corrected))
+    width = 3 + max(i - H for _, y, c in parts for row in (y, c) for i in row if i >= H)
+    coef, support = [], []
+    for run, predicted, corrected in parts:
+        zero = pt.sigma.new_zeros(bsz, run.stop - run.start)
+        rows = [torch.stack([row.get(i, zero) for i in range(width)], dim=-1)
+                for row in (predicted, corrected)]
+        coef.append(torch.stack(rows, dim=2))
+        support += [(tuple(sorted(predicted)), tuple(sorted(corrected)))] * (run.stop - run.start)
+    q = pt.sigma.new_ones(bsz, steps)
+    every = tuple(range(steps))
+    return _Built(every, every, torch.zeros_like(q), (False,) * steps, q,
+                  coef[0] if len(coef) == 1 else torch.cat(coef, dim=1), tuple(support), (True,) * steps)
 
 
 # ------------------------------------------------------------------------------------------- assembly
@@ -524,7 +554,7 @@ def build_table(solver: str, grid: Tensor, family: NoiseFamily, *, prediction: P
     pt = _Points(grid, family, frame)
     builders = {"euler": _built_exponential, "heun": _stages_heun, "ipndm": _built_ipndm,
                 "ipndm_v": _stages_ipndm_v, "dpmpp_2m": _built_exponential, "dpmpp_3m": _built_exponential,
-                "unipc": _stages_unipc}
+                "unipc": _built_unipc}
     built = builders[solver](pt, steps, order=order, first=first, lower_order_final=lower_order_final,
                              final_zero=final_zero, variant=variant, corrector=corrector,
                              disable_corrector=tuple(disable_corrector))
