@@ -11,7 +11,9 @@ first). It calls the network once and does one generic linear update::
     stash'= sum_i coef[k, 1, i] * (y, stash, h, H_1, ..., H_K)[i]        # only if uses_stash
     push h onto the history
 
-Every coefficient is a per-sample tensor computed here once, in float64, from the sample's own grid, the
+Every coefficient is a per-sample tensor computed here once, in float64, over all steps at once (per-step
+arrays ``[B, N]``; steps whose order or structure differs are handled as a few runs joined by slices, never
+an index tensor, so the build stays free of host-to-device copies), from the sample's own grid, the
 INDIS per-step shift and scale, the model's prediction type (eps / x0 / v / flow velocity, folded into
 ``conv``) and the change of variables between the family's state and the frame a solver is defined in.
 
@@ -125,16 +127,6 @@ class SolverTable:
 
 
 @dataclass
-class _Stage:
-    step: int
-    point: int           # grid index where the network is evaluated
-    p: Tensor | None     # h = p * y + q * x0 (p None: structurally zero)
-    q: Tensor
-    y_row: Row
-    stash_row: Row | None = None
-
-
-@dataclass
 class _Built:
     """A solver's stages as stage-major tensors (what :func:`_assemble` turns into a table): ``p`` / ``q``
     ``[B, S]`` of ``h = p * y + q * x0`` (``p_used[k]``: p structurally nonzero at stage k), the update rows
@@ -182,22 +174,6 @@ def _one_stage_per_step(orders: list[int], p: Tensor | None, q: Tensor, cols: li
                   (False,) * len(orders))
 
 
-def _built_from_stages(stages: list[_Stage], bsz: int, like: Tensor) -> _Built:
-    """Stage-by-stage rows (the solvers still built per step) as stage-major tensors."""
-    rows = [(st.y_row, st.stash_row or {}) for st in stages]
-    history = max([i - H for pair in rows for row in pair for i in row if i > H], default=0)
-    width = 3 + history
-    zero = like.new_zeros(bsz)
-    entries = [row.get(i, zero) for pair in rows for row in pair for i in range(width)]
-    coef = torch.stack([v.expand(bsz) if isinstance(v, Tensor) else zero + v for v in entries], dim=1)
-    p = torch.stack([st.p if st.p is not None else torch.zeros_like(st.q) for st in stages], dim=1)
-    return _Built(tuple(st.step for st in stages), tuple(st.point for st in stages), p,
-                  tuple(st.p is not None for st in stages), torch.stack([st.q for st in stages], dim=1),
-                  coef.reshape(bsz, len(stages), 2, width),
-                  tuple((tuple(sorted(y)), tuple(sorted(s))) for y, s in rows),
-                  tuple(st.stash_row is not None for st in stages))
-
-
 class _Points:
     """Per-grid-point quantities ``[B, N+1]`` in float64: family scales, lambda, frame time and ratio."""
 
@@ -209,9 +185,6 @@ class _Points:
             self.tau, self.rho = grid, self.alpha         # state y = rho * z, z = VE x
         else:
             self.tau, self.rho = Flow().t(grid), self.alpha + self.s  # z = x/(1+sigma) = flow x_t
-
-    def step_h(self, n: int) -> Tensor:
-        return self.lam[:, n + 1] - self.lam[:, n]
 
     def steps_h(self) -> Tensor:
         """Every step's ``h`` ``[B, N]``."""
@@ -228,48 +201,43 @@ def _combine(*terms: tuple[Tensor | float, Row]) -> Row:
 
 
 # --------------------------------------------------------------------------------------------- solvers
-def _euler(pt: _Points, n: int) -> Row:
-    """Exact exponential Euler (DDIM): y' = (s'/s) y + (alpha' - alpha s'/s) x0."""
-    ratio = pt.s[:, n + 1] / pt.s[:, n]
-    return {Y: ratio, H: pt.alpha[:, n + 1] - pt.alpha[:, n] * ratio}
+def _built_heun(pt: _Points, steps: int, *, final_zero: bool, **_: object) -> _Built:
+    """EDM's Heun over every step at once, its two stages interleaved: an Euler predictor from y_n (saving
+    y_n in the stash), then the trapezoid from the stash with the derivatives at sigma_n and sigma_{n+1};
+    Euler alone for a final step to sigma = 0."""
+    rho0, rho1, tau0, tau1 = pt.rho[:, :-1], pt.rho[:, 1:], pt.tau[:, :-1], pt.tau[:, 1:]
+    ratio, cf = rho1 / rho0, rho1 * (tau1 - tau0)          # z' = z + dtau * g, in state coordinates
+    two = steps - 1 if final_zero else steps                # steps with a second (corrector) stage
+    zero, one = torch.zeros_like(ratio), torch.ones_like(ratio)
+    stash = torch.stack([one, zero, zero, zero], -1)
+    if two < steps:  # the final Euler step keeps no stash
+        stash[:, two:] = 0
+    first = torch.stack([torch.stack([ratio, zero, cf, zero], -1), stash], 2)
+    half = cf * 0.5
+    second = torch.stack([torch.stack([zero, ratio, half, half], -1), torch.zeros_like(first[:, :, 0])], 2)
+    p_a, q_a = 1.0 / (rho0 * tau0), -1.0 / tau0            # the frame derivative at sigma_n ...
+    p_b, q_b = 1.0 / (rho1[:, :two] * tau1[:, :two]), -1.0 / tau1[:, :two]   # ... and at sigma_{n+1}
+
+    def interleave(a: Tensor, b: Tensor) -> Tensor:  # [B, N, ...] and [B, two, ...] -> A0, B0, A1, B1, ...
+        pairs = torch.stack([a[:, :two], b[:, :two]], dim=2).flatten(1, 2)
+        return pairs if two == steps else torch.cat([pairs, a[:, two:]], dim=1)
+
+    stage_steps = tuple(n for n in range(two) for _ in (0, 1)) + tuple(range(two, steps))
+    points = tuple(n + b for n in range(two) for b in (0, 1)) + tuple(range(two, steps))
+    support = (((Y, H), (Y,)), ((STASH, H, HIST(1)), ())) * two + (((Y, H), ()),) * (steps - two)
+    return _Built(stage_steps, points, interleave(p_a, p_b), (True,) * len(points), interleave(q_a, q_b),
+                  interleave(first, second), support, (True, True) * two + (False,) * (steps - two))
 
 
-
-def _frame_conv(pt: _Points, i: int) -> tuple[Tensor, Tensor]:
-    """Frame derivative g = (z - x0) / tau with z = y / rho, as (p, q)."""
-    return 1.0 / (pt.rho[:, i] * pt.tau[:, i]), -1.0 / pt.tau[:, i]
-
-
-def _frame_step(pt: _Points, n: int, start: int, derivs: Row) -> Row:
-    """z' = z + dtau * sum(c_j g_j), in state coordinates, from the state in slot ``start``."""
-    rho0, rho1 = pt.rho[:, n], pt.rho[:, n + 1]
-    dtau = pt.tau[:, n + 1] - pt.tau[:, n]
-    return _combine((rho1 / rho0, {start: torch.ones_like(rho0)}), (rho1 * dtau, derivs))
-
-
-def _stages_heun(pt: _Points, steps: int, *, final_zero: bool, **_: object) -> list[_Stage]:
-    stages = []
-    for n in range(steps):
-        p, q = _frame_conv(pt, n)
-        one = torch.ones_like(p)
-        if final_zero and n == steps - 1:  # EDM: Euler for the step to sigma = 0
-            stages.append(_Stage(n, n, p, q, _frame_step(pt, n, Y, {H: one})))
-            continue
-        stages.append(_Stage(n, n, p, q, _frame_step(pt, n, Y, {H: one}), stash_row={Y: one}))
-        p2, q2 = _frame_conv(pt, n + 1)
-        stages.append(_Stage(n, n + 1, p2, q2, _frame_step(pt, n, STASH, {HIST(1): 0.5 * one, H: 0.5 * one}),
-                             stash_row={}))
-    return stages
-
-
-def _ab_variable(tau: Tensor, n: int, order: int) -> list[Tensor]:
-    """Exact variable-step Adams-Bashforth weights (newest first) over [tau_n, tau_{n+1}].
+def _ab_variable(tau: Tensor, steps: slice, order: int) -> list[Tensor]:
+    """Exact variable-step Adams-Bashforth weights (newest first) over [tau_n, tau_{n+1}] for every step n
+    in ``steps``, ``[B, len(steps)]`` each.
 
     Weight j = mean over the step of the Lagrange basis polynomial through tau_n, ..., tau_{n-order+1};
     2-point Gauss-Legendre integrates these cubic (or lower) polynomials exactly.
     """
-    nodes = [tau[:, n - j] for j in range(order)]
-    a, b = tau[:, n], tau[:, n + 1]
+    nodes = [_cols(tau, steps, -j) for j in range(order)]
+    a, b = _cols(tau, steps, 0), _cols(tau, steps, 1)
     gauss = [(a + b) / 2 + (b - a) / 2 * g for g in (-1 / math.sqrt(3), 1 / math.sqrt(3))]
     weights = []
     for j in range(order):
@@ -289,29 +257,29 @@ def _ipndm_orders(steps: int, order: int, first: int) -> list[int]:
     return [min(order, n + 1 - first) if n >= first else 1 for n in range(steps)]
 
 
-def _built_ipndm(pt: _Points, steps: int, *, order: int, first: int, **_: object) -> _Built:
-    """iPNDM with fixed Adams-Bashforth weights over every step at once: ``z' = z + dtau sum_j w_j g_j`` in
-    the frame, written in state coordinates (``y = rho z``), with ``g = (z - x0) / tau``."""
+def _built_ipndm(pt: _Points, steps: int, *, order: int, first: int, variable: bool = False,
+                 **_: object) -> _Built:
+    """iPNDM over every step at once: ``z' = z + dtau sum_j w_j g_j`` in the frame, written in state
+    coordinates (``y = rho z``), with ``g = (z - x0) / tau`` and the weights ``w`` fixed Adams-Bashforth
+    ones or, ``variable``, the exact variable-step ones of each step's own nodes."""
     orders = _ipndm_orders(steps, order, first)
     rho0, rho1, tau0 = pt.rho[:, :-1], pt.rho[:, 1:], pt.tau[:, :-1]
-    p, q = 1.0 / (rho0 * tau0), -1.0 / tau0          # the frame derivative, as in _frame_conv
+    p, q = 1.0 / (rho0 * tau0), -1.0 / tau0          # the frame derivative g = p y + q x0
     scale = rho1 * (pt.tau[:, 1:] - tau0)             # rho' dtau
     zero = torch.zeros_like(scale)
+    weights = {}  # per run, its steps' weights (newest first)
+    for k, run in _runs(orders):
+        weights[run.start] = (_ab_variable(pt.tau, run, k) if variable
+                              else [_cols(scale, run, 0) * c for c in _AB[k]])
     cols: list[Tensor | None] = [rho1 / rho0, None]
     for j in range(max(orders)):  # weight j of each step's order (0 past it), newest derivative first
-        cols.append(_by_run(orders, lambda k, sl, j=j: (scale * _AB[k][j] if j < k else zero)[:, sl]))
+        def column(k: int, run: slice, j: int = j) -> Tensor:
+            if j >= k:
+                return zero[:, run]
+            w = weights[run.start][j]
+            return _cols(scale, run, 0) * w if variable else w
+        cols.append(_by_run(orders, column))
     return _one_stage_per_step(orders, p, q, cols)
-
-
-def _stages_ipndm_v(pt: _Points, steps: int, *, order: int, first: int, **_: object) -> list[_Stage]:
-    """Variable-step iPNDM, step by step (its weights depend on each step's own nodes)."""
-    stages = []
-    for n, k in enumerate(_ipndm_orders(steps, order, first)):
-        p, q = _frame_conv(pt, n)
-        weights = _ab_variable(pt.tau, n, k)
-        derivs = {H if j == 0 else HIST(j): w for j, w in enumerate(weights)}
-        stages.append(_Stage(n, n, p, q, _frame_step(pt, n, Y, derivs)))
-    return stages
 
 
 def _lower_order(n: int, steps: int, order: int, first: int, lower_order_final: bool,
@@ -552,14 +520,13 @@ def build_table(solver: str, grid: Tensor, family: NoiseFamily, *, prediction: P
     if final_zero is None:
         final_zero = bool((grid[:, -1] == 0).all())
     pt = _Points(grid, family, frame)
-    builders = {"euler": _built_exponential, "heun": _stages_heun, "ipndm": _built_ipndm,
-                "ipndm_v": _stages_ipndm_v, "dpmpp_2m": _built_exponential, "dpmpp_3m": _built_exponential,
+    builders = {"euler": _built_exponential, "heun": _built_heun, "ipndm": _built_ipndm,
+                "ipndm_v": _built_ipndm, "dpmpp_2m": _built_exponential, "dpmpp_3m": _built_exponential,
                 "unipc": _built_unipc}
-    built = builders[solver](pt, steps, order=order, first=first, lower_order_final=lower_order_final,
+    built = builders[solver](pt, steps, order=order, first=first, variable=solver == "ipndm_v",
+                             lower_order_final=lower_order_final,
                              final_zero=final_zero, variant=variant, corrector=corrector,
                              disable_corrector=tuple(disable_corrector))
-    if isinstance(built, list):
-        built = _built_from_stages(built, grid.shape[0], grid)
     return _assemble(solver, grid, family, prediction, built, shift, scale, check_finite)
 
 
