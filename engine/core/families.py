@@ -34,6 +34,13 @@ Prediction = Literal["x0", "eps", "v", "velocity"]
 TimeInput = Literal["sigma", "t"]
 
 
+def is_plain_value(v: object) -> bool:
+    """A value that is its own cache key: None, a number, a string, or a tuple of them."""
+    if isinstance(v, tuple):
+        return all(is_plain_value(e) for e in v)
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
 class NoiseFamily:
     """Base class: sigma(t) and its inverse, plus the state scale alpha and noise scale s of a sigma."""
 
@@ -65,18 +72,19 @@ class NoiseFamily:
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
-    def key(self) -> tuple:
-        """What identifies this family's maps by value (its class and parameters; a tensor parameter by a
-        digest of its bytes), for caches keyed by value. Computed once per instance."""
-        cached = self.__dict__.get("_key")
-        if cached is None:
-            items = []
-            for name, v in sorted(vars(self).items()):
-                if isinstance(v, Tensor):
-                    v = hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-                items.append((name, v if isinstance(v, (int, float, str, tuple)) else repr(v)))
-            cached = self.__dict__["_key"] = (type(self).__qualname__, tuple(items))
-        return cached
+    def key(self) -> tuple | None:
+        """What identifies this family's maps by value -- its class and parameters (a tensor parameter by a
+        digest of its bytes) -- for caches keyed by value; None when a parameter is not a plain number,
+        string, tuple of them or tensor (then it cannot be keyed, and is not cached)."""
+        items = []
+        for name, v in sorted(vars(self).items()):
+            if isinstance(v, Tensor):
+                v = (v.dtype, tuple(v.shape), hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes())
+                     .hexdigest())
+            elif not is_plain_value(v):
+                return None
+            items.append((name, v))
+        return (type(self), tuple(items))
 
 
 class VE(NoiseFamily):

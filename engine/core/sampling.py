@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from indis.engine.core.families import Denoiser, Flow, as_denoiser, raw_to_x0
+from indis.engine.core.families import Denoiser, Flow, as_denoiser, is_plain_value, raw_to_x0
 from indis.engine.core.guidance import guided
 from indis.engine.core.profiling import nvtx_range
 from indis.engine.core.schedules import Schedule, as_grid
@@ -80,8 +80,11 @@ def check_state(x: object, name: str = "x", finite: bool = True) -> None:
         raise ValueError(f"{name} must be a floating-point tensor [B, ...]")
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"{name} must have a non-empty batch dimension, got shape {tuple(x.shape)}")
-    if finite and x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
-        raise ValueError(f"{name} contains NaN or inf")  # min and max carry any NaN / inf: one pass
+    if finite and x.numel():
+        # min and max carry any NaN / inf: one pass (1-byte floats have no aminmax kernel)
+        ends = torch.isfinite(x) if x.element_size() == 1 else torch.isfinite(torch.stack(torch.aminmax(x)))
+        if not bool(ends.all()):
+            raise ValueError(f"{name} contains NaN or inf")
 
 
 def check_schedule(den: Denoiser, grid: Tensor, shift: Tensor | None, scale: Tensor | None,
@@ -227,12 +230,14 @@ class Plan:
         self.shape, self.dtype = tuple(x.shape), x.dtype
         self._layouts = _Layouts() if layouts is None else layouts
 
+    # Layouts are made outside inference mode: a cached table's layouts serve later calls (under autograd too)
     @property
     def time(self) -> Tensor:
         """The network's time input at each evaluated sigma ``[B, S]`` (float64)."""
         lay = self._layouts
         if lay.time is None:
-            lay.time = self.denoiser.time(self.table.sigma_eval)
+            with torch.inference_mode(False):
+                lay.time = self.denoiser.time(self.table.sigma_eval)
         return lay.time
 
     @property
@@ -240,7 +245,8 @@ class Plan:
         """Per-stage views of the table, cast to the state's dtype once."""
         lay = self._layouts
         if lay.stages is None:
-            lay.stages = stage_views(self.table, self.time, self.shape, self.dtype)
+            with torch.inference_mode(False):
+                lay.stages = stage_views(self.table, self.time, self.shape, self.dtype)
         return lay.stages
 
     @property
@@ -248,7 +254,8 @@ class Plan:
         """What a callback is told at each stage (made on the first call with a callback)."""
         lay = self._layouts
         if lay.reports is None:
-            lay.reports = _reports(self.denoiser, self.table, self.shape, self.dtype)
+            with torch.inference_mode(False):
+                lay.reports = _reports(self.denoiser, self.table, self.shape, self.dtype)
         return lay.reports
 
     @property
@@ -256,7 +263,8 @@ class Plan:
         """The table laid out for the fused step (``indis.kernels.ragged_step.pack_table``)."""
         lay = self._layouts
         if lay.packed is None:
-            lay.packed = pack_table(self.table, self.time, self.dtype)
+            with torch.inference_mode(False):
+                lay.packed = pack_table(self.table, self.time, self.dtype)
         return lay.packed
 
 
@@ -373,6 +381,8 @@ def _plan_key(den: Denoiser, x: Tensor, sigmas: object, solver: str, shift: obje
     """The value that decides a table and its layouts: the solver and its options, the grid / shift / scale
     bytes, the state's shape, dtype and device, and the denoiser's family, prediction and time input. None
     (no caching) when a gradient may flow or an input is not a plain tensor or sequence."""
+    if torch.is_inference_mode_enabled() or not isinstance(solver, str):
+        return None  # inference tensors cannot serve a later call under autograd
     if isinstance(sigmas, Schedule):
         if shift is not None or scale is not None:
             return None  # check_inputs refuses it
@@ -382,19 +392,25 @@ def _plan_key(den: Denoiser, x: Tensor, sigmas: object, solver: str, shift: obje
         if v is None:
             parts.append(None)
             continue
-        try:
+        try:  # the input's own type is part of the key: a list and a tensor are read differently
             t = v if isinstance(v, Tensor) else torch.as_tensor(v, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError):
             return None
         if t.requires_grad or not t.is_floating_point() or t.device != x.device:
             return None  # (a grid on another device is refused by check_inputs)
-        parts.append((tuple(t.shape), t.dtype, t.device, t.detach().cpu().contiguous().numpy().tobytes()))
-    try:
-        opts = repr(sorted(solver_opts.items()))
-    except TypeError:
+        parts.append((type(v), tuple(t.shape), t.dtype, t.device,
+                      t.detach().cpu().contiguous().numpy().tobytes()))
+    opts = []
+    for name, v in sorted(solver_opts.items()):
+        v = tuple(v) if isinstance(v, list) else v
+        if not is_plain_value(v) or not isinstance(name, str):
+            return None
+        opts.append((name, type(v), v))
+    family = den.family.key()
+    if family is None:
         return None
-    return (solver, opts, *parts, tuple(x.shape), x.dtype, x.device, den.family.key(), den.prediction,
-            den.time_input, den.time_scale)
+    return (solver, tuple(opts), *parts, tuple(x.shape), x.dtype, x.device, type(den), family,
+            den.prediction, den.time_input, den.time_scale)
 
 
 def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor | Sequence[float] | Schedule,
@@ -424,6 +440,8 @@ def prepare(model: Callable[..., Tensor] | Denoiser, x: Tensor, sigmas: Tensor |
             return Plan(den, hit[0], x, hit[1])
     grid, shift, scale = check_inputs(den, x, sigmas, solver, shift=shift, scale=scale,
                                       solver_opts=solver_opts)
+    if key is not None:
+        grid = grid.clone()  # the table keeps its grid: not a view of a buffer the caller may reuse
     with nvtx_range("coefficients"):
         plan = Plan(den, table_for(den, grid, solver, x.dtype, shift=shift, scale=scale, **solver_opts), x)
     if key is not None and not plan.table.coef.requires_grad:

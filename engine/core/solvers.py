@@ -215,10 +215,14 @@ def _built_heun(pt: _Points, steps: int, *, final_zero: bool, **_: object) -> _B
     first = torch.stack([torch.stack([ratio, zero, cf, zero], -1), stash], 2)
     half = cf * 0.5
     second = torch.stack([torch.stack([zero, ratio, half, half], -1), torch.zeros_like(first[:, :, 0])], 2)
+    if two == 0:  # one Euler step to sigma = 0: no history slot
+        first = first[..., :3]
     p_a, q_a = 1.0 / (rho0 * tau0), -1.0 / tau0            # the frame derivative at sigma_n ...
     p_b, q_b = 1.0 / (rho1[:, :two] * tau1[:, :two]), -1.0 / tau1[:, :two]   # ... and at sigma_{n+1}
 
     def interleave(a: Tensor, b: Tensor) -> Tensor:  # [B, N, ...] and [B, two, ...] -> A0, B0, A1, B1, ...
+        if two == 0:
+            return a
         pairs = torch.stack([a[:, :two], b[:, :two]], dim=2).flatten(1, 2)
         return pairs if two == steps else torch.cat([pairs, a[:, two:]], dim=1)
 

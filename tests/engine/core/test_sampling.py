@@ -190,3 +190,47 @@ def test_prepare_reuses_a_validated_table_by_value_and_only_that() -> None:
     for k in range(sampling.PLAN_CACHE_SIZE + 5):
         indis.prepare(model, x, sig * (1 - 0.001 * k), "euler")
     assert len(sampling._plans) == sampling.PLAN_CACHE_SIZE
+
+
+def test_the_plan_cache_keys_what_decides_a_table() -> None:
+    """No hit across: a list and a tensor grid of the same values (read differently), a Denoiser subclass
+    with its own time map, a family changed after use, a family with a parameter that is not a value;
+    nothing is cached under inference mode, a later call under autograd still works; a cached table does not
+    keep a view of the caller's grid buffer."""
+    from indis.engine.core import sampling
+
+    sampling.clear_plan_cache()
+    model, x, sig = _ok_args()
+    vals = [14.6, 5.1, 0.7, 0.0]
+    listed = indis.prepare(model, x, vals, "euler")
+    tensor = indis.prepare(model, x, torch.tensor(vals, dtype=torch.float64), "euler")
+    assert listed.table is not tensor.table
+
+    class LogTime(indis.Denoiser):
+        def time(self, sigma: torch.Tensor) -> torch.Tensor:
+            return 0.25 * torch.log(sigma)
+
+    plain = indis.Denoiser(lambda z, s: z, "ve")
+    logged = LogTime(lambda z, s: z, "ve")
+    assert indis.prepare(plain, x, sig, "euler").table is not indis.prepare(logged, x, sig, "euler").table
+    expected = 0.25 * torch.log(sig[:-1].double())
+    torch.testing.assert_close(indis.prepare(logged, x, sig, "euler").time, expected.expand(x.shape[0], -1))
+    fam = indis.VPLinear()
+    vp = indis.Denoiser(lambda z, t: z, fam, "eps", "t")
+    grid = indis.get_sigmas("edm", 3, 0.05, 50.0)
+    before = indis.prepare(vp, x, grid, "euler").time.clone()
+    fam.beta_d = 10.0
+    assert not torch.allclose(indis.prepare(vp, x, grid, "euler").time, before)
+    fam.hook = lambda: None  # a parameter that is not a value: never cached
+    assert indis.prepare(vp, x, grid, "euler").table is not indis.prepare(vp, x, grid, "euler").table
+    sampling.clear_plan_cache()
+    with torch.inference_mode():
+        indis.sample(model, x, sig, "dpmpp_2m")
+    assert not sampling._plans
+    leaf = x.clone().requires_grad_(True)
+    indis.sample(model, leaf, sig, "dpmpp_2m").sum().backward()
+    assert leaf.grad is not None
+    buf = sig.clone()
+    first = indis.prepare(model, x, buf, "euler")
+    buf.mul_(2.0)
+    assert torch.equal(first.table.grid[0], sig)

@@ -186,11 +186,12 @@ def _table_cases():
     flow = ragged_grids(3, 6, seed=4, smin=0.01, smax=20.0)
     flow = torch.cat([torch.full((3, 1), math.inf, dtype=torch.float64), flow[:, 1:]], 1)
     short = ragged_grids(2, 3, seed=5)
+    one_to_zero = torch.tensor([[10.0, 0.0], [3.0, 0.0]], dtype=torch.float64)
     return [("ve", "x0", ve, 0.1 * torch.randn(3, 7, generator=g, dtype=torch.float64),
              1 + 0.05 * torch.randn(3, 7, generator=g, dtype=torch.float64)),
             ("vp_linear", "eps", vp, None, None),
             ("flow", "velocity", flow, 0.05 * torch.randn(3, 6, generator=g, dtype=torch.float64), None),
-            ("ve", "x0", short, None, None)]
+            ("ve", "x0", short, None, None), ("ve", "x0", one_to_zero, None, None)]
 
 
 @pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
