@@ -122,4 +122,3 @@ def loop_case(solver: str, opts: dict, device: torch.device = KERNEL_DEVICE):
         return prepare(model, x, grids, solver, shift=shift, scale=scale, **opts)
 
     return x64, plan
-
