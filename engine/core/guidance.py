@@ -16,17 +16,30 @@ from indis.engine.core.conditions import Cond, check_batch, concat, expand, flat
 from indis.engine.core.families import Denoiser
 
 
+def batch_uncond(cond: Cond, uncond: Cond, batch: int, device: torch.device) -> dict:
+    """``uncond`` checked against ``cond`` (the same inputs, a batch of ``batch`` or 1 on ``device``) and
+    expanded to ``batch`` rows."""
+    if list(flatten(cond)) != list(flatten(uncond)):
+        raise ValueError(f"cond has {sorted(flatten(cond))}, uncond {sorted(flatten(uncond))}: give the same "
+                         f"inputs")
+    check_batch(uncond, batch, device, "uncond", broadcast=True)
+    return expand(uncond, batch)
+
+
 def guided_raw(den: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float | Tensor,
                rescale: float = 0.0, batched: bool = True) -> Tensor:
     """The guided raw output at ``x`` (``[B, ...]``): ``den.raw`` under ``cond`` and ``uncond`` (same
     inputs; an uncond leaf of batch size 1 is shared by the batch), combined with ``scale`` (a float or
     ``[B]``) and ``rescale``. ``batched``: one call on ``[uncond; cond]``, else two calls."""
+    return combine_guided(den, x, t, cond, batch_uncond(cond, uncond, x.shape[0], x.device), scale, rescale,
+                          batched)
+
+
+def combine_guided(den: Denoiser, x: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float | Tensor,
+                   rescale: float = 0.0, batched: bool = True) -> Tensor:
+    """:func:`guided_raw` for an ``uncond`` already in the batch's rows (:func:`batch_uncond`): the network
+    call(s) and the combination, no checks."""
     b = x.shape[0]
-    if list(flatten(cond)) != list(flatten(uncond)):
-        raise ValueError(f"cond has {sorted(flatten(cond))}, uncond {sorted(flatten(uncond))}: give the same "
-                         f"inputs")
-    check_batch(uncond, b, x.device, "uncond", broadcast=True)
-    uncond = expand(uncond, b)
     if batched:
         u, c = den.raw(torch.cat([x, x]), torch.cat([t, t]), **concat([uncond, cond])).chunk(2)
     else:
@@ -49,9 +62,15 @@ class _GuidedNet(nn.Module):
                  batched: bool) -> None:
         super().__init__()
         self.den, self.uncond, self.scale, self.rescale, self.batched = den, uncond, scale, rescale, batched
+        self._batched_uncond: tuple[tuple, dict] | None = None
 
     def forward(self, x: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
-        return guided_raw(self.den, x, t, cond, self.uncond, self.scale, self.rescale, self.batched)
+        # the check and expansion of uncond are made once per batch size and set of inputs, not every stage
+        key = (x.shape[0], x.device, tuple(flatten(cond)))
+        if self._batched_uncond is None or self._batched_uncond[0] != key:
+            self._batched_uncond = (key, batch_uncond(cond, self.uncond, x.shape[0], x.device))
+        return combine_guided(self.den, x, t, cond, self._batched_uncond[1], self.scale, self.rescale,
+                              self.batched)
 
 
 def check_guidance(uncond: object, guidance_scale: object, guidance_rescale: float) -> None:
@@ -105,4 +124,5 @@ def guidance_key(model: object) -> dict | None:
             "inner": guidance_key(net.den)}
 
 
-__all__ = ["check_guidance", "guidance_key", "guided", "guided_raw", "guided_unchecked"]
+__all__ = ["batch_uncond", "check_guidance", "combine_guided", "guidance_key", "guided", "guided_raw",
+           "guided_unchecked"]

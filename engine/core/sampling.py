@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -230,42 +231,34 @@ class Plan:
         self.shape, self.dtype = tuple(x.shape), x.dtype
         self._layouts = _Layouts() if layouts is None else layouts
 
-    # Layouts are made outside inference mode: a cached table's layouts serve later calls (under autograd too)
+    def _layout(self, name: str, make: Callable[[], object]) -> Any:
+        """The shared layout ``name``, made on first use -- outside inference mode: a cached table's layouts
+        serve later calls, under autograd too."""
+        lay = self._layouts
+        if getattr(lay, name) is None:
+            with torch.inference_mode(False):
+                setattr(lay, name, make())
+        return getattr(lay, name)
+
     @property
     def time(self) -> Tensor:
         """The network's time input at each evaluated sigma ``[B, S]`` (float64)."""
-        lay = self._layouts
-        if lay.time is None:
-            with torch.inference_mode(False):
-                lay.time = self.denoiser.time(self.table.sigma_eval)
-        return lay.time
+        return self._layout("time", lambda: self.denoiser.time(self.table.sigma_eval))
 
     @property
     def stages(self) -> tuple[Stage, ...]:
         """Per-stage views of the table, cast to the state's dtype once."""
-        lay = self._layouts
-        if lay.stages is None:
-            with torch.inference_mode(False):
-                lay.stages = stage_views(self.table, self.time, self.shape, self.dtype)
-        return lay.stages
+        return self._layout("stages", lambda: stage_views(self.table, self.time, self.shape, self.dtype))
 
     @property
     def reports(self) -> tuple[Report, ...]:
         """What a callback is told at each stage (made on the first call with a callback)."""
-        lay = self._layouts
-        if lay.reports is None:
-            with torch.inference_mode(False):
-                lay.reports = _reports(self.denoiser, self.table, self.shape, self.dtype)
-        return lay.reports
+        return self._layout("reports", lambda: _reports(self.denoiser, self.table, self.shape, self.dtype))
 
     @property
     def packed(self) -> PackedTable:
         """The table laid out for the fused step (``indis.kernels.ragged_step.pack_table``)."""
-        lay = self._layouts
-        if lay.packed is None:
-            with torch.inference_mode(False):
-                lay.packed = pack_table(self.table, self.time, self.dtype)
-        return lay.packed
+        return self._layout("packed", lambda: pack_table(self.table, self.time, self.dtype))
 
 
 def stage_views(table: SolverTable, time: Tensor, shape: tuple[int, ...], dtype: torch.dtype

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from indis.engine.core.conditions import unflatten
 from indis.engine.core.families import Denoiser
-from indis.engine.core.guidance import guided_raw
+from indis.engine.core.guidance import combine_guided
 from indis.kernels.native import SlotCompactor, pool_kernels
 from indis.kernels.ragged_step import PackedTable, ragged_step
 
@@ -181,4 +181,6 @@ class SlotPool:
             return den.raw(y, sigma, **cond).contiguous()
         uncond = unflatten({k: v[:b] for k, v in self.uncond.items()})
         rescale, batched = self.guidance
-        return guided_raw(den, y, sigma, cond, uncond, self.guidance_scale[:b], rescale, batched).contiguous()
+        # the pool's uncond rows match its conditions by construction: no per-iteration checks
+        return combine_guided(den, y, sigma, cond, uncond, self.guidance_scale[:b], rescale,
+                              batched).contiguous()

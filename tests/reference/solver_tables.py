@@ -4,7 +4,6 @@ the vectorised ``solvers.build_table`` is tested against (``reference_table``: s
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ import torch
 from torch import Tensor
 
 from indis.engine.core.families import VE, Flow, NoiseFamily, Prediction, raw_to_x0
-from indis.engine.core.solvers import (
+from indis.engine.core.solvers import (  # the small shared pieces; the step-by-step structure is below
     _AB,
     DEFAULT_ORDER,
     DERIVATIVE_SOLVERS,
@@ -24,6 +23,10 @@ from indis.engine.core.solvers import (
     Row,
     SolverTable,
     Y,
+    _combine,
+    _lower_order,
+    _unipc_b,
+    _unipc_rhos,
 )
 
 
@@ -51,15 +54,6 @@ class _Points:
 
     def step_h(self, n: int) -> Tensor:
         return self.lam[:, n + 1] - self.lam[:, n]
-
-
-def _combine(*terms: tuple[Tensor | float, Row]) -> Row:
-    """Linear combination of rows: sum of coefficient * row."""
-    out: Row = {}
-    for c, row in terms:
-        for i, v in row.items():
-            out[i] = out[i] + c * v if i in out else c * v
-    return out
 
 
 def _euler(pt: _Points, n: int) -> Row:
@@ -136,18 +130,6 @@ def _stages_ipndm(pt: _Points, steps: int, *, order: int, variable: bool, first:
     return stages
 
 
-def _lower_order(n: int, steps: int, order: int, first: int, lower_order_final: bool,
-                 final_zero: bool) -> int:
-    """diffusers' DPM-Solver++ order rule: warm-up, then lower-order final steps for short grids."""
-    k = min(order, n + 1 - first) if n >= first else 1
-    short = lower_order_final and steps < 15
-    if n == steps - 1 and (short or final_zero):
-        k = 1
-    if n == steps - 2 and short:
-        k = min(k, 2)
-    return k
-
-
 def _stages_dpmpp(pt: _Points, steps: int, *, order: int, first: int, lower_order_final: bool,
                   final_zero: bool, **_: object) -> list[_Stage]:
     stages = []
@@ -173,61 +155,6 @@ def _stages_dpmpp(pt: _Points, steps: int, *, order: int, first: int, lower_orde
                 row = {Y: row[Y], H: c + a / r0, HIST(1): -a / r0 + b / r1, HIST(2): -b / r1}
         stages.append(_Stage(n, n, None, torch.ones_like(c), row))
     return stages
-
-
-def _unipc_b(h: Tensor, variant: str, order: int) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """UniPC (data prediction): h*phi_1 = expm1(-h), B(h) and the right-hand sides b_1..b_order."""
-    hh = -h
-    h_phi_1 = torch.expm1(hh)
-    b_h = hh if variant == "bh1" else torch.expm1(hh)
-    h_phi_k, fact, b = h_phi_1 / hh - 1, 1.0, []
-    for i in range(1, order + 1):
-        b.append(h_phi_k * fact / b_h)
-        fact *= i + 1
-        h_phi_k = h_phi_k / hh - 1 / fact
-    return h_phi_1, b_h, b
-
-
-def _unipc_rhos(rks: list[Tensor], b: list[Tensor], predictor: bool) -> list[Tensor]:
-    """Solve the UniPC order conditions sum_j rho_j r_j^i = b_i per sample (batched)."""
-    if predictor:  # uses only the history ratios; order 2 is the fixed 1/2 of the reference code
-        if len(rks) == 0:
-            return []
-        if len(rks) == 1:
-            return [torch.full_like(b[0], 0.5)]
-        r = torch.stack(rks, dim=-1)
-        rhs = torch.stack(b[: len(rks)], dim=-1)
-    else:
-        if len(rks) == 0:
-            return [torch.full_like(b[0], 0.5)]
-        r = torch.stack([*rks, torch.ones_like(rks[0])], dim=-1)
-        rhs = torch.stack(b[: r.shape[-1]], dim=-1)
-    mat = torch.stack([r**i for i in range(r.shape[-1])], dim=-2)  # [B, rows=i, cols=j]
-    return _cramer(mat, rhs)
-
-
-def _det(mat: Tensor) -> Tensor:
-    """Leibniz determinant of a small ``[..., n, n]`` matrix (n <= 3): elementwise ops, no solver call."""
-    n = mat.shape[-1]
-    total = torch.zeros_like(mat[..., 0, 0])
-    for perm in itertools.permutations(range(n)):
-        inversions = sum(perm[i] > perm[j] for i in range(n) for j in range(i + 1, n))
-        term = torch.ones_like(total)
-        for i, j in enumerate(perm):
-            term = term * mat[..., i, j]
-        total = total + (-term if inversions % 2 else term)
-    return total
-
-
-def _cramer(mat: Tensor, rhs: Tensor) -> list[Tensor]:
-    """Cramer's rule for the tiny UniPC systems: no LAPACK call, so no host sync and CUDA-graph safe."""
-    det = _det(mat)
-    cols = []
-    for j in range(mat.shape[-1]):
-        replaced = mat.clone()
-        replaced[..., :, j] = rhs
-        cols.append(_det(replaced) / det)
-    return cols
 
 
 def _unipc_update(pt: _Points, n: int, k: int, variant: str, base: Row, newest: Row,
