@@ -6,7 +6,10 @@ counters in one C++ call (``indis.kernels.native.ragged_step_advance_native``) a
 compaction in another (``SlotCompactor``); backend ``torch``: their torch twins. A saturated
 stream of ``--requests`` requests (NFE drawn from 3, 5, 7; iPNDM; EDM grids; one seed each) is served at
 capacity 32 and 64, samples ``(1, 8, 8)``; each iteration is timed alone, the median over ``--reps`` runs of
-the stream is reported (backends interleaved). Build the extension first: ``.ci/build_native.sh``.
+the stream is reported (backends interleaved). A second table splits that cost: the median iteration of a
+full pool that neither admits nor retires (``capacity`` requests of NFE 16), and the first and last
+iterations of that run (all ``capacity`` admitted, all retired) per request. Build the extension first:
+``.ci/build_native.sh``.
 
 Run:  python benchmarks/bench_batcher_host.py [--requests 512] [--reps 5] [--json out.json]
 """
@@ -52,6 +55,20 @@ def iteration_times(batcher: ContinuousBatcher, requests: list[Request]) -> list
     return out
 
 
+def split_times(batcher: ContinuousBatcher, capacity: int, reps: int) -> dict[str, float]:
+    """µs of a full pool's step alone, and per request of admitting and of retiring ``capacity`` at once."""
+    steady, admit, retire = [], [], []
+    for rep in range(reps + 1):
+        times = iteration_times(batcher, [Request(seed=i, nfe=16, schedule="edm") for i in range(capacity)])
+        if rep:  # the first run warms up
+            steady += times[1:-1]
+            admit.append(times[0] - statistics.median(times[1:-1]))
+            retire.append(times[-1] - statistics.median(times[1:-1]))
+    return {"step_only_us": statistics.median(steady),
+            "admit_us_per_request": statistics.median(admit) / capacity,
+            "retire_us_per_request": statistics.median(retire) / capacity}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=512)
@@ -76,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"capacity": capacity, "iterations": len(times["native"]) // args.reps,
                          **{f"{b}_us_p50": p50[b] for b in BACKENDS},
                          **{f"{b}_us_mean": statistics.fmean(times[b]) for b in BACKENDS},
-                         "torch_over_native": p50["torch"] / p50["native"]})
+                         "torch_over_native": p50["torch"] / p50["native"],
+                         "split": {b: split_times(batchers[b], capacity, args.reps) for b in BACKENDS}})
     env = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
            "requests": args.requests, "reps": args.reps, "shape": list(SHAPE), "solver": "ipndm",
            "schedule": "edm", "nfe": [3, 5, 7]}
@@ -86,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['capacity']} | {r['iterations']} | {r['native_us_p50']:.1f} | {r['torch_us_p50']:.1f} | "
               f"{r['torch_over_native']:.2f}x |")
+    print("\nwhere it goes: a full pool's iteration that neither admits nor retires (µs), and per request "
+          "the extra time of admitting / retiring a whole pool at once (µs)\n")
+    print("| capacity | backend | step only | admit, per request | retire, per request |")
+    print("|---:|---|---:|---:|---:|")
+    for r in rows:
+        for b in BACKENDS:
+            s = r["split"][b]
+            print(f"| {r['capacity']} | {b} | {s['step_only_us']:.1f} | {s['admit_us_per_request']:.1f} | "
+                  f"{s['retire_us_per_request']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "results": rows}, f, indent=2)

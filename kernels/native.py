@@ -5,9 +5,10 @@ float32 results: the C++ sums in the reference's order without fused multiply-ad
 sample, threaded over samples and chunks. Storage is float32 (or float64, computed in float64) on the CPU.
 :func:`ragged_step_advance_native` also does a continuous batcher's per-iteration bookkeeping in the same
 call (each sample's stage counter and finished flag); :func:`ragged_step_advance_torch` is its torch twin.
-:class:`SlotCompactor` moves a batcher's surviving slots to the front of all its per-slot buffers in one
-C++ call (or one torch gather per buffer). :func:`pool_kernels` is the one place a slot pool's calls are
-chosen (C++ or torch, from the device, backend and dtype).
+:class:`SlotStepper` (that call over a slot pool's buffers, validated once) and :class:`SlotCompactor`
+(a batcher's surviving slots to the front of all its per-slot buffers in one C++ call, or one torch gather per
+buffer) are what a slot pool calls; :func:`pool_kernels` is the one place they are chosen (C++ or torch, from
+the device, backend and dtype).
 The extension is built by ``.ci/build_native.sh`` (``pip install --no-build-isolation ./kernels/csrc``);
 without it :func:`available` is False, :data:`REASON` says why, and nothing else in indis changes.
 """
@@ -15,7 +16,6 @@ without it :func:`available` is False, :data:`REASON` says why, and nothing else
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -178,17 +178,56 @@ class SlotCompactor:
             t.narrow(d, 0, len(keep)).copy_(t.index_select(d, idx[t.device]))
 
 
-def pool_kernels(device: torch.device, backend: str,
-                 dtype: torch.dtype) -> tuple[Callable[..., int] | None, bool]:
-    """The calls a continuous batcher's slot pool makes per iteration, chosen once: ``(advance, native
-    compaction)``. ``advance`` is the step-and-advance call of a CPU pool --
-    :func:`ragged_step_advance_native` where ``backend`` (resolved by ``ragged_step.backend_for``) is
-    ``native`` with a fused step for ``dtype``, else :func:`ragged_step_advance_torch` -- and None for a
-    device pool or the triton backend (run interpreted on CPU), which step with ``ragged_step`` while the
-    host keeps the counters. The compaction is C++ (:class:`SlotCompactor` ``native=True``) exactly when
-    ``advance`` is."""
+class SlotStepper:
+    """A slot pool's step-and-advance over its fixed buffers: on slots ``0..b-1``,
+    :func:`ragged_step_advance_native` (``native=True``) or :func:`ragged_step_advance_torch`, with the
+    denoiser's output ``raw`` ``[b, ...]``, the first ``n_active`` slots advancing.
+
+    The buffers (state ``y``, ``stash``, history ``hist[K, slots, ...]``, table ``rows``/``time`` laid out as
+    :class:`~indis.kernels.ragged_step.PackedTable` with a stash, counters ``step``, stage counts ``stages``,
+    flags ``done``) are validated once and their addresses kept, so they must not be reallocated afterwards;
+    each call then checks only ``raw`` and passes the kept arguments on.
+    """
+
+    def __init__(self, y: Tensor, stash: Tensor, hist: Tensor, rows: Tensor, time: Tensor, step: Tensor,
+                 stages: Tensor, done: Tensor, native: bool) -> None:
+        self.y, self.stash, self.hist, self.rows, self.time = y, stash, hist, rows, time
+        self.step, self.stages, self.done, self.native = step, stages, done, native
+        self.history = hist.shape[0]
+        table = PackedTable(rows, time, None, self.history, True)
+        _check(y, y, stash, hist, table, step)
+        _check_advance(y, step, stages, done, 0)
+        if native:
+            kept, args = _native_args(y, y, stash, hist, table, step, 1)
+            if kept is not rows:
+                raise ValueError("the table rows must be contiguous, in the state's dtype")
+            # (y, raw, ...) -> the addresses around raw's, and the sizes around the batch size and threads
+            self._head, self._mid, self._tail = args[0], args[2:8], args[9:15]
+            self._counters = (stages.data_ptr(), done.data_ptr())
+
+    def __call__(self, raw: Tensor, b: int, n_active: int) -> int:
+        """One step of slots ``0..b-1``; returns how many of the first ``n_active`` finished now."""
+        if not 0 <= n_active <= b <= self.y.shape[0]:
+            raise ValueError(f"need 0 <= n_active <= b <= {self.y.shape[0]}, got {n_active} and {b}")
+        if not self.native:
+            table = PackedTable(self.rows[:b], self.time[:b], None, self.history, True)
+            return ragged_step_advance_torch(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table,
+                                             self.step[:b], self.stages[:b], self.done[:b], n_active)
+        y = self.y
+        if (raw.shape[0] != b or raw.shape[1:] != y.shape[1:] or raw.dtype != y.dtype or not raw.is_cpu
+                or not raw.is_contiguous()):
+            raise ValueError(f"raw {tuple(raw.shape)} {raw.dtype} on {raw.device} must be a contiguous "
+                             f"CPU tensor [{b}, {', '.join(map(str, y.shape[1:]))}] in {y.dtype}")
+        return _native.ragged_step_advance(self._head, raw.data_ptr(), *self._mid, b, *self._tail,
+                                           torch.get_num_threads(), *self._counters, n_active)
+
+
+def pool_kernels(device: torch.device, backend: str, dtype: torch.dtype) -> str | None:
+    """How a continuous batcher's slot pool steps, chosen once: ``"native"`` (a CPU pool whose ``backend``,
+    resolved by ``ragged_step.backend_for``, is ``native`` with a fused step for ``dtype``:
+    :class:`SlotStepper` and :class:`SlotCompactor` in C++), ``"torch"`` (another CPU pool: their torch
+    twins) or None (a device pool, or the triton backend run interpreted on CPU: it steps with
+    ``ragged_step`` while the host keeps the counters, and compacts in torch)."""
     if device.type != "cpu" or backend == "triton":
-        return None, False
-    if backend == "native" and fused(backend, dtype):
-        return ragged_step_advance_native, True
-    return ragged_step_advance_torch, False
+        return None
+    return "native" if backend == "native" and fused(backend, dtype) else "torch"

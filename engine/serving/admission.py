@@ -107,6 +107,8 @@ def opts_key(opts: dict) -> tuple:
     unhashable or a non-string name."""
     if not isinstance(opts, dict) or not all(isinstance(k, str) for k in opts):
         raise ValueError(f"solver_opts={opts!r} must be a dict of option names to values")
+    if not opts:
+        return ()
     items = []
     for k, v in sorted(opts.items()):
         v = tuple(v) if isinstance(v, list) else v
@@ -117,6 +119,11 @@ def opts_key(opts: dict) -> tuple:
         kind = tuple(type(e).__name__ for e in v) if isinstance(v, tuple) else type(v).__name__
         items.append((k, kind, v))  # 2 and 2.0 (or 1 and True) hash alike but are different options
     return tuple(items)
+
+
+def valid_seed(seed: object) -> bool:
+    """Whether ``seed`` is an int a generator takes, in ``[0, 2**64)``."""
+    return isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**64
 
 
 def describe(e: BaseException) -> str:
@@ -163,14 +170,14 @@ class Admission:
         NFE chosen for ``nfe="auto"``."""
         groups: dict[tuple, tuple[list, list[Admitted]]] = {}
         failed: list[tuple[object, ValueError]] = []
-        for req, owner in batch:
+        for (req, owner), drawn in zip(batch, self.seed_states([req for req, _ in batch]), strict=True):
             try:
                 nfe = req.nfe
                 if nfe == "auto":
-                    nfe = self.choose_nfe(req)
+                    nfe = self.choose_nfe(req, drawn)
                     if on_nfe is not None:
                         on_nfe(owner, nfe)
-                item = self.prepare(req, nfe)
+                item = self.prepare(req, nfe, drawn)
             except Exception as e:  # noqa: BLE001 - bad inputs fail this request alone
                 failed.append((owner, as_value_error(e)))
                 continue
@@ -187,15 +194,16 @@ class Admission:
                 failed += [(owner, error) for owner in owners]
         return ready, failed
 
-    def prepare(self, req: Request, nfe: int | str | None = None) -> Admitted:
+    def prepare(self, req: Request, nfe: int | str | None = None, drawn: Tensor | None = None) -> Admitted:
         """Validate one request (the NFE bound first, before anything of the request's size is built);
-        ``nfe``: the NFE already chosen for ``nfe="auto"`` (chosen here if None)."""
+        ``nfe``: the NFE already chosen for ``nfe="auto"`` (chosen here if None); ``drawn``: its seed's
+        state from :meth:`seed_states` (drawn here if None)."""
         nfe = req.nfe if nfe is None else nfe
-        nfe = self.choose_nfe(req) if nfe == "auto" else nfe
+        nfe = self.choose_nfe(req, drawn) if nfe == "auto" else nfe
         if isinstance(nfe, bool) or not isinstance(nfe, int) or not 1 <= nfe <= self.max_stages:
             raise ValueError(f"nfe={nfe!r} must be an int in [1, {self.max_stages}] (this batcher's "
                              "max_stages)")
-        x = self.initial_state(req)
+        x = self.initial_state(req, drawn)
         cond = self.check_conditions(req)
         uncond, guidance_scale = self.check_guidance(req)
         check_solver(req.solver, req.solver_opts)
@@ -239,15 +247,28 @@ class Admission:
                         (req.solver, nfe, opts, shift is not None, scale is not None, None), uncond,
                         guidance_scale)
 
-    def initial_state(self, req: Request) -> Tensor:
+    def seed_states(self, requests: Sequence[Request]) -> list[Tensor | None]:
+        """The x_T of every request served by a valid seed, drawn together (``noise_from_seeds``: the same
+        rows as one draw each); None for the others (:meth:`initial_state` says what is wrong with them)."""
+        picked = [i for i, r in enumerate(requests) if r.x_T is None and valid_seed(r.seed)]
+        out: list[Tensor | None] = [None] * len(requests)
+        if picked:
+            noise = noise_from_seeds([requests[i].seed for i in picked], self.shape, dtype=torch.float64)
+            for i, x in zip(picked, noise.mul_(self.noise_scale), strict=True):
+                out[i] = x
+        return out
+
+    def initial_state(self, req: Request, drawn: Tensor | None = None) -> Tensor:
         """The request's validated x_T (given, or its seed's noise scaled to sigma_max in the model family's
-        coordinate, as ``teacher.initial_state``), float64 on the CPU; finite in the pool's dtype."""
+        coordinate, as ``teacher.initial_state``; ``drawn``: that state, already drawn by
+        :meth:`seed_states`), float64 on the CPU; finite in the pool's dtype."""
         if (req.x_T is None) == (req.seed is None):
             raise ValueError("give exactly one of x_T and seed")
         if req.x_T is None:
-            if isinstance(req.seed, bool) or not isinstance(req.seed, int) or req.seed < 0:
-                raise ValueError(f"seed={req.seed!r} must be a non-negative int")
-            x = noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0] * self.noise_scale
+            if not valid_seed(req.seed):
+                raise ValueError(f"seed={req.seed!r} must be an int in [0, 2**64)")
+            x = drawn if drawn is not None else (
+                noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0] * self.noise_scale)
             if self.check_seed_states:
                 check_state(x[None].to(self.dtype), f"x_T (seed {req.seed} at sigma_max {self.sigma_max})")
             return x
@@ -265,6 +286,8 @@ class Admission:
         one sample each (no batch axis) on the pool's device: every input this batcher takes, an int
         input left out holding its low value (a tensor input must be given)."""
         given = getattr(req, which)
+        if not self.conditions and (given is None or (isinstance(given, dict) and not given)):  # none
+            return {}
         flat = flatten(given, which, leaves=(Tensor, int))
         out = {}
         for k in flat:
@@ -308,11 +331,12 @@ class Admission:
         """What the predictor (and the NFE chooser) reads from one request's conditions, batch axis 1."""
         return pick(self.predictor_cond, unflatten({k: v[None] for k, v in cond.items()}))
 
-    def choose_nfe(self, req: Request) -> int:
-        """The NFE the chooser picks from the request's x_T (and condition)."""
+    def choose_nfe(self, req: Request, drawn: Tensor | None = None) -> int:
+        """The NFE the chooser picks from the request's x_T (and condition); ``drawn`` as in
+        :meth:`initial_state`."""
         if self.chooser is None:
             raise ValueError("nfe='auto' needs a batcher built with an NFE chooser (chooser=NFEChooser(...))")
-        x = self.initial_state(req)
+        x = self.initial_state(req, drawn)
         return self.chooser(x.to(self.device, torch.float32)[None],
                             self.predictor_input(self.check_conditions(req)))[0]
 

@@ -328,9 +328,7 @@ class ContinuousBatcher:
             return
         if deliver:
             if error is None:
-                rows = self.pool.y[torch.tensor(gone, device=self.device)]
-                finite = torch.isfinite(rows.flatten(1)).all(1).tolist()  # nothing non-finite is a result
-                results = rows.unbind(0)
+                results, finite = self.pool.take(gone)  # nothing non-finite is a result
             for k, i in enumerate(gone):
                 fut = self.live[i].future
                 if error is not None or not finite[k]:

@@ -7,20 +7,22 @@ fused kernel reads -- and its own stage count, plus its condition inputs (class 
 one buffer per dotted path) and, under classifier-free guidance, its unconditional inputs and guidance scale.
 Active samples hold slots
 ``0..n-1``; ``owners[i]`` is whatever the caller keeps for slot ``i`` (the batcher: the request's future).
-The C++ or torch calls a pool makes are chosen once, by ``indis.kernels.native.pool_kernels``.
+The C++ or torch calls a pool makes are chosen once, by ``indis.kernels.native.pool_kernels``, and bound to
+its buffers once (``SlotStepper``, ``SlotCompactor``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from indis.engine.core.conditions import unflatten
 from indis.engine.core.families import Denoiser
 from indis.engine.core.guidance import combine_guided
-from indis.kernels.native import SlotCompactor, pool_kernels
+from indis.kernels.native import SlotCompactor, SlotStepper, pool_kernels
 from indis.kernels.ragged_step import PackedTable, ragged_step
 
 MAX_HISTORY = 3   # iPNDM order 4 and UniPC order 3 keep 3 older outputs
@@ -59,7 +61,10 @@ class SlotPool:
         self.host_step: list[int] = []  # host copies of the counters where the kernel does not advance them
         self.host_stages: list[int] = []
         self.parked: list[bool] = []    # finished slots kept in the batch (step -1), see park()
-        self.advance, native = pool_kernels(self.device, backend, dtype)
+        kernels = pool_kernels(self.device, backend, dtype)
+        native = kernels == "native"
+        self.stepper = None if kernels is None else SlotStepper(
+            self.y, self.stash, self.hist, self.rows, self.time, self.step, self.stages, self.done, native)
         self._compact = SlotCompactor(
             [(self.y, 0), (self.stash, 0), (self.hist, 1), (self.rows, 0), (self.time, 0), (self.step, 0),
              (self.stages, 0), *((v, 0) for v in (*self.cond.values(), *self.uncond.values())),
@@ -84,7 +89,7 @@ class SlotPool:
         (:meth:`clear`)."""
         g = len(owners)
         slots = slice(self.n, self.n + g)
-        self.y[slots] = states.to(self.device, self.dtype)
+        self.y[slots].copy_(states)
         self.rows[slots] = rows
         self.time[slots] = time
         self.step[slots] = 0
@@ -125,8 +130,8 @@ class SlotPool:
         """One fused step of slots ``0..b-1`` with the denoiser's output ``raw`` and the counters' advance;
         returns (slots stepped, finished slots, slots finished by this step). Parked slots do not move."""
         n = self.n
-        table = PackedTable(self.rows[:b], self.time[:b], None, MAX_HISTORY, True)
-        if self.advance is None:  # the kernel steps; the host advances its own copies of the counters
+        if self.stepper is None:  # the kernel steps; the host advances its own copies of the counters
+            table = PackedTable(self.rows[:b], self.time[:b], None, MAX_HISTORY, True)
             ragged_step(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, self.step[:b], self.backend)
             live = self.step[:n]
             live += (live >= 0).to(torch.int32)
@@ -140,12 +145,20 @@ class SlotPool:
                 if self.host_step[i] >= self.host_stages[i]:
                     done.append(i)
             return stepped, done, just
-        finished = self.advance(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, self.step[:b],
-                                self.stages[:b], self.done[:b], n)
+        finished = self.stepper(raw, b, n)
         parked = sum(self.parked)
-        just = self.done[:n].nonzero().flatten().tolist() if finished else []
+        just = [i for i, d in enumerate(self.done[:n].tolist()) if d] if finished else []
         done = just if parked + len(just) < n else list(range(n))
         return n - parked, done, just
+
+    def take(self, slots: list[int]) -> tuple[tuple[Tensor, ...], list[bool]]:
+        """Copies of the states of ``slots`` (before they are freed) and whether each is finite."""
+        rows = self.y.index_select(0, torch.tensor(slots, device=self.device))
+        if rows.is_cpu and self.dtype in (torch.float32, torch.float64):  # numpy checks in ~1/4 of the time
+            finite = np.isfinite(rows.numpy().reshape(len(slots), -1)).all(1).tolist()
+        else:
+            finite = torch.isfinite(rows.flatten(1)).all(1).tolist()
+        return rows.unbind(0), finite
 
     def park(self, slots: list[int]) -> None:
         """Keep finished ``slots`` in the batch without stepping them again (step -1, masked)."""

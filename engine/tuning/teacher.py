@@ -36,8 +36,10 @@ def noise_from_seeds(seeds: Sequence[int] | Tensor, shape: Sequence[int], *,
     seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
     if any(s < 0 for s in seeds):
         raise ValueError("seeds must be non-negative integers")
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
-    out = torch.stack(rows) if rows else torch.empty(0, *shape)
+    out, shape = torch.empty(len(seeds), *shape), tuple(shape)
+    gen = torch.Generator()  # manual_seed resets the whole state: row i is the draw of a fresh generator
+    for row, s in zip(out, seeds, strict=True):
+        torch.randn(shape, generator=gen.manual_seed(s), out=row)
     return out.to(dtype=dtype, device=device)
 
 

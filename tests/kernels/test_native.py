@@ -295,6 +295,38 @@ def test_advance_rejects_bad_inputs() -> None:
     assert torch.equal(step, torch.zeros(2, dtype=torch.int32))  # nothing was advanced
 
 
+@pytest.mark.parametrize("use_native", [False, pytest.param(True, marks=needs_native)], ids=["torch", "cpp"])
+def test_slot_stepper_steps_a_bucket_as_the_unbound_call(use_native: bool) -> None:
+    """Bound once to buffers of 8 slots, a step of the first b = 6 with n_active = 5 gives what the torch
+    twin gives on those slices, bit for bit, and leaves the slots beyond b as they were; a denoiser output
+    that does not fit is refused before anything changes."""
+    packed, table = _case("ipndm", {}, 8, torch.float32)
+    buffers = _cpu_buffers(table, (3, 5), seed=3, dtype=torch.float32)
+    buffers["stash"] = torch.randn(8, 3, 5, generator=torch.Generator().manual_seed(4))
+    step, own = _advance_case(packed.stages)
+    b, n = 6, 5
+    ref = {k: v.clone() for k, v in buffers.items()}
+    ref_step, ref_done = step.clone().int(), torch.zeros(8, dtype=torch.bool)
+    sliced = dataclasses.replace(packed, rows=packed.rows[:b], time=packed.time[:b], uses_stash=True)
+    ref_count = native.ragged_step_advance_torch(ref["y"][:b], ref["raw"][:b], ref["stash"][:b],
+                                                 ref["hist"][:, :b], sliced, ref_step[:b], own[:b],
+                                                 ref_done[:b], n)
+    got = {k: v.clone() for k, v in buffers.items()}
+    got_step, got_done = step.clone().int(), torch.zeros(8, dtype=torch.bool)
+    stepper = native.SlotStepper(got["y"], got["stash"], got["hist"], packed.rows, packed.time, got_step,
+                                 own, got_done, native=use_native)
+    for bad in (got["raw"][:b + 1], got["raw"][:b].double(), got["raw"][:b].transpose(1, 2)):
+        with pytest.raises(ValueError):
+            stepper(bad, b, n)
+    with pytest.raises(ValueError, match="n_active"):
+        stepper(got["raw"][:b], b, b + 1)
+    assert torch.equal(got["y"], buffers["y"]) and torch.equal(got_step, step.int())
+    assert stepper(got["raw"][:b].contiguous(), b, n) == ref_count
+    for name in ("y", "stash", "hist"):
+        assert torch.equal(got[name], ref[name]), name
+    assert torch.equal(got_step, ref_step) and torch.equal(got_done, ref_done)
+
+
 @needs_native
 @pytest.mark.parametrize("policy", ["continuous", "static"])
 def test_batcher_native_advance_equals_torch_twin(policy: str) -> None:

@@ -53,7 +53,7 @@ def test_step_slots_advances_each_slot_to_its_own_stage_count(host_counters: boo
     """The torch advance and the host-counter path (device pools) finish the same slots at the same step."""
     pool = _pool()
     if host_counters:
-        pool.advance = None
+        pool.stepper = None
     _fill(pool, [2, 3, 2])
     seen = []
     for _ in range(3):
