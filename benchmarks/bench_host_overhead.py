@@ -10,7 +10,9 @@ when the network is trivial (``x * 0.5``), at shape ``[B, 3, 32, 32]`` float32 o
   Python float (the floor: one model call plus 2-3 tensor ops per step);
 * ``indis run_table`` -- the sampling loop only (table and per-stage views prebuilt by ``indis.prepare``),
   for dpmpp_2m, unipc (bh2, order 2) and ipndm, with a shared ``[N+1]`` grid and a ragged ``[B, N+1]`` grid;
-* ``indis.sample`` -- end to end (validation + table build + loop), dpmpp_2m, shared and ragged grid.
+* ``indis.sample`` and ``indis.prepare`` -- end to end (validation + table build + loop) and the set-up
+  alone, for every solver on the shared grid (dpmpp_2m and unipc also on the ragged grid), each with the
+  plan cache kept and emptied ("cold"); a per-solver table at the end sums them up.
 
 µs/step = median over repeats of (whole-loop wall time / steps); warm-up runs are discarded. Nothing is
 subtracted: the trivial model's cost is inside every loop equally. diffusers' ``set_timesteps`` and
@@ -21,7 +23,7 @@ every call, which is what a call with a new grid (e.g. an INDIS predictor's per-
 Each method is timed in hot back-to-back blocks; the blocks alternate over several rounds so that clock or
 thermal drift hits each one equally.
 
-Run:  python benchmarks/bench_host_overhead.py [--steps 10] [--repeats 200] [--batch-sizes 1,16]
+Run:  python benchmarks/bench_host_overhead.py [--steps 10] [--repeats 300] [--batch-sizes 1,16,64]
       [--json out.json]
 """
 
@@ -42,9 +44,11 @@ import torch
 
 import indis
 from indis.engine.core.sampling import clear_plan_cache, run_table
+from indis.engine.core.solvers import SOLVERS
 
 SHAPE = (3, 32, 32)
 BARE = "bare torch DPM++(2M) loop (Python-float coefs)"
+DIFFUSERS = ("dpmpp_2m", "unipc")  # the solvers compared with a diffusers scheduler
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -152,21 +156,29 @@ class Bench:
         return statistics.median(self.samples) / 1e3 / self.per
 
 
-def timed(fn: Callable[[], object]) -> Callable[[], int]:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU): every timed region ends with its results ready."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> Callable[[], int]:
     def run() -> int:
+        sync(device)
         t0 = time.perf_counter_ns()
         fn()
+        sync(device)
         return time.perf_counter_ns() - t0
     return run
 
 
-def build_benches(batch: int, steps: int) -> list[Bench]:
+def build_benches(batch: int, steps: int, device: torch.device) -> list[Bench]:
     from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, *SHAPE), generator=gen, dtype=torch.float32)
-    shared = indis.get_sigmas("edm", steps, 0.002, 80.0)
-    ragged = ragged_grid(batch, steps)
+    x = torch.randn((batch, *SHAPE), generator=gen, dtype=torch.float32).to(device)
+    shared = indis.get_sigmas("edm", steps, 0.002, 80.0).to(device)
+    ragged = ragged_grid(batch, steps).to(device)
     benches: list[Bench] = []
 
     # (a), (b): diffusers schedulers. set_timesteps is untimed in the loop bench, timed on its own.
@@ -176,25 +188,29 @@ def build_benches(batch: int, steps: int) -> list[Bench]:
     }
     for name, sched in scheds.items():
         def loop(sched=sched) -> int:
-            sched.set_timesteps(steps)
+            sched.set_timesteps(steps, device=device)
+            sync(device)
             t0 = time.perf_counter_ns()
             xt = x
             for t in sched.timesteps:
                 out = eps_model(xt, t)
                 xt = sched.step(out, t, xt).prev_sample
+            sync(device)
             return time.perf_counter_ns() - t0
         benches.append(Bench(name, loop, steps, "loop"))
         benches.append(Bench(name.replace("step()", "set_timesteps()"),
-                             timed(lambda sched=sched: sched.set_timesteps(steps)), 1, "fixed"))
+                             timed(lambda sched=sched: sched.set_timesteps(steps, device=device), device), 1,
+                             "fixed"))
 
     # (c): bare torch floor on indis' shared grid.
     sig_list = shared.tolist()
     coefs = bare_dpmpp_2m_coefs(sig_list)
-    sigma_in = [torch.full((batch,), s, dtype=torch.float32) for s in sig_list[:-1]]
-    benches.append(Bench(BARE, timed(lambda: bare_dpmpp_2m(kd_model, x, sigma_in, coefs)), steps, "loop"))
-    coefs_t = [(torch.tensor(a, dtype=torch.float32), b, c) for a, b, c in coefs]
+    sigma_in = [torch.full((batch,), s, dtype=torch.float32, device=device) for s in sig_list[:-1]]
+    benches.append(Bench(BARE, timed(lambda: bare_dpmpp_2m(kd_model, x, sigma_in, coefs), device), steps,
+                         "loop"))
+    coefs_t = [(torch.tensor(a, dtype=torch.float32, device=device), b, c) for a, b, c in coefs]
     benches.append(Bench("bare torch DPM++(2M) loop, 0-dim tensor for the multiply",
-                         timed(lambda: bare_dpmpp_2m(kd_model, x, sigma_in, coefs_t)), steps, "loop"))
+                         timed(lambda: bare_dpmpp_2m(kd_model, x, sigma_in, coefs_t), device), steps, "loop"))
 
     # (d): indis loop only, plan (table + per-stage views) prebuilt.
     for grid_name, grid in (("shared", shared), ("ragged", ragged)):
@@ -202,10 +218,11 @@ def build_benches(batch: int, steps: int) -> list[Bench]:
             opts = {"variant": "bh2", "order": 2} if solver == "unipc" else {}
             plan = indis.prepare(kd_model, x, grid, solver, **opts)
             benches.append(Bench(f"indis run_table {solver} ({grid_name} grid)",
-                                 timed(lambda plan=plan: run_table(plan, x)), plan.table.nfe, "loop"))
-    # (e): indis.sample end to end, and prepare on its own.
-    for solver in ("dpmpp_2m", "unipc"):
-        for grid_name, grid in (("shared", shared), ("ragged", ragged)):
+                                 timed(lambda plan=plan: run_table(plan, x), device), plan.table.nfe, "loop"))
+    # (e): indis.sample end to end, and prepare on its own: every solver on the shared grid, the two
+    # with a diffusers counterpart also on the ragged one.
+    for solver in SOLVERS:
+        for grid_name, grid in (("shared", shared), ("ragged", ragged))[:2 if solver in DIFFUSERS else 1]:
             def e2e(grid=grid, solver=solver) -> object:
                 return indis.sample(kd_model, x, grid, solver)
 
@@ -220,13 +237,14 @@ def build_benches(batch: int, steps: int) -> list[Bench]:
                 clear_plan_cache()
                 return indis.prepare(kd_model, x, grid, solver)
 
-            benches.append(Bench(f"indis.sample {solver} end-to-end ({grid_name} grid)", timed(e2e), steps,
-                                 "loop"))
+            benches.append(Bench(f"indis.sample {solver} end-to-end ({grid_name} grid)", timed(e2e, device),
+                                 steps, "loop"))
             benches.append(Bench(f"indis.sample {solver} end-to-end ({grid_name} grid, cold)",
-                                 timed(e2e_cold), steps, "loop"))
-            benches.append(Bench(f"indis.prepare {solver} ({grid_name} grid)", timed(prep), 1, "fixed"))
-            benches.append(Bench(f"indis.prepare {solver} ({grid_name} grid, cold)", timed(prep_cold), 1,
+                                 timed(e2e_cold, device), steps, "loop"))
+            benches.append(Bench(f"indis.prepare {solver} ({grid_name} grid)", timed(prep, device), 1,
                                  "fixed"))
+            benches.append(Bench(f"indis.prepare {solver} ({grid_name} grid, cold)", timed(prep_cold, device),
+                                 1, "fixed"))
     return benches
 
 
@@ -253,13 +271,13 @@ def measure(benches: list[Bench], warmup: int, repeats: int, rounds: int) -> Non
                 gc.enable()
 
 
-def sanity(batch: int, steps: int) -> list[str]:
+def sanity(batch: int, steps: int, device: torch.device) -> list[str]:
     """Finite outputs, and the bare loop agrees with indis' dpmpp_2m where both use 2nd order."""
-    x = torch.randn((batch, *SHAPE), generator=torch.Generator().manual_seed(1))
-    shared = indis.get_sigmas("edm", steps, 0.002, 80.0)
+    x = torch.randn((batch, *SHAPE), generator=torch.Generator().manual_seed(1)).to(device)
+    shared = indis.get_sigmas("edm", steps, 0.002, 80.0).to(device)
     ind = indis.sample(kd_model, x, shared, "dpmpp_2m", lower_order_final=False)
     sig_list = shared.tolist()
-    bare = bare_dpmpp_2m(kd_model, x, [torch.full((batch,), s) for s in sig_list[:-1]],
+    bare = bare_dpmpp_2m(kd_model, x, [torch.full((batch,), s, device=device) for s in sig_list[:-1]],
                          bare_dpmpp_2m_coefs(sig_list))
     err = float((ind - bare).abs().max() / bare.abs().max().clamp_min(1e-30))
     notes = [f"bare-torch vs indis dpmpp_2m (lower_order_final=False) max rel diff: {err:.2e}"]
@@ -269,7 +287,7 @@ def sanity(batch: int, steps: int) -> list[str]:
 
     for sched in (DPMSolverMultistepScheduler(solver_order=2),
                   UniPCMultistepScheduler(solver_order=2, solver_type="bh2")):
-        sched.set_timesteps(steps)
+        sched.set_timesteps(steps, device=device)
         xt = x
         for t in sched.timesteps:
             xt = sched.step(eps_model(xt, t), t, xt).prev_sample
@@ -289,11 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=300, help="timed repeats per method (median)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs per method and round")
     ap.add_argument("--rounds", type=int, default=10, help="rounds over all methods (repeats are split)")
-    ap.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes")
+    ap.add_argument("--batch-sizes", default="1,16,64", help="comma-separated batch sizes")
     ap.add_argument("--no-pin-malloc", action="store_true",
                     help="keep glibc's dynamic mmap/trim thresholds (noisier B>1 timings)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (GPU timings end with a synchronize)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
 
     malloc_note = "glibc malloc defaults (dynamic mmap/trim thresholds)"
@@ -308,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "indis": indis.__version__, "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+           "indis": indis.__version__, "cpu": cpu_model(), "device": str(device),
+           "torch_threads": torch.get_num_threads(),
            "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds,
            "shape": list(SHAPE), "dtype": "float32", "grad_mode": "torch.no_grad()", "malloc": malloc_note}
     print("# Host overhead per sampling step (trivial model x * 0.5)\n")
@@ -316,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
           f"Python {env['python']}")
     print(f"- CPU: {env['cpu']}; torch.set_num_threads(1) -> {env['torch_threads']} thread(s) "
           "(fixed to one for stable timings)")
-    print(f"- x: [B, {', '.join(map(str, SHAPE))}] float32, steps={args.steps}, EDM grid 80 -> 0.002 for "
-          "indis / bare torch, diffusers' own 1000-step linear-beta VP schedule")
+    if device.type == "cuda":
+        print(f"- device: {torch.cuda.get_device_name(device)}; every timed call ends with a synchronize")
+    print(f"- x: [B, {', '.join(map(str, SHAPE))}] float32 on {device}, steps={args.steps}, "
+          "EDM grid 80 -> 0.002 for indis / bare torch, diffusers' own 1000-step linear-beta VP schedule")
     print(f"- µs/step = median over {args.repeats} repeats of loop time / steps; hot-loop blocks: "
           f"{args.rounds} rounds over all methods, each {args.warmup} untimed warm-up runs then its share of "
           "repeats back to back; time.perf_counter_ns, GC off while timing, under torch.no_grad()")
@@ -327,11 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[int, dict[str, dict]] = {}
     notes: list[str] = []
     for bsz in batches:
-        benches = build_benches(bsz, args.steps)
+        benches = build_benches(bsz, args.steps, device)
         measure(benches, args.warmup, args.repeats, args.rounds)
         results[bsz] = {b.name: {"us": b.median_us(), "per": b.per, "group": b.group,
                                  "min_us": min(b.samples) / 1e3 / b.per} for b in benches}
-        notes += [f"B={bsz}: {n}" for n in sanity(bsz, args.steps)]
+        notes += [f"B={bsz}: {n}" for n in sanity(bsz, args.steps, device)]
 
     names = list(results[batches[0]])
     loop_names = [n for n in names if results[batches[0]][n]["group"] == "loop"]
@@ -388,6 +411,18 @@ def main(argv: list[str] | None = None) -> int:
         vals = [us(b, num) / us(b, den) for b in batches]
         ratio_json[label] = dict(zip(map(str, batches), vals, strict=True))
         print(f"| {label} | " + " | ".join(f"{v:.2f}x" for v in vals) + f" | {target} |")
+
+    print(f"\n## Per solver, shared grid (µs per call; e2e: the whole call, {args.steps} steps)\n")
+    heads = [f"prepare B={b} | cold B={b} | e2e B={b} | e2e cold B={b}" for b in batches]
+    print("| solver | " + " | ".join(heads) + " |")
+    print("|---" * (1 + 4 * len(batches)) + "|")
+    for solver in SOLVERS:
+        cells = []
+        for b in batches:
+            cells += [f"{us(b, f'indis.prepare {solver} (shared grid{c})'):.1f}" for c in ("", ", cold")]
+            cells += [f"{us(b, f'indis.sample {solver} end-to-end (shared grid{c})') * args.steps:.1f}"
+                      for c in ("", ", cold")]
+        print(f"| {solver} | " + " | ".join(cells) + " |")
 
     print("\n" + "\n".join(f"- {n}" for n in notes))
     elapsed = time.perf_counter() - t_start

@@ -8,7 +8,7 @@
 # importlib_metadata for the diffusers comparison) are installed from ./.whl if that folder exists (see
 # benchmarks/README.md). Results go to $INDIS_RESULTS, else $OUT (the device tool's output folder), else
 # benchmarks/results/gpu. Each stage has its own time limit; a failing stage is recorded and the suite goes on.
-# INDIS_SUITE_STAGES="tests kernel e2e serving export nvtx" (the default) selects stages; INDIS_SUITE_TESTS
+# INDIS_SUITE_STAGES="tests kernel e2e host serving export nvtx" (the default) selects stages; INDIS_SUITE_TESTS
 # the test paths of the tests stage.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -47,7 +47,7 @@ stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, keep its log and 
   echo "== $name: exit $rc in $((SECONDS - t0)) s"
 }
 
-STAGES="${INDIS_SUITE_STAGES:-tests kernel e2e serving export nvtx}"
+STAGES="${INDIS_SUITE_STAGES:-tests kernel e2e host serving export nvtx}"
 # INDIS_SUITE_TESTS: a subset reruns only those test paths
 TESTS="${INDIS_SUITE_TESTS:-tests/kernels tests/engine/core/test_graphs.py tests/engine/core/test_sampling_callback.py
   tests/export tests/engine/serving}"
@@ -56,6 +56,8 @@ for name in $STAGES; do
     tests) stage tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs $TESTS ;;
     kernel) stage kernel 150 "$PY" benchmarks/bench_ragged_step.py --json "$WORK/kernel.json" ;;
     e2e) stage e2e 200 "$PY" benchmarks/bench_sampling_e2e.py --json "$WORK/e2e.json" ;;
+    host) stage host 150 "$PY" benchmarks/bench_host_overhead.py --device cuda --repeats 100 --rounds 4 \
+      --json "$WORK/host.json" ;;  # prepare / indis.sample per solver vs diffusers, B = 1, 16, 64
     serving) stage serving 240 "$PY" benchmarks/bench_serving.py --device cuda --requests 1024 --capacity 64 \
       --rate inf,2000 --json "$WORK/serving.json" ;;  # default streams: uniform {3,5,7}, allocator mix
     export)  # torch / torch.compile / onnxruntime (CUDA provider, TensorRT: only where installed; says so)
@@ -83,7 +85,7 @@ md = [f"# GPU suite {stamp}", "", f"- GPU: {gpu}; torch {torch.__version__} (CUD
 smi = (work / "nvidia-smi.txt")
 if smi.exists():
     md += ["```", smi.read_text().strip(), "```", ""]
-for name in ("tests", "kernel", "e2e", "serving", "export", "nvtx"):
+for name in ("tests", "kernel", "e2e", "host", "serving", "export", "nvtx"):
     rc_file = work / f"{name}.rc"
     if not rc_file.exists():
         continue
