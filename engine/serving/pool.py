@@ -26,6 +26,7 @@ from indis.kernels.native import SlotCompactor, SlotStepper, pool_kernels
 from indis.kernels.ragged_step import PackedTable, ragged_step
 
 MAX_HISTORY = 3   # iPNDM order 4 and UniPC order 3 keep 3 older outputs
+NUMPY_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.bool)
 
 
 class SlotPool:
@@ -33,11 +34,12 @@ class SlotPool:
     ``max_stages`` stages; ``conditions`` maps each condition input (a dotted path) to the value an idle slot
     holds (an int: a class label; a tensor: one sample's input, whose shape and dtype the buffer takes).
     ``guidance``: ``(rescale, batched)`` of classifier-free guidance, or None: then the pool also holds
-    each slot's unconditional inputs (same paths) and guidance scale."""
+    each slot's unconditional inputs (same paths) and guidance scale. ``host``: whether the bookkeeping goes
+    through numpy views of the buffers (None: wherever it can, a CPU pool whose buffers numpy can view)."""
 
     def __init__(self, capacity: int, shape: Sequence[int], *, max_stages: int,
                  conditions: dict[str, int | Tensor], device: torch.device, dtype: torch.dtype, backend: str,
-                 guidance: tuple[float, bool] | None = None) -> None:
+                 guidance: tuple[float, bool] | None = None, host: bool | None = None) -> None:
         self.capacity, self.shape, self.max_stages = capacity, tuple(shape), max_stages
         self.device, self.dtype, self.backend = device, dtype, backend
         self.idle_cond = {k: torch.as_tensor(v, dtype=torch.long if isinstance(v, int) else None).to(device)
@@ -57,6 +59,20 @@ class SlotPool:
         self.cond = {k: v.new_empty((c, *v.shape)).copy_(v) for k, v in self.idle_cond.items()}
         self.uncond = {k: v.new_empty(v.shape).copy_(v) for k, v in self.cond.items()} if guidance else {}
         self.guidance_scale = torch.zeros(c, device=device, dtype=dtype) if guidance else None
+        # The bookkeeping writes and reads (place, clear, take, the network times) go through numpy views of a
+        # CPU pool's buffers, a fraction of a torch call's cost each; a device pool's are the tensors.
+        named = {"y": self.y, "rows": self.rows, "time": self.time, "step": self.step, "stages": self.stages,
+                 "done": self.done, **{f"cond.{k}": v for k, v in self.cond.items()},
+                 **{f"uncond.{k}": v for k, v in self.uncond.items()},
+                 **({} if self.guidance_scale is None else {"guidance_scale": self.guidance_scale})}
+        viewable = device.type == "cpu" and all(t.dtype in NUMPY_DTYPES for t in named.values())
+        if host and not viewable:
+            raise ValueError(f"host=True needs a CPU pool whose buffers numpy can view ({device}, {dtype})")
+        self.host = viewable if host is None else host
+        self.w = {k: self.value(t) for k, t in named.items()}
+        self.w["stages"], self.w["done"] = self.stages.numpy(), self.done.numpy()  # on the CPU in every pool
+        self.idle = {k: self.value(v) for k, v in self.idle_cond.items()}
+        self.slot_index = np.arange(c)
         self.owners: list = []          # per active slot, the caller's handle
         self.host_step: list[int] = []  # host copies of the counters where the kernel does not advance them
         self.host_stages: list[int] = []
@@ -89,19 +105,20 @@ class SlotPool:
         (:meth:`clear`)."""
         g = len(owners)
         slots = slice(self.n, self.n + g)
-        self.y[slots].copy_(states)
-        self.rows[slots] = rows
-        self.time[slots] = time
-        self.step[slots] = 0
-        self.stages[slots] = torch.tensor(stages)
-        for k, idle in self.idle_cond.items():
-            self.cond[k][slots] = torch.as_tensor(cond[k], device=self.device) if k in cond else idle
+        w, value = self.w, self.value
+        if self.guidance is not None and (uncond is None or guidance_scale is None):
+            raise ValueError("a pool with guidance needs each sample's uncond and guidance_scale")
+        w["y"][slots] = value(states)
+        w["rows"][slots] = value(rows)
+        w["time"][slots] = value(time)
+        w["step"][slots] = 0
+        w["stages"][slots] = stages
+        for k, idle in self.idle.items():
+            w[f"cond.{k}"][slots] = value(torch.as_tensor(cond[k])) if k in cond else idle
+            if self.guidance is not None:
+                w[f"uncond.{k}"][slots] = value(uncond[k]) if k in uncond else idle
         if self.guidance is not None:
-            if uncond is None or guidance_scale is None:
-                raise ValueError("a pool with guidance needs each sample's uncond and guidance_scale")
-            for k, idle in self.idle_cond.items():
-                self.uncond[k][slots] = uncond[k].to(self.device) if k in uncond else idle
-            self.guidance_scale[slots] = guidance_scale.to(self.device, self.dtype)
+            w["guidance_scale"][slots] = value(guidance_scale)
         self.owners += owners
         self.host_step += [0] * g
         self.host_stages += list(stages)
@@ -109,21 +126,28 @@ class SlotPool:
 
     def clear(self, start: int, stop: int) -> None:
         """Mark slots ``start..stop-1`` free (counters and idle values; the state is zeroed)."""
-        self.y[start:stop].zero_()
-        self.step[start:stop] = -1
-        self.stages[start:stop] = 0
-        for k, idle in self.idle_cond.items():
-            self.cond[k][start:stop] = idle
+        w, free = self.w, slice(start, stop)
+        w["y"][free] = 0
+        w["step"][free] = -1
+        w["stages"][free] = 0
+        for k, idle in self.idle.items():
+            w[f"cond.{k}"][free] = idle
             if self.uncond:
-                self.uncond[k][start:stop] = idle
+                w[f"uncond.{k}"][free] = idle
         if self.guidance_scale is not None:
-            self.guidance_scale[start:stop] = 0
+            w["guidance_scale"][free] = 0
+
+    def value(self, t: Tensor) -> Tensor | np.ndarray:
+        """``t`` as this pool's writes take it: a numpy view on a host pool, else the tensor."""
+        return t.numpy() if self.host else t
 
     def bucket_inputs(self, b: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The denoiser call's inputs over slots ``0..b-1``: states, each slot's network time at its stage,
         conditions as a tree (idle slots hold zeros and their idle values; their outputs are masked)."""
-        step = self.step[:b]
-        sigma = self.time[:b].gather(1, step.clamp(min=0).long()[:, None]).squeeze(1)
+        if self.host:
+            sigma = torch.from_numpy(self.w["time"][self.slot_index[:b], np.maximum(self.w["step"][:b], 0)])
+        else:
+            sigma = self.time[:b].gather(1, self.step[:b].clamp(min=0).long()[:, None]).squeeze(1)
         return self.y[:b], sigma, unflatten({k: v[:b] for k, v in self.cond.items()})
 
     def step_slots(self, raw: Tensor, b: int) -> tuple[int, list[int], list[int]]:
@@ -147,23 +171,22 @@ class SlotPool:
             return stepped, done, just
         finished = self.stepper(raw, b, n)
         parked = sum(self.parked)
-        just = [i for i, d in enumerate(self.done[:n].tolist()) if d] if finished else []
+        just = self.w["done"][:n].nonzero()[0].tolist() if finished else []
         done = just if parked + len(just) < n else list(range(n))
         return n - parked, done, just
 
     def take(self, slots: list[int]) -> tuple[tuple[Tensor, ...], list[bool]]:
         """Copies of the states of ``slots`` (before they are freed) and whether each is finite."""
+        if self.host:
+            rows = self.w["y"][slots]
+            return torch.from_numpy(rows).unbind(0), np.isfinite(rows.reshape(len(slots), -1)).all(1).tolist()
         rows = self.y.index_select(0, torch.tensor(slots, device=self.device))
-        if rows.is_cpu and self.dtype in (torch.float32, torch.float64):  # numpy checks in ~1/4 of the time
-            finite = np.isfinite(rows.numpy().reshape(len(slots), -1)).all(1).tolist()
-        else:
-            finite = torch.isfinite(rows.flatten(1)).all(1).tolist()
-        return rows.unbind(0), finite
+        return rows.unbind(0), torch.isfinite(rows.flatten(1)).all(1).tolist()
 
     def park(self, slots: list[int]) -> None:
         """Keep finished ``slots`` in the batch without stepping them again (step -1, masked)."""
         if slots:
-            self.step[torch.tensor(slots, device=self.device)] = -1
+            self.w["step"][slots] = -1
             for i in slots:
                 self.parked[i] = True
 
