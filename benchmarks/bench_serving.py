@@ -18,8 +18,13 @@ policies alternate within each of ``--repeats`` repeats; each policy's row is it
 ratio line the median of the per-repeat (paired) ratios with their range and the share of the ceiling. Every
 repeat's numbers are in the JSON.
 
+``--graphs`` (CUDA) adds a third row, the continuous policy with each bucket's iteration captured as a CUDA
+graph (``ContinuousBatcher(graphs=True)``); its denoiser cannot be timed apart inside a graph, so its
+"host ms / iteration" is the whole iteration. On CUDA every policy delivers a result one iteration after
+its retirement (no host sync in the loop), so a result is ready when its future is done.
+
 Run:  python benchmarks/bench_serving.py [--requests 1024] [--capacity 32] [--nfe 3,5,7 ...]
-      [--rate inf,300,600]
+      [--rate inf,300,600] [--device cuda --graphs]
 """
 
 from __future__ import annotations
@@ -73,13 +78,21 @@ def static_ceiling(nfes: list[int], capacity: int) -> float:
     return static / (sum(nfes) / capacity)
 
 
-def serve(policy: str, requests: list[Request], arrivals: list[float], capacity: int,
+POLICIES = {"continuous": ("continuous", False), "static": ("static", False),
+            "continuous, CUDA graphs": ("continuous", True)}
+
+
+def serve(name: str, requests: list[Request], arrivals: list[float], capacity: int,
           buckets: tuple[int, ...] | None, device: torch.device) -> dict:
-    model = Timed(load_backbone("unet").to(device), device)
-    batcher = ContinuousBatcher(model, (1, 8, 8), capacity=capacity, policy=policy, buckets=buckets,
-                                device=device)
-    batcher.run_all(requests[:capacity])  # warm-up (allocator, first calls)
-    model.seconds, batcher.stats = 0.0, dict.fromkeys(batcher.stats, 0)
+    policy, graphs = POLICIES[name]
+    net = load_backbone("unet").to(device)
+    model = None if graphs else Timed(net, device)  # a graph cannot synchronize inside: not timed apart
+    batcher = ContinuousBatcher(model or net, (1, 8, 8), capacity=capacity, policy=policy, buckets=buckets,
+                                device=device, graphs=graphs)
+    batcher.run_all(requests[:capacity])  # warm-up (allocator, first calls, the graphs' capture)
+    if model is not None:
+        model.seconds = 0.0
+    batcher.stats = dict.fromkeys(batcher.stats, 0)
     done_at: dict[int, float] = {}
     futures: list = []
     t0 = time.perf_counter()
@@ -92,8 +105,6 @@ def serve(policy: str, requests: list[Request], arrivals: list[float], capacity:
                 i += 1
             t_it = time.perf_counter()
             n = batcher.iterate(flush=i == len(requests))
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # results are ready when stamped
             loop_s += time.perf_counter() - t_it
             stamp = time.perf_counter() - t0
             for k, f in enumerate(futures):
@@ -104,6 +115,7 @@ def serve(policy: str, requests: list[Request], arrivals: list[float], capacity:
     lat = sorted(done_at[k] - arrivals[k] for k in done_at)
     span = max(done_at.values()) - arrivals[0]
     st = batcher.stats
+    denoiser_s = model.seconds if model is not None else 0.0
 
     def q(p: float) -> float:
         return lat[min(len(lat) - 1, round(p * (len(lat) - 1)))] * 1e3
@@ -111,8 +123,8 @@ def serve(policy: str, requests: list[Request], arrivals: list[float], capacity:
     return {"samples_per_s": len(requests) / span, "p50_ms": statistics.median(lat) * 1e3, "p95_ms": q(0.95),
             "p99_ms": q(0.99), "iterations": st["iterations"], "rows_per_useful_row":
             st["padded_steps"] / st["slot_steps"], "host_ms_per_iteration":
-            (loop_s - model.seconds) / st["iterations"] * 1e3, "denoiser_ms_per_iteration":
-            model.seconds / st["iterations"] * 1e3, "results": [f.result().cpu() for f in futures]}
+            (loop_s - denoiser_s) / st["iterations"] * 1e3, "denoiser_ms_per_iteration":
+            denoiser_s / st["iterations"] * 1e3, "results": [f.result().cpu() for f in futures]}
 
 
 # The NFE shares the allocator on x_T chose at an average budget of 4 NFE on the digits UNet
@@ -134,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--buckets", default=None, help="batch-size buckets, e.g. 8,16,32 (default: the capacity "
                     "only -- on CPU a changing batch shape costs oneDNN more than the padding saves)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--graphs", action="store_true", help="also the continuous policy with CUDA graphs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
+    if args.graphs and args.device == "cpu":
+        ap.error("--graphs needs --device cuda (a CPU pool steps with its C++ or torch call)")
+    names = [*POLICIES] if args.graphs else ["continuous", "static"]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     env = {"torch": torch.__version__, "threads": args.threads, "python": sys.version.split()[0],
@@ -165,30 +181,36 @@ def main(argv: list[str] | None = None) -> int:
             gaps = torch.empty(args.requests).exponential_(generator=g).tolist()
             arrivals = [0.0] * args.requests if math.isinf(rate) else list(
                 torch.tensor(gaps).div(rate).cumsum(0).sub(gaps[0] / rate).tolist())
-            tries: dict[str, list[dict]] = {"continuous": [], "static": []}
+            tries: dict[str, list[dict]] = {p: [] for p in names}
             for _ in range(args.repeats):  # alternating, so a slow spell of a shared machine hits both
                 for p, got in tries.items():
                     got.append(serve(p, requests, arrivals, args.capacity, buckets, device))
             runs = {p: sorted(got, key=lambda r: r["samples_per_s"])[(len(got) - 1) // 2]
                     for p, got in tries.items()}
-            paired = [c["samples_per_s"] / s["samples_per_s"]
-                      for c, s in zip(tries["continuous"], tries["static"], strict=True)]
             label = "all at t=0" if math.isinf(rate) else f"Poisson {rate:g}/s"
             for p, r in runs.items():
                 print(f"| {label} | {p} | {r['samples_per_s']:.0f} | {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / "
                       f"{r['p99_ms']:.0f} | {r['rows_per_useful_row']:.2f} | {r['iterations']} | "
                       f"{r['host_ms_per_iteration']:.2f} | {r['denoiser_ms_per_iteration']:.2f} |",
                       flush=True)
-            diff = max(float((a - b).abs().max()) for a, b in zip(runs["continuous"].pop("results"),
-                                                                  runs["static"].pop("results"), strict=True))
-            ratio = statistics.median(paired)
-            share = f"; {ratio / ceiling:.0%} of the ceiling" if math.isinf(rate) else ""
-            print(f"| {label} | continuous / static | {ratio:.2f}x ({min(paired):.2f}-{max(paired):.2f}"
-                  f"{share}) | | | | | max sample difference {diff:.1e} |")
+            static = runs["static"].pop("results")
+            entry: dict = {}
+            for p in names[:1] + names[2:]:  # each other policy against static
+                paired = [c["samples_per_s"] / s["samples_per_s"]
+                          for c, s in zip(tries[p], tries["static"], strict=True)]
+                diff = max(float((a - b).abs().max())
+                           for a, b in zip(runs[p].pop("results"), static, strict=True))
+                ratio = statistics.median(paired)
+                share = f"; {ratio / ceiling:.0%} of the ceiling" if math.isinf(rate) else ""
+                print(f"| {label} | {p} / static | {ratio:.2f}x ({min(paired):.2f}-{max(paired):.2f}"
+                      f"{share}) | | | | | max sample difference {diff:.1e} |")
+                entry[p] = {"throughput_ratio": ratio, "paired_ratios": paired, "max_sample_difference": diff}
             spread = {p: [{k: v for k, v in r.items() if k != "results"} for r in got]
                       for p, got in tries.items()}
-            stream["runs"][label] = {**runs, "throughput_ratio": ratio, "paired_ratios": paired,
-                                     "max_sample_difference": diff, "every_repeat": spread}
+            stream["runs"][label] = {**runs, "throughput_ratio": entry["continuous"]["throughput_ratio"],
+                                     "paired_ratios": entry["continuous"]["paired_ratios"],
+                                     "max_sample_difference": entry["continuous"]["max_sample_difference"],
+                                     "against_static": entry, "every_repeat": spread}
         out["streams"].append(stream)
     if args.json:
         with open(args.json, "w") as fh:

@@ -58,8 +58,8 @@ for name in $STAGES; do
     e2e) stage e2e 200 "$PY" benchmarks/bench_sampling_e2e.py --json "$WORK/e2e.json" ;;
     host) stage host 150 "$PY" benchmarks/bench_host_overhead.py --device cuda --repeats 100 --rounds 4 \
       --json "$WORK/host.json" ;;  # prepare / indis.sample per solver vs diffusers, B = 1, 16, 64
-    serving) stage serving 240 "$PY" benchmarks/bench_serving.py --device cuda --requests 1024 --capacity 64 \
-      --rate inf,2000 --json "$WORK/serving.json" ;;  # default streams: uniform {3,5,7}, allocator mix
+    serving) stage serving 240 "$PY" benchmarks/bench_serving.py --device cuda --graphs --requests 1024 \
+      --capacity 64 --rate inf,2000 --repeats 3 --json "$WORK/serving.json" ;;  # uniform {3,5,7}, allocator mix
     export)  # torch / torch.compile / onnxruntime (CUDA provider, TensorRT: only where installed; says so)
       stage export 240 "$PY" benchmarks/bench_export_backends.py --device cuda --json "$WORK/export.json" ;;
     nvtx)  # NVTX ranges as Nsight Systems sees them (skipped where nsys is not installed)

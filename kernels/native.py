@@ -126,6 +126,14 @@ def ragged_step_advance_torch(y: Tensor, raw: Tensor, stash: Tensor | None, hist
     return int(done.sum())
 
 
+def host_to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on ``device`` without blocking the host: on CUDA through pinned memory, copied
+    asynchronously (the caching host allocator keeps the pinned block until the copy has run)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _slot_rows(t: Tensor, dim: int) -> tuple[int, int, int, int, int]:
     """(address, outer count, outer stride, slot stride, row bytes) of the slots of ``t`` along ``dim``."""
     if not t.is_cpu:
@@ -174,7 +182,7 @@ class SlotCompactor:
         idx = {torch.device("cpu"): torch.tensor(keep, dtype=torch.int64)}
         for t, d in self.buffers:
             if t.device not in idx:
-                idx[t.device] = idx[torch.device("cpu")].to(t.device)
+                idx[t.device] = host_to_device(idx[torch.device("cpu")], t.device)
             t.narrow(d, 0, len(keep)).copy_(t.index_select(d, idx[t.device]))
 
 

@@ -41,6 +41,13 @@ from indis.engine.core.sampling import (
 from indis.engine.core.schedules import Schedule, as_grid
 
 
+def parameter_fingerprint(*objects: object) -> tuple:
+    """The (id, data pointer) of every parameter and buffer of the ``nn.Module`` s among ``objects``: a CUDA
+    graph reading them must be re-captured when it changes (a replaced storage)."""
+    modules = [m for m in objects if isinstance(m, nn.Module)]
+    return tuple((id(t), t.data_ptr()) for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
 @dataclass
 class _Entry:
     inputs: dict[str, Tensor]            # static buffers the graph reads
@@ -98,7 +105,7 @@ class GraphSampler:
         inputs, flags = self._inputs(x, sigmas, cond, validate)
         inputs.update(self._guidance_inputs(x, cond, uncond, guidance_scale, validate))
         key = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items()), flags)
-        fingerprint = self._fingerprint()
+        fingerprint = parameter_fingerprint(self.denoiser.net, self.predictor)
         entry = self._cache.get(key)
         if entry is not None and entry.fingerprint != fingerprint:
             self.invalidate()  # a parameter's storage was replaced: every graph reads stale memory
@@ -201,10 +208,6 @@ class GraphSampler:
             raise ValueError(f"the predictor's bounds (sigma in [{sc.sigma_min}, {sc.sigma_max}], shift "
                              f"within +-{sc.shift_bound}, scale within 1 +- {sc.scale_bound}) do not fit "
                              f"{dtype}: {e}") from e
-
-    def _fingerprint(self) -> tuple:
-        modules = [m for m in (self.denoiser.net, self.predictor) if isinstance(m, nn.Module)]
-        return tuple((id(t), t.data_ptr()) for m in modules for t in (*m.parameters(), *m.buffers()))
 
     def _body(self, entry: _Entry, check_output: bool = False) -> Tensor:
         """Everything one call does, on the entry's static buffers: no host sync, no data-dependent branch."""

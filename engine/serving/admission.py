@@ -283,8 +283,8 @@ class Admission:
 
     def check_conditions(self, req: Request, which: str = "cond") -> dict[str, Tensor]:
         """The request's validated condition inputs (``which``: ``"cond"`` or ``"uncond"``) by dotted path,
-        one sample each (no batch axis) on the pool's device: every input this batcher takes, an int
-        input left out holding its low value (a tensor input must be given)."""
+        one sample each (no batch axis) on the CPU (the pool moves them): every input this batcher takes, an
+        int input left out holding its low value (a tensor input must be given)."""
         given = getattr(req, which)
         if not self.conditions and (given is None or (isinstance(given, dict) and not given)):  # none
             return {}
@@ -303,13 +303,13 @@ class Admission:
                     raise ValueError(f"{which}[{k!r}] must be a tensor of shape {spec.shape}, got {got}")
                 if v.is_floating_point() and not bool(torch.isfinite(v).all()):
                     raise ValueError(f"{which}[{k!r}] contains NaN or inf")
-                out[k] = v.detach().reshape(spec.shape).to(self.device, spec.dtype)
+                out[k] = v.detach().reshape(spec.shape).to("cpu", spec.dtype)
                 continue
             lo, hi = spec
             v = lo if v is None else v
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v < hi:
                 raise ValueError(f"condition {k}={v!r} must be an int in [{lo}, {hi})")
-            out[k] = torch.tensor(v, device=self.device)
+            out[k] = torch.tensor(v)
         return out
 
     def check_guidance(self, req: Request) -> tuple[dict[str, Tensor] | None, float | None]:
@@ -329,7 +329,7 @@ class Admission:
 
     def predictor_input(self, cond: dict[str, Tensor]) -> Tensor | None:
         """What the predictor (and the NFE chooser) reads from one request's conditions, batch axis 1."""
-        return pick(self.predictor_cond, unflatten({k: v[None] for k, v in cond.items()}))
+        return pick(self.predictor_cond, unflatten({k: v[None].to(self.device) for k, v in cond.items()}))
 
     def choose_nfe(self, req: Request, drawn: Tensor | None = None) -> int:
         """The NFE the chooser picks from the request's x_T (and condition); ``drawn`` as in
@@ -342,15 +342,15 @@ class Admission:
 
     def table(self, solver: str, opts: dict, grids: Tensor, shift: Tensor | None,
               scale: Tensor | None) -> tuple[Tensor, Tensor, int]:
-        """Pool rows ``[g, max_stages, R]``, network times ``[g, max_stages]`` and the stage count S for
-        ``g`` grids of one solver: the checked table (``sampling.table_for``) in the pool's layout
-        (``sampling.pool_layout``)."""
+        """Pool rows ``[g, max_stages, R]``, network times ``[g, max_stages]`` (on the CPU: the pool moves
+        them) and the stage count S for ``g`` grids of one solver: the checked table (``sampling.table_for``)
+        in the pool's layout (``sampling.pool_layout``)."""
         # the pool keeps coefficients (and computes) in coef_dtype, float32 for a float16/bfloat16 state
         table = table_for(self.den, grids, solver, self.coef_dtype, shift=shift, scale=scale, **opts)
         if table.scaled_input:
             raise ValueError("shift on a VP/flow model (a rescaled network input) is not served here")
         rows, time = pool_layout(self.den, table, self.dtype, self.max_stages, MAX_HISTORY)
-        return rows.to(self.device, self.coef_dtype), time.to(self.device), table.nfe
+        return rows.to(self.coef_dtype), time, table.nfe
 
     def group_table(self, solver: str, opts: dict, members: list[Admitted]) -> tuple[Tensor, Tensor, int]:
         """A group's tables: the cached heuristic one (expanded) or theirs, built together (a group's members

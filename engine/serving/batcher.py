@@ -15,8 +15,9 @@ Each iteration (1) admits waiting requests into free slots, (2) runs one denoise
 each slot's own sigma, ``b`` = the smallest bucket >= n (so compiled graphs / engine profiles are reused;
 idle slots hold zeros and are masked), (3) one fused ragged step over the same slots with the counters'
 advance (on a CPU pool one C++ call where the backend resolves to ``native``; a device pool keeps host copies
-of the counters, no device-to-host reads), and (4) retires finished samples (each result is delivered
-exactly once), moving the remaining slots to the front.
+of the counters, no device-to-host reads; ``graphs=True``: one CUDA graph per bucket for (2) and (3)), and
+(4) retires finished samples (each result is delivered exactly once; a device pool's at the next iteration,
+when its finiteness flag is back), moving the remaining slots to the front.
 
 Results equal running each request alone (the per-sample table and update are the same; the denoiser must
 treat samples independently). ``policy="static"`` is the baseline a server without ragged solvers has: it
@@ -47,8 +48,9 @@ from torch import Tensor
 from indis.engine.core.families import Denoiser, as_denoiser
 from indis.engine.serving.admission import Admission, Condition, Group, Request, TensorCondition, describe
 from indis.engine.serving.allocation import NFEChooser
+from indis.engine.serving.bucket_graphs import BucketGraphs
 from indis.engine.serving.policies import Policy, as_policy
-from indis.engine.serving.pool import SlotPool
+from indis.engine.serving.pool import SlotPool, Taken
 from indis.kernels.ragged_step import backend_for
 
 log = logging.getLogger("indis.serving")
@@ -99,7 +101,13 @@ class ContinuousBatcher:
     ``{"encoder_hidden_states": TensorCondition((77, 768))}`` (each request gives its own; they are stacked
     per bucket). ``guidance``: classifier-free guidance with each request's ``uncond`` and
     ``guidance_scale`` (one batched network call on ``[uncond; cond]`` unless ``guidance_batched=False``;
-    ``guidance_rescale`` as in ``indis.sample``).
+    ``guidance_rescale`` as in ``indis.sample``). ``graphs``: each bucket's iteration (the denoiser call, the
+    fused step and the counters' advance) is one CUDA graph over the pool's static buffers
+    (:class:`~indis.engine.serving.bucket_graphs.BucketGraphs`: a pool that steps on the device, i.e. CUDA or
+    the triton backend; off CUDA nothing is captured and the same work runs eagerly).
+    On CUDA, admission writes new slots through one pinned staging copy per iteration and a retirement's
+    finiteness flags come back asynchronously: results are delivered at the next iteration, after its work
+    is queued, so the host never waits for the device's current work.
     ``predictors``: ``{(nfe, solver): phi}`` with ``phi(x_T[B], cond) -> Schedule`` for
     ``schedule="predictor"`` (``predictor_cond``: the dotted path of the condition it reads, or a function of
     the condition tree; an NFE ``chooser`` reads it too, for requests with ``nfe="auto"``). ``policy``:
@@ -114,7 +122,7 @@ class ContinuousBatcher:
                  max_waiting: int = 100_000, policy: str | Policy = "continuous",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  backend: str | None = None, guidance: bool = False, guidance_rescale: float = 0.0,
-                 guidance_batched: bool = True) -> None:
+                 guidance_batched: bool = True, graphs: bool = False) -> None:
         self.policy = as_policy(policy)
         self.den = as_denoiser(model)
         self.shape, self.capacity = tuple(shape), capacity
@@ -140,7 +148,9 @@ class ContinuousBatcher:
                                    chooser=chooser, conditions=conditions, max_stages=max_stages,
                                    device=self.device, dtype=dtype, coef_dtype=self.pool.coef_dtype,
                                    guidance=guidance)
+        self.graphs = BucketGraphs(self.pool, self.den) if graphs else None
         self.waiting: deque[tuple[Request, Future]] = deque()
+        self.taken: list[tuple[list[Future], Taken]] = []  # retired, not delivered yet (device pools)
         self.stats = {"iterations": 0, "admitted": 0, "completed": 0, "failed": 0, "cancelled": 0,
                       "slot_steps": 0, "padded_steps": 0}
         self._cancel_seen = False  # set by a live future's done-callback when it is cancelled
@@ -183,7 +193,7 @@ class ContinuousBatcher:
 
     def pending(self) -> int:
         with self._lock:
-            return len(self.waiting) + len(self.live)
+            return len(self.waiting) + len(self.live) + sum(len(f) for f, _ in self.taken)
 
     def start(self) -> None:
         """Run the loop in a background thread (``submit`` from any thread; ``close`` to stop)."""
@@ -195,9 +205,9 @@ class ContinuousBatcher:
             try:
                 while True:
                     with self._lock:
-                        while not self.waiting and not self.live and not self._closing:
+                        while not self.waiting and not self.live and not self.taken and not self._closing:
                             self._lock.wait()
-                        if self._closing and not self.waiting and not self.live:
+                        if self._closing and not self.waiting and not self.live and not self.taken:
                             return
                     self._guarded_iterate(flush=self._closing)
                     with self._lock:  # e.g. a static batch still filling: wait for a submit or close
@@ -242,8 +252,10 @@ class ContinuousBatcher:
         """Fail every request in the pool with ``error`` and free the pool (a last resort after an
         unexpected exception; the pool's buffers are reset, not trusted)."""
         try:
+            self._deliver_taken()
             self._release(list(range(len(self.live))), error)
         except Exception:  # noqa: BLE001 - the pool is beyond repair: deliver, then start it empty
+            self._fail_taken(error)
             log.exception("freeing the pool failed; resetting it")
             for item in list(self.live):  # answers first: the reset touches the (maybe broken) device
                 self._fail(item.future, error)
@@ -259,6 +271,10 @@ class ContinuousBatcher:
             self._fail(fut, error)
         for item in live:
             self._fail(item.future, error)
+        try:  # results already taken are delivered if the device still answers
+            self._deliver_taken()
+        except Exception:  # noqa: BLE001 - it does not: they fail with the rest
+            self._fail_taken(error)
         try:  # after the answers: the device may be what broke
             self.pool.reset()
         except Exception:  # noqa: BLE001 - nothing is served any more
@@ -290,15 +306,18 @@ class ContinuousBatcher:
         self._admit(flush)
         n = self.pool.n
         if n == 0:
+            self._deliver_taken()
             return 0
         b = next(x for x in self.buckets if x >= n)
         try:
             with torch.no_grad():  # serving never differentiates: no graph on the pool's buffers
-                stepped, done, just = self.pool.step_slots(self.pool.raw(self.den, b), b)
+                stepped, done, just = self.pool.iterate(self.den, b, self.graphs and self.graphs.replay)
         except Exception as e:  # noqa: BLE001 - the failure belongs to the requests in this call
             log.warning("denoiser call failed for %d requests: %s", n, e)
+            self._deliver_taken()
             self._release(list(range(n)), RuntimeError(f"denoiser call failed: {describe(e)}"))
             return 0
+        self._deliver_taken()  # the last iteration's results: this one's work is already queued
         self.stats["iterations"] += 1
         self.stats["padded_steps"] += b
         self.stats["slot_steps"] += stepped
@@ -326,22 +345,44 @@ class ContinuousBatcher:
         """Deliver the results (or ``error``) of slots ``gone``, then free them (``SlotPool.remove``)."""
         if not gone:
             return
-        if deliver:
-            if error is None:
-                results, finite = self.pool.take(gone)  # nothing non-finite is a result
-            for k, i in enumerate(gone):
-                fut = self.live[i].future
-                if error is not None or not finite[k]:
-                    self._fail(fut, error or FloatingPointError(
-                        "the sample became NaN or inf (a non-finite model output, or a schedule whose scale "
-                        "overflows the pool's dtype); it is not delivered"))
-                    continue
-                try:
-                    fut.set_result(results[k])
-                    self.stats["completed"] += 1
-                except InvalidStateError:  # cancelled meanwhile: dropped, never delivered twice
-                    self.stats["cancelled"] += 1
+        futures = [self.live[i].future for i in gone]
+        if deliver and error is not None:
+            for fut in futures:
+                self._fail(fut, error)
+        taken = self.pool.take(gone) if deliver and error is None else None
         self.pool.remove(gone)
+        if taken is not None:
+            if taken.ready():
+                self._deliver(futures, taken)
+            else:
+                self.taken.append((futures, taken))
+
+    def _deliver(self, futures: list[Future], taken: Taken) -> None:
+        """Each future gets its sample, or ``FloatingPointError`` if it is not finite."""
+        for fut, row, finite in zip(futures, taken.rows, taken.finite(), strict=True):
+            if not finite:
+                self._fail(fut, FloatingPointError(
+                    "the sample became NaN or inf (a non-finite model output, or a schedule whose scale "
+                    "overflows the pool's dtype); it is not delivered"))
+                continue
+            try:
+                fut.set_result(row)
+                self.stats["completed"] += 1
+            except InvalidStateError:  # cancelled meanwhile: dropped, never delivered twice
+                self.stats["cancelled"] += 1
+
+    def _deliver_taken(self) -> None:
+        """Deliver the results retired earlier whose finiteness flags were still on their way."""
+        while self.taken:
+            futures, taken = self.taken.pop(0)
+            self._deliver(futures, taken)
+
+    def _fail_taken(self, error: Exception) -> None:
+        """Fail the results not delivered yet (the device that holds them may be what broke)."""
+        taken, self.taken = self.taken, []
+        for futures, _ in taken:
+            for fut in futures:
+                self._fail(fut, error)
 
     def _fail(self, fut: Future, error: BaseException) -> None:
         """Deliver ``error`` to ``fut``, unless it was cancelled meanwhile (then counted as cancelled)."""

@@ -8,12 +8,15 @@ one buffer per dotted path) and, under classifier-free guidance, its uncondition
 Active samples hold slots
 ``0..n-1``; ``owners[i]`` is whatever the caller keeps for slot ``i`` (the batcher: the request's future).
 The C++ or torch calls a pool makes are chosen once, by ``indis.kernels.native.pool_kernels``, and bound to
-its buffers once (``SlotStepper``, ``SlotCompactor``).
+its buffers once (``SlotStepper``, ``SlotCompactor``). A CPU pool's bookkeeping goes through numpy views of
+its buffers; a device pool's placement is one staged copy (:func:`staged_copy`) and nothing it does waits for
+the device (its results' finiteness flags come back asynchronously: :class:`Taken`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,11 +25,44 @@ from torch import Tensor
 from indis.engine.core.conditions import unflatten
 from indis.engine.core.families import Denoiser
 from indis.engine.core.guidance import combine_guided
-from indis.kernels.native import SlotCompactor, SlotStepper, pool_kernels
+from indis.kernels.native import SlotCompactor, SlotStepper, host_to_device, pool_kernels
 from indis.kernels.ragged_step import PackedTable, ragged_step
 
 MAX_HISTORY = 3   # iPNDM order 4 and UniPC order 3 keep 3 older outputs
 NUMPY_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.bool)
+
+
+def staged_copy(pieces: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """CPU tensors on ``device`` through one staging buffer: their bytes packed (8-byte aligned) into one
+    tensor, copied once (on CUDA from pinned memory, asynchronously: ``host_to_device``) and viewed back."""
+    chunks, spans, offset = [], [], 0
+    for t in pieces:
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        pad = -data.numel() % 8
+        chunks += [data, torch.zeros(pad, dtype=torch.uint8)] if pad else [data]
+        spans.append((offset, data.numel()))
+        offset += data.numel() + pad
+    staged = host_to_device(torch.cat(chunks), device) if chunks else None
+    return [staged[o:o + n].view(t.dtype).view(t.shape) for t, (o, n) in zip(pieces, spans, strict=True)]
+
+
+@dataclass
+class Taken:
+    """States read out of freed slots (``rows``) and whether each is finite: a list, or a host tensor a
+    device copies into asynchronously until ``event`` has passed (:meth:`finite` waits for it)."""
+
+    rows: tuple[Tensor, ...]
+    flags: list[bool] | Tensor
+    event: torch.cuda.Event | None = None
+
+    def ready(self) -> bool:
+        """Whether :meth:`finite` would return without waiting."""
+        return self.event is None or self.event.query()
+
+    def finite(self) -> list[bool]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.flags if isinstance(self.flags, list) else self.flags.tolist()
 
 
 class SlotPool:
@@ -108,17 +144,26 @@ class SlotPool:
         w, value = self.w, self.value
         if self.guidance is not None and (uncond is None or guidance_scale is None):
             raise ValueError("a pool with guidance needs each sample's uncond and guidance_scale")
-        w["y"][slots] = value(states)
-        w["rows"][slots] = value(rows)
-        w["time"][slots] = value(time)
+        given = {"y": states, "rows": rows, "time": time}
+        for k in self.idle:
+            if k in cond:
+                given[f"cond.{k}"] = torch.as_tensor(cond[k])
+            if self.guidance is not None and k in uncond:
+                given[f"uncond.{k}"] = uncond[k]
+        if self.guidance is not None:
+            given["guidance_scale"] = guidance_scale
+        if not self.host:  # a device pool: one staged copy in the buffers' dtypes, then writes on the device
+            pieces = [v.to("cpu", self.w[k].dtype) for k, v in given.items()]
+            given = dict(zip(given, staged_copy(pieces, self.device), strict=True))
+        for name, v in given.items():
+            w[name][slots] = value(v)
+        for k, idle in self.idle.items():
+            if f"cond.{k}" not in given:
+                w[f"cond.{k}"][slots] = idle
+            if self.guidance is not None and f"uncond.{k}" not in given:
+                w[f"uncond.{k}"][slots] = idle
         w["step"][slots] = 0
         w["stages"][slots] = stages
-        for k, idle in self.idle.items():
-            w[f"cond.{k}"][slots] = value(torch.as_tensor(cond[k])) if k in cond else idle
-            if self.guidance is not None:
-                w[f"uncond.{k}"][slots] = value(uncond[k]) if k in uncond else idle
-        if self.guidance is not None:
-            w["guidance_scale"][slots] = value(guidance_scale)
         self.owners += owners
         self.host_step += [0] * g
         self.host_stages += list(stages)
@@ -150,43 +195,79 @@ class SlotPool:
             sigma = self.time[:b].gather(1, self.step[:b].clamp(min=0).long()[:, None]).squeeze(1)
         return self.y[:b], sigma, unflatten({k: v[:b] for k, v in self.cond.items()})
 
+    def iterate(self, den: Denoiser, b: int, replay: Callable[[int], None] | None = None
+                ) -> tuple[int, list[int], list[int]]:
+        """One iteration of slots ``0..b-1``: the denoiser call, the fused step and the counters' advance
+        (``replay(b)``: a captured :meth:`step_device` of a pool without a stepper); returns what
+        :meth:`step_slots` does."""
+        if self.stepper is not None:
+            return self.step_slots(self.raw(den, b), b)
+        if replay is not None:
+            replay(b)
+        else:
+            self.step_device(den, b)
+        return self.advance_host()
+
+    def step_device(self, den: Denoiser, b: int) -> None:
+        """A pool without a stepper (a device pool): the denoiser call, the fused step and the counters'
+        advance as device work only, nothing read back (what ``bucket_graphs.BucketGraphs`` captures)."""
+        self.step_kernel(self.raw(den, b), b)
+
+    def step_kernel(self, raw: Tensor, b: int) -> None:
+        """The fused step of slots ``0..b-1`` (``ragged_step``) and the device counters' advance (idle and
+        parked slots hold step -1 and do not move; a finished slot is never left in the pool)."""
+        table = PackedTable(self.rows[:b], self.time[:b], None, MAX_HISTORY, True)
+        ragged_step(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, self.step[:b], self.backend)
+        live = self.step[:b]
+        live += (live >= 0).to(torch.int32)
+
+    def advance_host(self) -> tuple[int, list[int], list[int]]:
+        """The host's copies of the counters after a step (:meth:`step_slots`' result)."""
+        stepped, done, just = 0, [], []
+        for i in range(self.n):
+            if self.host_step[i] < self.host_stages[i]:
+                self.host_step[i] += 1
+                stepped += 1
+                if self.host_step[i] == self.host_stages[i]:
+                    just.append(i)
+            if self.host_step[i] >= self.host_stages[i]:
+                done.append(i)
+        return stepped, done, just
+
     def step_slots(self, raw: Tensor, b: int) -> tuple[int, list[int], list[int]]:
         """One fused step of slots ``0..b-1`` with the denoiser's output ``raw`` and the counters' advance;
         returns (slots stepped, finished slots, slots finished by this step). Parked slots do not move."""
         n = self.n
         if self.stepper is None:  # the kernel steps; the host advances its own copies of the counters
-            table = PackedTable(self.rows[:b], self.time[:b], None, MAX_HISTORY, True)
-            ragged_step(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table, self.step[:b], self.backend)
-            live = self.step[:n]
-            live += (live >= 0).to(torch.int32)
-            stepped, done, just = 0, [], []
-            for i in range(n):
-                if self.host_step[i] < self.host_stages[i]:
-                    self.host_step[i] += 1
-                    stepped += 1
-                    if self.host_step[i] == self.host_stages[i]:
-                        just.append(i)
-                if self.host_step[i] >= self.host_stages[i]:
-                    done.append(i)
-            return stepped, done, just
+            self.step_kernel(raw, b)
+            return self.advance_host()
         finished = self.stepper(raw, b, n)
         parked = sum(self.parked)
         just = self.w["done"][:n].nonzero()[0].tolist() if finished else []
         done = just if parked + len(just) < n else list(range(n))
         return n - parked, done, just
 
-    def take(self, slots: list[int]) -> tuple[tuple[Tensor, ...], list[bool]]:
-        """Copies of the states of ``slots`` (before they are freed) and whether each is finite."""
+    def take(self, slots: list[int]) -> Taken:
+        """Copies of the states of ``slots`` (before they are freed) and whether each is finite; on CUDA
+        the flags come back asynchronously (nothing here waits for the device)."""
         if self.host:
             rows = self.w["y"][slots]
-            return torch.from_numpy(rows).unbind(0), np.isfinite(rows.reshape(len(slots), -1)).all(1).tolist()
-        rows = self.y.index_select(0, torch.tensor(slots, device=self.device))
-        return rows.unbind(0), torch.isfinite(rows.flatten(1)).all(1).tolist()
+            return Taken(torch.from_numpy(rows).unbind(0),
+                         np.isfinite(rows.reshape(len(slots), -1)).all(1).tolist())
+        rows = self.y.index_select(0, host_to_device(torch.tensor(slots), self.device))
+        flags = torch.isfinite(rows.flatten(1)).all(1)
+        if self.device.type != "cuda":
+            return Taken(rows.unbind(0), flags.tolist())
+        host = torch.empty(len(slots), dtype=torch.bool, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Taken(rows.unbind(0), host, event)
 
     def park(self, slots: list[int]) -> None:
         """Keep finished ``slots`` in the batch without stepping them again (step -1, masked)."""
         if slots:
-            self.w["step"][slots] = -1
+            self.w["step"][slots if self.host else host_to_device(torch.tensor(slots), self.device)] = -1
             for i in slots:
                 self.parked[i] = True
 

@@ -136,8 +136,9 @@ def test_numpy_bookkeeping_equals_the_torch_one() -> None:
             if it == 1:
                 pool.park([1])
             if it == 2:
-                rows, finite = pool.take([0, 2])
-                out.append((torch.stack(rows), torch.tensor(finite)))
+                taken = pool.take([0, 2])
+                assert taken.ready()
+                out.append((torch.stack(taken.rows), torch.tensor(taken.finite())))
                 pool.remove([0, 2])
                 _fill(pool, [3])
         out += [(t.clone(),) for t in (pool.y, pool.rows, pool.time, pool.step, pool.stages,
