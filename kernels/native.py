@@ -215,8 +215,9 @@ class SlotStepper:
 
     def __call__(self, raw: Tensor, b: int, n_active: int) -> int:
         """One step of slots ``0..b-1``; returns how many of the first ``n_active`` finished now."""
-        if not 0 <= n_active <= b <= self.y.shape[0]:
-            raise ValueError(f"need 0 <= n_active <= b <= {self.y.shape[0]}, got {n_active} and {b}")
+        if not (0 <= n_active <= b <= self.y.shape[0] and b >= 1):
+            raise ValueError(f"need 0 <= n_active <= b, 1 <= b <= {self.y.shape[0]}, got n_active {n_active} "
+                             f"and b {b}")
         if not self.native:
             table = PackedTable(self.rows[:b], self.time[:b], None, self.history, True)
             return ragged_step_advance_torch(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table,

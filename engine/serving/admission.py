@@ -250,7 +250,13 @@ class Admission:
     def seed_states(self, requests: Sequence[Request]) -> list[Tensor | None]:
         """The x_T of every request served by a valid seed, drawn together (``noise_from_seeds``: the same
         rows as one draw each); None for the others (:meth:`initial_state` says what is wrong with them)."""
-        picked = [i for i, r in enumerate(requests) if r.x_T is None and valid_seed(r.seed)]
+        picked = []
+        for i, r in enumerate(requests):
+            try:
+                if r.x_T is None and valid_seed(r.seed):
+                    picked.append(i)
+            except Exception:  # noqa: BLE001 - not a request at all: its own validation fails it alone
+                continue
         out: list[Tensor | None] = [None] * len(requests)
         if picked:
             noise = noise_from_seeds([requests[i].seed for i in picked], self.shape, dtype=torch.float64)

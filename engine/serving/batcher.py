@@ -211,7 +211,8 @@ class ContinuousBatcher:
                             return
                     self._guarded_iterate(flush=self._closing)
                     with self._lock:  # e.g. a static batch still filling: wait for a submit or close
-                        while self.policy.idle(self.pool, len(self.waiting), self._closing):
+                        while not self.taken and self.policy.idle(self.pool, len(self.waiting),
+                                                                  self._closing):
                             self._lock.wait()
             except BaseException as e:  # not an iteration's fault: the loop stops, and says so to everyone
                 log.exception("batcher loop stopped")
@@ -350,12 +351,13 @@ class ContinuousBatcher:
             for fut in futures:
                 self._fail(fut, error)
         taken = self.pool.take(gone) if deliver and error is None else None
-        self.pool.remove(gone)
-        if taken is not None:
+        if taken is not None:  # delivered or queued before the slots go, so pending() never undercounts
             if taken.ready():
                 self._deliver(futures, taken)
             else:
-                self.taken.append((futures, taken))
+                with self._lock:
+                    self.taken.append((futures, taken))
+        self.pool.remove(gone)
 
     def _deliver(self, futures: list[Future], taken: Taken) -> None:
         """Each future gets its sample, or ``FloatingPointError`` if it is not finite."""
@@ -374,12 +376,15 @@ class ContinuousBatcher:
     def _deliver_taken(self) -> None:
         """Deliver the results retired earlier whose finiteness flags were still on their way."""
         while self.taken:
-            futures, taken = self.taken.pop(0)
-            self._deliver(futures, taken)
+            futures, taken = self.taken[0]
+            self._deliver(futures, taken)  # if reading the flags fails, they stay for _fail_taken
+            with self._lock:
+                self.taken.pop(0)
 
     def _fail_taken(self, error: Exception) -> None:
         """Fail the results not delivered yet (the device that holds them may be what broke)."""
-        taken, self.taken = self.taken, []
+        with self._lock:
+            taken, self.taken = self.taken, []
         for futures, _ in taken:
             for fut in futures:
                 self._fail(fut, error)

@@ -8,9 +8,14 @@ condition inputs and guidance are the pool's own buffers, so a batcher has one c
 host keeps its own copies of the counters and reads nothing back.
 
 Capture runs the body on a side stream first (``warmup`` times: Triton compiles, library handles); that
-advances the slots' state, so the buffers the body writes are saved before and restored after. A replaced
-parameter of the denoiser (``engine.core.graphs.parameter_fingerprint``) drops every graph. On a pool that is
-not on CUDA nothing is captured: the same body runs eagerly (which keeps this path testable without a GPU).
+advances the slots' state, so the buffers the body writes are saved before and restored after (also when it
+fails). Capture uses ``capture_error_mode="thread_local"``, so another thread's CUDA calls (a client reading a
+result) do not break it; a failure raises with the bucket named (the iteration's requests fail; use
+``graphs=False`` for a model that cannot be captured). A replaced parameter of the denoiser -- when the model
+is an ``nn.Module`` or a ``Denoiser`` of one (``engine.core.graphs.parameter_fingerprint``) -- drops every
+graph; a plain function's modules are not visible, so after replacing what it reads call :meth:`invalidate`.
+On a pool that is not on CUDA nothing is captured: the same body runs eagerly (which keeps this path testable
+without a GPU).
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ class BucketGraphs:
         self._fingerprint = parameter_fingerprint(den.net)
         self._memory = None  # the graphs share one memory pool
 
+    def invalidate(self) -> None:
+        """Drop every graph (the next replay of each bucket captures again)."""
+        self.graphs.clear()
+
     def replay(self, b: int) -> None:
         """Run the iteration of slots ``0..b-1`` (capturing its graph first if needed)."""
         pool = self.pool
@@ -45,29 +54,39 @@ class BucketGraphs:
             return
         fingerprint = parameter_fingerprint(self.den.net)
         if fingerprint != self._fingerprint:  # a parameter's storage was replaced: stale graphs
-            self.graphs.clear()
+            self.invalidate()
             self._fingerprint = fingerprint
-        graph = self.graphs.get(b)
-        if graph is None:
-            graph = self.graphs[b] = self._capture(b)
-        graph.replay()
+        with torch.cuda.device(pool.device):
+            graph = self.graphs.get(b)
+            if graph is None:
+                graph = self.graphs[b] = self._capture(b)
+            graph.replay()
 
     def _capture(self, b: int) -> torch.cuda.CUDAGraph:
         pool = self.pool
         written = [pool.y[:b], pool.stash[:b], pool.hist[:, :b], pool.step[:b]]
         saved = [t.clone() for t in written]
-        side = torch.cuda.Stream(device=pool.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(self.warmup):
-                pool.step_device(self.den, b)
-        torch.cuda.current_stream().wait_stream(side)
-        for t, s in zip(written, saved, strict=True):
-            t.copy_(s)
+        current = torch.cuda.current_stream(pool.device)
+        try:
+            side = torch.cuda.Stream(device=pool.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(self.warmup):
+                    pool.step_device(self.den, b)
+            current.wait_stream(side)
+        finally:
+            for t, s in zip(written, saved, strict=True):
+                t.copy_(s)
         if self._memory is None:
             self._memory = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._memory), torch.no_grad():
-            pool.step_device(self.den, b)
+        capture = torch.cuda.graph(graph, pool=self._memory, capture_error_mode="thread_local")
+        try:
+            with capture, torch.no_grad():
+                pool.step_device(self.den, b)
+        except Exception as e:
+            raise RuntimeError(f"capturing bucket {b}'s iteration as a CUDA graph failed "
+                               f"({type(e).__name__}: {e}); a model that cannot be captured is served with "
+                               "graphs=False") from e
         self.captured += 1
         return graph

@@ -261,7 +261,7 @@ class SlotPool:
         host = torch.empty(len(slots), dtype=torch.bool, pin_memory=True)
         host.copy_(flags, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return Taken(rows.unbind(0), host, event)
 
     def park(self, slots: list[int]) -> None:

@@ -36,7 +36,8 @@ def noise_from_seeds(seeds: Sequence[int] | Tensor, shape: Sequence[int], *,
     seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
     if any(s < 0 for s in seeds):
         raise ValueError("seeds must be non-negative integers")
-    out, shape = torch.empty(len(seeds), *shape), tuple(shape)
+    shape = tuple(shape)
+    out = torch.empty(len(seeds), *shape)
     gen = torch.Generator()  # manual_seed resets the whole state: row i is the draw of a fresh generator
     for row, s in zip(out, seeds, strict=True):
         torch.randn(shape, generator=gen.manual_seed(s), out=row)

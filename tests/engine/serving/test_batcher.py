@@ -97,7 +97,7 @@ def test_bad_requests_fail_alone() -> None:
            Request(seed=1, nfe=3, solver="ipndm", solver_opts={"order": 4}),
            Request(seed=1, nfe=12, solver="heun"), Request(seed=1, schedule=None),
            Request(seed=1, schedule=object()), Request(seed=1, cond=[1]), Request(seed=-1),
-           Request(seed=2**64), Request(seed=True), Request(seed=1.0),
+           Request(seed=2**64), Request(seed=True), Request(seed=1.0), object(),
            Request(seed=1, solver="dpm_fast"), Request(seed=1, solver_opts={"frobnicate": 1}),
            Request(x_T=torch.full((6,), 1e39, dtype=torch.float64), nfe=3),  # inf in the float32 pool
            Request(seed=1, nfe=2, schedule=indis.Schedule(torch.tensor([80.0, 1.0, 0.5]), None,

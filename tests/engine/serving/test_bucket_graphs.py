@@ -132,15 +132,66 @@ def test_late_results_survive_a_failing_iteration_and_a_cancel() -> None:
     assert b.stats["cancelled"] == 1 and b.stats["completed"] == 1 and b.pending() == 0
 
 
+class _BrokenEvent(_LateEvent):
+    """An event whose wait fails, as on a device that hit a sticky error."""
+
+    def synchronize(self) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_failing_flag_read_fails_those_requests_and_loses_none() -> None:
+    """When reading the late flags fails, the background loop stops and every request still gets an
+    outcome (none is dropped between the queue of late results and the failure)."""
+    b = _batcher(dtype=torch.float64)
+    take = b.pool.take
+    b.pool.take = lambda slots: Taken(take(slots).rows, [True] * len(slots), _BrokenEvent())
+    b.start()
+    futures = [b.submit(Request(seed=i, nfe=2 + i)) for i in range(3)]
+    b.close(10)
+    assert all(f.done() for f in futures) and b.pending() == 0 and not b.taken
+    assert all("illegal memory access" in str(f.exception()) for f in futures)
+
+
+def test_the_static_policy_delivers_late_results_while_a_batch_fills() -> None:
+    """A static batch whose flags come back late is delivered while the next batch is still filling (the
+    loop does not idle with results in hand)."""
+    import time
+
+    def slow(x, sigma, class_labels):
+        time.sleep(0.02)
+        return _labelled(x, sigma, class_labels)
+
+    b = ContinuousBatcher(slow, (6,), conditions={"class_labels": (-1, 10)}, capacity=2, dtype=torch.float64,
+                          policy="static")
+    _late(b)
+    b.start()
+    try:
+        first = [b.submit(Request(seed=i, nfe=3)) for i in range(2)]
+        time.sleep(0.01)
+        late = b.submit(Request(seed=7, nfe=3))  # waits for a second request to fill its batch
+        for f in first:
+            assert f.result(timeout=10).shape == (6,)
+        assert not late.done()
+    finally:
+        b.close(10)
+    assert late.result().shape == (6,)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs a CUDA device (runs in benchmarks/gpu_suite.sh)")
 def test_captured_buckets_serve_as_the_eager_loop_on_cuda() -> None:
     """On CUDA: one graph per bucket used, results equal to the eager device loop; a replaced parameter
     drops the graphs."""
-    net = torch.nn.Linear(6, 6).cuda().double()
+    class Model(torch.nn.Module):  # a module, so a replaced parameter is seen (a closure's is not)
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(6, 6)
 
-    def model(x, sigma, class_labels):
-        return _labelled(x, sigma, class_labels) + 1e-3 * net(x)
+        def forward(self, x, sigma, class_labels):
+            return _labelled(x, sigma, class_labels) + 1e-3 * self.net(x)
+
+    model = Model().cuda().double()
+    net = model.net
 
     reqs = _requests(24)
     kw = dict(conditions={"class_labels": (-1, 10)}, capacity=8, device="cuda", dtype=torch.float64)
