@@ -1,5 +1,8 @@
 """``indis`` command line: tune an INDIS predictor, evaluate it, export models for deployment.
 
+``indis generate --backbone fashion-unet --nfe 5 --seeds 0-63 --out DIR`` writes samples (``.npz``) and a
+PNG grid for any shipped backbone, solver, NFE and schedule (also under ``torchrun``); ``indis fd
+DIR/samples.npz`` prints their FD to the data (``indis.engine.generation``).
 ``indis fit --backbone unet --nfe 5 --solver ipndm --out phi.safetensors`` tunes phi (staged from its blind
 schedule) with teacher end points cached under ``--cache``; ``indis eval phi.safetensors`` compares it with
 the heuristic grids on held-out seeds (teacher MSE / PSNR). Both call the library functions
@@ -151,6 +154,57 @@ def _export(args: argparse.Namespace) -> None:
             print(f"{tag}: engine {plan}", flush=True)
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from indis.engine.generation import (
+        BACKBONES,
+        generate,
+        parse_seeds,
+        resolve_schedule,
+        save,
+        seed_labels,
+        world,
+    )
+
+    torch.set_num_threads(args.threads)  # also under torchrun: the same count gives the same samples
+    rank, size = world()
+    if size > 1:
+        import torch.distributed as dist
+
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if args.device == "cuda" else \
+            torch.device(args.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    else:
+        device = torch.device(args.device)
+    try:
+        backbone = BACKBONES[args.backbone]
+        seeds = parse_seeds(args.seeds)
+        labels = seed_labels(seeds, backbone, args.labels)
+        model = backbone.load(args.weights).to(device)
+        fn = resolve_schedule(args.schedule, model, backbone, args.nfe, args.solver, args.labels,
+                              args.backbone)
+        samples = generate(model, backbone, seeds, labels, fn, args.solver, args.batch_size, device,
+                           progress=not args.no_progress)
+        if samples is not None:  # rank 0 (or the only process) writes
+            settings = {k: getattr(args, k) for k in ("backbone", "nfe", "solver", "schedule", "labels",
+                                                       "seeds", "batch_size")}
+            settings |= {"world_size": size, "threads": torch.get_num_threads(), "torch": torch.__version__}
+            npz, png = save(args.out, samples, seeds, labels, settings)
+            print(f"wrote {npz} ({samples.shape[0]} samples) and {png}")
+    finally:
+        if size > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _fd(args: argparse.Namespace) -> None:
+    from indis.engine.generation import fd_report
+
+    fd_report(args.samples, args.teacher, args.data, args.weights)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="indis", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -192,10 +246,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     x.add_argument("--opt-level", type=int, default=3, help="TensorRT builder optimisation level 0-5")
     x.add_argument("--opset", type=int, default=19)
     x.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check")
+    g = sub.add_parser("generate", help="seeds -> samples (.npz and a PNG grid) for a shipped backbone; runs "
+                       "under torchrun with the seeds split across ranks")
+    g.add_argument("--backbone", default="fashion-unet",
+                   choices=("fashion-unet", "digits-unet", "digits-dit"))
+    g.add_argument("--nfe", type=int, default=5, help="steps of the schedule")
+    g.add_argument("--solver", default="ipndm", choices=SOLVERS)
+    g.add_argument("--schedule", default="edm", help="a heuristic (edm, logsnr, uniform_t, time_quadratic, "
+                   "ays), gits, a grid .json (LD3-global / GITS) or an INDIS head .safetensors")
+    g.add_argument("--seeds", default="0-63", help="e.g. 0-63 or 0-9,100-109")
+    g.add_argument("--labels", default="seeds", help="seeds (a class per seed), none, or one class K")
+    g.add_argument("--batch-size", type=int, default=64, help="seeds per chunk (the unit split across ranks)")
+    g.add_argument("--weights", default=None, help="a folder of backbone weights (default: the shipped ones)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=2, help="CPU threads per process (also under torchrun: "
+                   "samples are bit-identical for the same count, however the seeds are split)")
+    g.add_argument("--out", required=True, help="folder for samples.npz and grid.png")
+    g.add_argument("--no-progress", action="store_true")
+    d = sub.add_parser("fd", help="Frechet distance of a samples .npz to the data (and to a teacher's .npz)")
+    d.add_argument("samples")
+    d.add_argument("--teacher", default=None, help="samples .npz of the same seeds from a teacher")
+    d.add_argument("--data", default=None, help="Fashion-MNIST's IDX folder (default: the Debian package's)")
+    d.add_argument("--weights", default=None, help="a folder holding the classifier (default: the shipped)")
     args = p.parse_args(argv)
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it per process; otherwise at most 2 threads
+        torch.set_num_threads(min(torch.get_num_threads(), 2))
     try:
-        {"fit": _fit, "eval": _eval, "export": _export}[args.cmd](args)
+        {"fit": _fit, "eval": _eval, "export": _export, "generate": _generate, "fd": _fd}[args.cmd](args)
     except USER_ERRORS as e:  # the user's to fix: one line; anything else is ours and keeps its traceback
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"indis {args.cmd}: error: {message}", file=sys.stderr)

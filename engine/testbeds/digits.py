@@ -422,23 +422,25 @@ def fd_to_data(images: Tensor, split: Split = "all", weights_dir: str | Path | N
 _BUILDERS: dict[str, type[nn.Module]] = {"unet": DigitsUNet, "dit": DigitsDiT, "classifier": DigitsClassifier}
 
 
-def _weight_paths(name: str, weights_dir: str | Path | None) -> tuple[Path, Path]:
+def _weight_paths(name: str, weights_dir: str | Path | None, testbed: str = "digits") -> tuple[Path, Path]:
     d = Path(WEIGHTS_DIR if weights_dir is None else weights_dir)
-    return d / f"digits_{name}.safetensors", d / f"digits_{name}.json"
+    return d / f"{testbed}_{name}.safetensors", d / f"{testbed}_{name}.json"
 
 
-def _load(name: str, weights_dir: str | Path | None) -> nn.Module:
-    wpath, mpath = _weight_paths(name, weights_dir)
+def load_model(name: str, weights_dir: str | Path | None, testbed: str = "digits") -> nn.Module:
+    """``{testbed}_{name}.safetensors`` and its ``.json`` (architecture, training record, checksum) from
+    ``weights_dir`` (default: the shipped weights), checked before anything is built; eval mode, frozen."""
+    wpath, mpath = _weight_paths(name, weights_dir, testbed)
     if not wpath.exists() or not mpath.exists():
-        raise FileNotFoundError(f"digits {name} weights not found at {wpath} (and {mpath.name}); "
-                                f"run python -m indis.engine.studies.train_digits train --which {name} "
+        raise FileNotFoundError(f"{testbed} {name} weights not found at {wpath} (and {mpath.name}); "
+                                f"run python -m indis.engine.studies.train_{testbed} train --which {name} "
                                 "--out DIR")
-    wpath, mpath = checkpoint_file(wpath, f"digits {name} weights"), checkpoint_file(mpath, "metadata")
+    wpath, mpath = checkpoint_file(wpath, f"{testbed} {name} weights"), checkpoint_file(mpath, "metadata")
     try:
         meta = json.loads(mpath.read_text())
         arch = dict(meta["arch"])
     except (ValueError, KeyError, TypeError, RecursionError) as e:
-        raise ValueError(f"{mpath} is not valid digits model metadata ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{mpath} is not valid {testbed} model metadata ({type(e).__name__}: {e})") from e
     shapes, nbytes = stored_tensors(wpath)
     check_shapes(lambda: _BUILDERS[name](**arch), shapes, str(wpath), nbytes)
     tensors = load_file(str(wpath))
@@ -454,7 +456,7 @@ def _load(name: str, weights_dir: str | Path | None) -> nn.Module:
 
 @functools.lru_cache(maxsize=8)
 def _cached(name: str, weights_dir: str) -> nn.Module:
-    return _load(name, weights_dir)
+    return load_model(name, weights_dir)
 
 
 def load_backbone(kind: BackboneKind = "unet", weights_dir: str | Path | None = None,
@@ -465,7 +467,7 @@ def load_backbone(kind: BackboneKind = "unet", weights_dir: str | Path | None = 
     """
     if kind not in ("unet", "dit"):
         raise ValueError(f"kind must be 'unet' or 'dit', got {kind!r}")
-    model = _load(kind, weights_dir)
+    model = load_model(kind, weights_dir)
     return model.to(dtype)  # type: ignore[return-value]
 
 
@@ -491,7 +493,7 @@ def edm_loss(model: EDMDenoiser, images: Tensor, labels: Tensor | None, generato
     return (weight[:, None, None, None] * (den - images) ** 2).mean()
 
 
-def _adam(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def adam_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """Adam (AdamW when ``weight_decay``), the fused CPU kernel where this torch has one."""
     cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
     try:
@@ -500,7 +502,7 @@ def _adam(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim
         return cls(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10 % of ``lr``."""
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -518,6 +520,28 @@ DEFAULT_TRAIN: dict[str, dict[str, Any]] = {
     "classifier": dict(steps=1200, batch_size=128, lr=2e-3, warmup=50, shift_pixels=1, noise_std=0.1,
                        weight_decay=1e-4, seed=0),
 }
+
+
+def edm_step(model: EDMDenoiser, ema: EDMDenoiser, opt: torch.optim.Optimizer, images: Tensor, labels: Tensor,
+             gen: torch.Generator, step: int, cfg: dict[str, Any]) -> float:
+    """One training step of :func:`train_backbone`'s recipe (shared by the Fashion-MNIST trainer): a fraction
+    ``label_dropout`` of the labels to the null class, the step's learning rate (warm-up, cosine), the EDM
+    loss, gradient clipping, Adam, then the EMA (decay ``min(ema_decay, (1 + step) / (10 + step))``).
+    Returns the loss."""
+    y = labels.clone()
+    y[torch.rand(y.shape[0], generator=gen) < cfg["label_dropout"]] = -1  # -1 -> null class
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"])
+    loss = edm_loss(model, images, y, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    opt.step()
+    beta = min(cfg["ema_decay"], (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+            pe.lerp_(pm, 1 - beta)
+    return float(loss.detach())
 
 
 def _eval_loss(model: EDMDenoiser, images: Tensor, labels: Tensor | None, seed: int = 1234,
@@ -550,7 +574,7 @@ def train_backbone(kind: BackboneKind, steps: int | None = None, arch: dict[str,
     test_images, test_labels = load_digits_images("test")
     initial_loss = _eval_loss(model, test_images, None)
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-    opt = _adam(model, cfg["lr"])
+    opt = adam_optimizer(model, cfg["lr"])
     n, bs = images.shape[0], cfg["batch_size"]
     perm, pos, losses = torch.randperm(n, generator=gen), 0, []
     t0, c0 = time.perf_counter(), time.process_time()
@@ -561,20 +585,7 @@ def train_backbone(kind: BackboneKind, steps: int | None = None, arch: dict[str,
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + bs]
         pos += bs
-        y = labels[idx].clone()
-        y[torch.rand(bs, generator=gen) < cfg["label_dropout"]] = -1  # -1 -> null class
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"])
-        loss = edm_loss(model, images[idx], y, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        opt.step()
-        beta = min(cfg["ema_decay"], (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                pe.lerp_(pm, 1 - beta)
-        losses.append(float(loss.detach()))
+        losses.append(edm_step(model, ema, opt, images[idx], labels[idx], gen, step, cfg))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -602,6 +613,23 @@ def _shift_batch(x: Tensor, gen: torch.Generator, max_shift: int) -> Tensor:
     return padded[torch.arange(b)[:, None, None], 0, rows, cols][:, None]
 
 
+def classifier_step(model: nn.Module, opt: torch.optim.Optimizer, images: Tensor, labels: Tensor,
+                    gen: torch.Generator, step: int, cfg: dict[str, Any]) -> float:
+    """One step of :func:`train_classifier`'s recipe (shared by the Fashion-MNIST classifier): a batch of
+    ``batch_size`` drawn with replacement, shifted by up to ``shift_pixels`` with light noise
+    (``noise_std``), the step's learning rate, cross-entropy and AdamW. Returns the loss."""
+    idx = torch.randint(0, images.shape[0], (cfg["batch_size"],), generator=gen)
+    x = _shift_batch(images[idx], gen, cfg["shift_pixels"])
+    x = x + cfg["noise_std"] * torch.randn(x.shape, generator=gen)
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"])
+    loss = F.cross_entropy(model(x), labels[idx])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
 def train_classifier(steps: int | None = None, arch: dict[str, Any] | None = None, progress: bool = True,
                      **overrides: Any) -> tuple[DigitsClassifier, dict[str, Any]]:
     """Train the FD classifier (cross-entropy, AdamW, +-1 pixel shifts and light noise; no flips)."""
@@ -614,21 +642,12 @@ def train_classifier(steps: int | None = None, arch: dict[str, Any] | None = Non
     model = DigitsClassifier(**(arch or {}))
     images, labels = load_digits_images("train")
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
-    opt = _adam(model, cfg["lr"], cfg["weight_decay"])
-    n, bs, losses = images.shape[0], cfg["batch_size"], []
+    opt = adam_optimizer(model, cfg["lr"], cfg["weight_decay"])
+    n, losses = images.shape[0], []
     t0, c0 = time.perf_counter(), time.process_time()
     model.train()
     for step in tqdm(range(cfg["steps"]), desc="train classifier", disable=not progress, mininterval=1.0):
-        idx = torch.randint(0, n, (bs,), generator=gen)
-        x = _shift_batch(images[idx], gen, cfg["shift_pixels"])
-        x = x + cfg["noise_std"] * torch.randn(x.shape, generator=gen)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg["steps"], cfg["lr"], cfg["warmup"])
-        loss = F.cross_entropy(model(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+        losses.append(classifier_step(model, opt, images, labels, gen, step, cfg))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     model.eval().requires_grad_(False)
     record = dict(kind="classifier", model_class="DigitsClassifier", arch=model.config, train=cfg,
@@ -649,9 +668,10 @@ def classifier_accuracy(classifier: DigitsClassifier | None = None, split: Split
     return float((clf(x).argmax(1) == y).float().mean())
 
 
-def save_model(name: str, model: nn.Module, record: dict[str, Any], out: str | Path) -> Path:
-    """Write ``digits_{name}.safetensors`` and ``digits_{name}.json`` into the directory ``out``."""
-    wpath, mpath = _weight_paths(name, out)
+def save_model(name: str, model: nn.Module, record: dict[str, Any], out: str | Path,
+               testbed: str = "digits") -> Path:
+    """Write ``{testbed}_{name}.safetensors`` and ``{testbed}_{name}.json`` into the directory ``out``."""
+    wpath, mpath = _weight_paths(name, out, testbed)
     wpath.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(wpath), {"format": "pt", "kind": name})
