@@ -24,10 +24,14 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 # Fashion-MNIST's IDX files (the Debian package dataset-fashion-mnist, ~30 MB) for the fashion testbed:
 # installed where apt-get is available and we are root; its tests and commands say what is missing otherwise.
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } \
-      >/dev/null 2>&1 || echo "env: installing dataset-fashion-mnist failed; Fashion-MNIST tests will skip" >&2
+    log="$(mktemp)"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist \
+      || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; }; } \
+      >"$log" 2>&1 || { echo "env: installing dataset-fashion-mnist failed (Fashion-MNIST tests will skip):" >&2;
+                        tail -n 5 "$log" >&2; }
+    rm -f "$log"
   else
     echo "env: apt-get unavailable or not root: dataset-fashion-mnist not installed (Fashion-MNIST tests skip;" \
       "pass --data DIR with the four IDX files)" >&2

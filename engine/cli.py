@@ -269,8 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--data", default=None, help="Fashion-MNIST's IDX folder (default: the Debian package's)")
     d.add_argument("--weights", default=None, help="a folder holding the classifier (default: the shipped)")
     args = p.parse_args(argv)
-    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets it per process; otherwise at most 2 threads
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
+    torch.set_num_threads(min(torch.get_num_threads(), 2))  # generate sets its own (--threads)
     try:
         {"fit": _fit, "eval": _eval, "export": _export, "generate": _generate, "fd": _fd}[args.cmd](args)
     except USER_ERRORS as e:  # the user's to fix: one line; anything else is ours and keeps its traceback

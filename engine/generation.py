@@ -32,6 +32,8 @@ from indis.engine.core.schedules import HEURISTICS, Schedule, get_sigmas
 from indis.engine.tuning.teacher import labels_from_seeds, noise_from_seeds
 
 GITS_SEEDS = range(1 << 40, (1 << 40) + 64)  # --schedule gits calibrates on these, far from user seeds
+MAX_SEEDS = 10_000_000  # one --seeds list at most
+MAX_ARRAY_BYTES = 4 << 30  # an array of a samples file declaring more is refused before it is read
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,10 @@ def parse_seeds(spec: str) -> list[int]:
             a, b = int(lo), int(hi) if dash else int(lo)
         except ValueError:
             raise ValueError(f"--seeds {spec!r}: use ranges such as 0-63 or lists such as 0-9,100") from None
-        if a < 0 or b < a:
-            raise ValueError(f"--seeds {spec!r}: {part!r} must be a non-negative range low-high, low <= high")
+        if a < 0 or b < a or b >= 1 << 63:
+            raise ValueError(f"--seeds {spec!r}: {part!r} must be a range low-high, 0 <= low <= high < 2**63")
+        if len(seeds) + b - a + 1 > MAX_SEEDS:
+            raise ValueError(f"--seeds {spec!r} names more than {MAX_SEEDS:,} seeds")
         seeds += range(a, b + 1)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {spec!r} names a seed twice")
@@ -108,6 +112,7 @@ def resolve_schedule(spec: str, model: nn.Module, backbone: Backbone, nfe: int, 
     """``spec`` as a function of a chunk's (x_T, labels): a heuristic name, ``gits``, a ``.json`` grid or an
     INDIS head ``.safetensors`` (checked against ``nfe``, ``solver`` and the backbone ``name``)."""
     lo, hi = backbone.sigma_min, backbone.sigma_max
+    device = next(model.parameters()).device
     if spec in HEURISTICS:
         grid = get_sigmas(spec, nfe, lo, hi)
         return lambda x, c: grid
@@ -115,9 +120,10 @@ def resolve_schedule(spec: str, model: nn.Module, backbone: Backbone, nfe: int, 
         from indis.engine.tuning.fit import fit_gits
 
         seeds = list(GITS_SEEDS)
-        x = noise_from_seeds(seeds, backbone.shape) * hi
+        x = noise_from_seeds(seeds, backbone.shape, device=device) * hi
+        c = seed_labels(seeds, backbone, labels)
         grid = fit_gits(model, x, nfe=nfe, sigma_min=lo, sigma_max=hi,
-                        labels=seed_labels(seeds, backbone, labels))
+                        labels=None if c is None else c.to(device))
         return lambda x, c: grid
     path = Path(spec)
     if path.suffix == ".json":
@@ -126,14 +132,18 @@ def resolve_schedule(spec: str, model: nn.Module, backbone: Backbone, nfe: int, 
             grid = torch.tensor(d["grid"], dtype=torch.float64)
             shift, scale = (None if d.get(k) is None else torch.tensor(d[k], dtype=torch.float64)
                             for k in ("shift", "scale"))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
             raise ValueError(f"--schedule {path}: not a grid file ({type(e).__name__}: {e})") from e
-        if grid.shape != (nfe + 1,):
-            raise ValueError(f"--schedule {path} holds {grid.numel() - 1} steps, --nfe is {nfe}")
+        if grid.shape != (nfe + 1,) or any(v is not None and v.shape != (nfe,) for v in (shift, scale)):
+            raise ValueError(f"--schedule {path} holds {grid.numel() - 1} steps (or a shift / scale of "
+                             f"another length); --nfe is {nfe}")
+        for field, want in (("backbone", name), ("solver", solver)):  # where the file says what it is for
+            if d.get(field) not in (None, want) and want:
+                raise ValueError(f"--schedule {path} was tuned for {field} {d[field]!r}, not {want!r}")
         schedule = Schedule(grid, shift, scale)
         return lambda x, c: schedule
     if path.suffix == ".safetensors":
-        phi = Predictor.load(path, nfe=nfe, solver=solver, backbone=name or None).eval()
+        phi = Predictor.load(path, nfe=nfe, solver=solver, backbone=name or None, map_location=device).eval()
         return lambda x, c: phi(x, c)
     raise ValueError(f"--schedule {spec!r}: use a heuristic {HEURISTICS}, gits, a .json grid or an INDIS "
                      "head .safetensors")
@@ -222,14 +232,33 @@ def save(out: str | Path, samples: Tensor, seeds: Sequence[int], labels: Tensor 
     return npz, png
 
 
+def _check_header(z: object, member: str) -> None:
+    """``ValueError`` unless the ``.npy`` ``member`` of the zip ``z`` declares a plain array of at most
+    :data:`MAX_ARRAY_BYTES` (read from its header alone)."""
+    fmt = np.lib.format
+    with z.open(member) as m:  # type: ignore[attr-defined]
+        major, _ = fmt.read_magic(m)
+        shape, _, dtype = (fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0)(m)
+    if dtype.hasobject or float(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_ARRAY_BYTES:
+        raise ValueError(f"{member} declares {shape} {dtype}")
+
+
 def load_samples(path: str | Path) -> tuple[Tensor, np.ndarray, np.ndarray, dict]:
     """What :func:`save` wrote: samples, seeds, labels, settings; ``ValueError`` for anything else."""
+    import zipfile
+
     try:
+        with zipfile.ZipFile(path) as z:  # sizes first: a small file must not declare huge arrays
+            for member in ("samples.npy", "seeds.npy", "labels.npy", "settings.npy"):
+                _check_header(z, member)
         with np.load(path, allow_pickle=False) as f:
             samples, seeds, labels = f["samples"], f["seeds"], f["labels"]
             settings = json.loads(str(f["settings"]))
-    except (KeyError, ValueError, OSError, TypeError) as e:
+    except (KeyError, ValueError, OSError, TypeError, zipfile.BadZipFile, RecursionError) as e:
         raise ValueError(f"{path} is not a samples file of indis generate ({type(e).__name__}: {e})") from e
+    if not isinstance(settings, dict) or samples.dtype != np.float32 or seeds.dtype != np.int64 or \
+            labels.dtype != np.int64:
+        raise ValueError(f"{path}: settings, samples, seeds or labels of the wrong kind")
     if samples.ndim != 4 or samples.shape[0] != seeds.shape[0] or labels.shape != seeds.shape:
         raise ValueError(f"{path}: samples {samples.shape}, seeds {seeds.shape}, labels {labels.shape} "
                          "disagree")
@@ -245,6 +274,9 @@ def fd_report(path: str | Path, teacher: str | Path | None = None, data: str | P
 
     samples, seeds, labels, settings = load_samples(path)
     name = settings.get("backbone", "")
+    if name in BACKBONES and tuple(samples.shape[1:]) != BACKBONES[name].shape:
+        raise ValueError(f"{path}: samples of shape {tuple(samples.shape[1:])}, {name} makes "
+                         f"{BACKBONES[name].shape}")
     if name == "fashion-unet":
         from indis.engine.testbeds.fashion import accuracy, load_classifier, load_fashion_images
 
@@ -266,9 +298,12 @@ def fd_report(path: str | Path, teacher: str | Path | None = None, data: str | P
         out["accuracy"] = accuracy(clf, samples, torch.from_numpy(labels))
         print(f"classifier agrees with the labels: {out['accuracy']:.4f}")
     if teacher is not None:
-        t_samples, t_seeds, _, t_settings = load_samples(teacher)
-        if t_settings.get("backbone") != name or not np.array_equal(np.sort(t_seeds), np.sort(seeds)):
-            raise ValueError(f"--teacher {teacher} holds other seeds or another backbone than {path}")
+        t_samples, t_seeds, t_labels, t_settings = load_samples(teacher)
+        mine, theirs = np.argsort(seeds), np.argsort(t_seeds)
+        if (t_settings.get("backbone") != name or not np.array_equal(seeds[mine], t_seeds[theirs])
+                or not np.array_equal(labels[mine], t_labels[theirs])):
+            raise ValueError(f"--teacher {teacher} holds other seeds, other labels or another backbone than "
+                             f"{path}")
         out["fd_teacher"] = frechet_distance(feats, classifier_features(t_samples, clf))
         print(f"FD to the teacher ({teacher}): {out['fd_teacher']:.3f}")
     return out

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     tp = sub.add_parser("train", help="train (or resume) and write weights, then print their quality")
     tp.add_argument("--which", choices=["unet", "classifier", "all"], default="all")
-    tp.add_argument("--steps", type=int, default=None, help="training steps (default: per-model config)")
+    tp.add_argument("--steps", type=int, default=None, help="training steps of the model named by --which "
+                    "(with all: of the UNet; the classifier keeps its own)")
     tp.add_argument("--out", type=Path, required=True,
                     help="directory for the weights and the UNet's checkpoint (engine/weights holds the "
                          "shipped ones)")

@@ -11,11 +11,13 @@ its header declares.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import signal
 import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +47,7 @@ RESOLUTION = 28
 
 # IDX type codes -> big-endian numpy dtypes
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-MAX_IDX_BYTES = 1 << 31  # a header declaring more is refused before anything is read
+MAX_IDX_BYTES = 64 << 20  # a header declaring more is refused before reading (the largest file: 47 MB)
 
 Split = Literal["train", "test"]
 
@@ -80,7 +82,7 @@ def read_idx(path: str | Path) -> np.ndarray:
                 raise ValueError(f"{path}: declares {dims} ({nbytes} bytes), above the {MAX_IDX_BYTES}-byte "
                                  "limit")
             data = f.read(nbytes + 1)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise ValueError(f"{path} cannot be read as an IDX file ({type(e).__name__}: {e})") from e
     if len(data) != nbytes:
         what = "truncated" if len(data) < nbytes else "longer than its header declares"
@@ -129,8 +131,10 @@ def load_fashion(split: Split = "train", data: str | Path | None = None) -> tupl
         raise ValueError(f"{img_name}: expected uint8 images [N, 28, 28], got {images.dtype} {images.shape}")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"{lab_name}: expected {images.shape[0]} labels, got shape {labels.shape}")
+    if labels.dtype != np.uint8:
+        raise ValueError(f"{lab_name}: expected uint8 labels, got {labels.dtype}")
     labels = labels.astype(np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+    if labels.size and labels.max() >= len(CLASSES):
         raise ValueError(f"{lab_name}: labels outside 0..{len(CLASSES) - 1}")
     return images, labels
 
@@ -173,9 +177,20 @@ def load_classifier(weights_dir: str | Path | None = None) -> DigitsClassifier:
 
 # ========================================================================================== training
 def _save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _resume_key(cfg: dict, labels: Tensor) -> dict:
+    """What a checkpoint must share to be resumed: the settings (but how often it is written), the
+    architecture, and the training data's size and labels."""
+    return {"cfg": {k: v for k, v in cfg.items() if k != "checkpoint_every"}, "arch": UNET_ARCH,
+            "n_train": int(labels.shape[0]),
+            "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest()}
 
 
 def train_unet(out: str | Path, steps: int | None = None, data: str | Path | None = None,
@@ -207,11 +222,20 @@ def train_unet(out: str | Path, steps: int | None = None, data: str | Path | Non
     gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     n, bs = images.shape[0], cfg["batch_size"]
     state = {"step": 0, "perm": torch.randperm(n, generator=gen), "pos": 0, "losses": [], "seconds": 0.0}
+    key = _resume_key(cfg, labels)
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=True)
-        if ckpt.get("cfg") != cfg or ckpt.get("arch") != UNET_ARCH:
-            raise ValueError(f"{ckpt_path} was written by another configuration ({ckpt.get('cfg')}); remove "
-                             "it or pass the same settings to resume")
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is the same problem for the user
+            raise ValueError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}: {e}); remove it "
+                             "to start over") from e
+        if not isinstance(ckpt, dict) or ckpt.get("key") != key:
+            raise ValueError(f"{ckpt_path} was written by another configuration or other data; remove it or "
+                             "pass the same settings to resume")
+        if ckpt.get("threads") != torch.get_num_threads():
+            print(f"warning: {ckpt_path} was written with {ckpt.get('threads')} threads, this run has "
+                  f"{torch.get_num_threads()}: the weights will differ slightly from an uninterrupted run",
+                  flush=True)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -220,20 +244,27 @@ def train_unet(out: str | Path, steps: int | None = None, data: str | Path | Non
         print(f"resuming {ckpt_path} at step {state['step']} of {cfg['steps']}", flush=True)
 
     def checkpoint() -> None:
-        _save_atomic({"cfg": cfg, "arch": UNET_ARCH, "model": model.state_dict(), "ema": ema.state_dict(),
-                      "opt": opt.state_dict(), "gen": gen.get_state(), "state": state}, ckpt_path)
+        _save_atomic({"key": key, "threads": torch.get_num_threads(), "model": model.state_dict(),
+                      "ema": ema.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                      "state": state}, ckpt_path)
 
-    stop: list[int] = []  # the signal that asked to stop at the next step boundary
+    stop: list[int] = []  # the signal that asked to stop at the next step boundary (a second one: at once)
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop:
+            raise KeyboardInterrupt(f"signal {signum} again: stopped without a checkpoint of this step")
+        stop.append(signum)
+
     handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, lambda signum, frame: stop.append(signum))
     t0 = time.perf_counter()
     seconds0 = state["seconds"]
-    bar = tqdm(range(state["step"], cfg["steps"]), desc="train fashion unet", disable=not progress,
-               mininterval=5.0, initial=state["step"], total=cfg["steps"])
     model.train()
     try:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, on_signal)
+        bar = tqdm(range(state["step"], cfg["steps"]), desc="train fashion unet", disable=not progress,
+                   mininterval=5.0, initial=state["step"], total=cfg["steps"])
         for step in bar:
             if state["pos"] + bs > n:
                 state["perm"], state["pos"] = torch.randperm(n, generator=gen), 0
@@ -311,12 +342,15 @@ def check(weights_dir: str | Path | None = None, data: str | Path | None = None,
     """Print and return the shipped (or ``weights_dir``) models' quality: the classifier's test accuracy;
     the FD (classifier features) between the two halves of the test set, and between its first ``n`` images
     and the rest (the floor at ``n`` samples); ``n`` class-conditional samples (labels ``i % 10``, ``steps``
-    steps of ``solver`` on the EDM grid): their FD to the test set and how often the classifier agrees with
-    the requested label."""
+    steps of ``solver`` on the EDM grid): their FD to the same rest of the test set and how often the
+    classifier agrees with the requested label."""
     from indis.engine.testbeds.digits import classifier_features, frechet_distance, sample_backbone
 
     clf, model = load_classifier(weights_dir), load_backbone(weights_dir)
     test_x, test_y = load_fashion_images("test", data)
+    if not 2 <= n <= test_x.shape[0] - 2:
+        raise ValueError(f"n={n}: the samples are compared with the test images after the first n, so n must "
+                         f"lie in [2, {test_x.shape[0] - 2}]")
     feats = classifier_features(test_x, clf)
     half = feats.shape[0] // 2
     res = {"classifier_test_accuracy": accuracy(clf, test_x, test_y),
@@ -328,9 +362,9 @@ def check(weights_dir: str | Path | None = None, data: str | Path | None = None,
     labels = torch.arange(n) % 10
     t0 = time.perf_counter()
     xs = sample_backbone(model, n, steps, solver, class_labels=labels, batch_size=250)
-    res[f"fd_samples_{n}_vs_test"] = frechet_distance(classifier_features(xs, clf), feats)
+    res[f"fd_samples_{n}_vs_test"] = frechet_distance(classifier_features(xs, clf), feats[n:])
     res["samples_accuracy"] = accuracy(clf, xs, labels)
     print(f"{n} class-conditional samples, {solver} {steps} steps ({time.perf_counter() - t0:.0f} s): FD to "
-          f"the test set {res[f'fd_samples_{n}_vs_test']:.3f}; classifier agrees with the label "
-          f"{res['samples_accuracy']:.4f}", flush=True)
+          f"the test images after the first {n}: {res[f'fd_samples_{n}_vs_test']:.3f}; the classifier agrees "
+          f"with the label {res['samples_accuracy']:.4f}", flush=True)
     return res

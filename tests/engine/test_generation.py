@@ -36,7 +36,7 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 def test_seed_lists_and_labels() -> None:
     assert parse_seeds("0-3,10,12-13") == [0, 1, 2, 3, 10, 12, 13]
-    for bad in ("", "a-3", "5-2", "-1", "0-3,2"):
+    for bad in ("", "a-3", "5-2", "-1", "0-3,2", f"0-{10**12}", f"{2**63}"):
         with pytest.raises(ValueError, match="--seeds"):
             parse_seeds(bad)
     seeds = [4, 5, 6]
@@ -59,6 +59,9 @@ def test_schedules_by_name_file_and_head(tmp_path: Path) -> None:
     assert isinstance(s, Schedule) and torch.equal(s.grid, grid) and s.shift.tolist() == [0.01] * 4
     with pytest.raises(ValueError, match="holds 4 steps"):
         resolve_schedule(str(tmp_path / "g.json"), model, DIGITS, 5, "ipndm")
+    (tmp_path / "other.json").write_text(json.dumps({"grid": grid.tolist(), "backbone": "fashion-unet"}))
+    with pytest.raises(ValueError, match="tuned for backbone 'fashion-unet'"):
+        resolve_schedule(str(tmp_path / "other.json"), model, DIGITS, 4, "ipndm", name="digits-unet")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="not a grid file"):
         resolve_schedule(str(tmp_path / "bad.json"), model, DIGITS, 5, "ipndm")
@@ -102,6 +105,24 @@ def test_png_and_samples_file_round_trip(tmp_path: Path) -> None:
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a samples file"):
         load_samples(tmp_path / "junk.npz")
+    huge = np.lib.format.open_memmap(tmp_path / "samples.npy", mode="w+", dtype=np.float32, shape=(1,))
+    del huge
+    header = (tmp_path / "samples.npy").read_bytes().replace(b"(1,)", b"(1099511627776,)")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as z:  # declares 4 TiB of samples in a few bytes
+        z.writestr("samples.npy", header)
+        for k in ("seeds", "labels"):
+            np.save(tmp_path / f"{k}.npy", np.zeros(1, np.int64))
+            z.write(tmp_path / f"{k}.npy", f"{k}.npy")
+        np.save(tmp_path / "settings.npy", np.array("{}"))
+        z.write(tmp_path / "settings.npy", "settings.npy")
+    with pytest.raises(ValueError, match="declares"):
+        load_samples(tmp_path / "bomb.npz")
+    np.savez(tmp_path / "five.npz", samples=samples.numpy(), seeds=np.arange(5), labels=np.zeros(5, np.int64),
+             settings=np.array("5"))
+    with pytest.raises(ValueError, match="wrong kind"):
+        load_samples(tmp_path / "five.npz")
 
 
 def test_fd_to_the_data_and_to_a_teacher(tmp_path: Path) -> None:
@@ -119,6 +140,9 @@ def test_fd_to_the_data_and_to_a_teacher(tmp_path: Path) -> None:
     save(tmp_path / "other", xs[:8], seeds[:8], labels[:8], {"backbone": "digits-unet"})
     with pytest.raises(ValueError, match="other seeds"):
         fd_report(tmp_path / "a" / "samples.npz", tmp_path / "other" / "samples.npz")
+    save(tmp_path / "relabelled", xs, seeds, (labels + 1) % 10, {"backbone": "digits-unet"})
+    with pytest.raises(ValueError, match="other labels"):
+        fd_report(tmp_path / "a" / "samples.npz", tmp_path / "relabelled" / "samples.npz")
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -4,6 +4,7 @@ installed data where the Debian package is present."""
 from __future__ import annotations
 
 import gzip
+import shutil
 import signal
 import struct
 from pathlib import Path
@@ -70,14 +71,28 @@ def test_hostile_idx_files_are_refused(tmp_path: Path, content: bytes, match: st
 
 
 def test_a_gzip_bomb_is_read_only_as_far_as_its_header_declares(tmp_path: Path) -> None:
-    """A tiny header followed by 64 MiB of zeros: refused after reading the declared 6 bytes and one."""
+    """A tiny header followed by 64 MiB of zeros: refused after reading the declared 6 bytes and one (the
+    peak of Python allocations stays far below what decompressing it all would take)."""
+    import tracemalloc
+
     path = tmp_path / "bomb.gz"
     path.write_bytes(gzip.compress(_idx(b"\x00" * (64 << 20), (2, 3))))
-    with pytest.raises(ValueError, match="longer than its header"):
-        read_idx(path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="longer than its header"):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
     (tmp_path / "broken.gz").write_bytes(b"\x1f\x8b not gzip at all")
     with pytest.raises(ValueError, match="cannot be read"):
         read_idx(tmp_path / "broken.gz")
+    corrupt = bytearray(gzip.compress(_idx(bytes(range(256)) * 4, (1024,))))
+    corrupt[10] = 0xFF  # the first deflate block header: an invalid block type
+    (tmp_path / "corrupt.gz").write_bytes(bytes(corrupt))
+    with pytest.raises(ValueError, match="cannot be read"):
+        read_idx(tmp_path / "corrupt.gz")
 
 
 def test_other_types_and_byte_orders(tmp_path: Path) -> None:
@@ -99,6 +114,10 @@ def test_inconsistent_image_and_label_files_are_refused(tmp_path: Path) -> None:
         load_fashion("train", tmp_path)
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx(b"\x01\x0a", (2,)))
     with pytest.raises(ValueError, match="labels outside"):
+        load_fashion("train", tmp_path)
+    floats = np.array([1.0, 2.7], ">f4").tobytes()
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx(floats, (2,), 0x0D))
+    with pytest.raises(ValueError, match="uint8 labels"):
         load_fashion("train", tmp_path)
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx(b"\x00" * (2 * 32 * 32), (2, 32, 32)))
     with pytest.raises(ValueError, match=r"\[N, 28, 28\]"):
@@ -161,6 +180,13 @@ def test_unet_training_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: 
     assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), straight.parameters(), strict=True))
     with pytest.raises(ValueError, match="another configuration"):
         fashion.train_unet(tmp_path / "b", **{**kw, "lr": 5e-4})
+    other = tmp_path / "other-data"  # the same file names, one label changed: refused as other data
+    shutil.copytree(FIXTURE, other)
+    (other / "train-labels-idx1-ubyte").write_bytes(_idx(b"\x00\x03\x07", (3,)))
+    with pytest.raises(ValueError, match="other data"):
+        fashion.train_unet(tmp_path / "b", **{**kw, "data": other})
+    done, _ = fashion.train_unet(tmp_path / "b", **{**kw, "checkpoint_every": 2})  # how often: not a change
+    assert all(torch.equal(p, q) for p, q in zip(done.parameters(), straight.parameters(), strict=True))
 
 
 def test_classifier_training_writes_a_loadable_model(tmp_path: Path) -> None:
