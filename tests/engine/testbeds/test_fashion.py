@@ -196,3 +196,30 @@ def test_classifier_training_writes_a_loadable_model(tmp_path: Path) -> None:
     x, y = load_fashion_images("test", FIXTURE)
     assert fashion.accuracy(loaded, x, y) == rec["test_accuracy"]
     assert torch.equal(loaded(x), model(x))
+
+
+def test_the_shipped_models_load_and_sample() -> None:
+    """The shipped UNet and classifier pass their checksums; a 3-step class-conditional sample of 4 seeds is
+    finite, in the data's range give or take, and depends on the label."""
+    model, clf = fashion.load_backbone(), fashion.load_classifier()
+    assert model.metadata["params"] == sum(p.numel() for p in model.parameters())
+    from indis.engine.testbeds.digits import WEIGHTS_DIR
+
+    assert sum(p.stat().st_size for p in WEIGHTS_DIR.glob("fashion_*")) < 30 * 2**20  # the issue's budget
+    from indis.engine.testbeds.digits import sample_backbone
+
+    labels = torch.tensor([0, 1, 8, 9])
+    xs = sample_backbone(model, 4, steps=3, solver="ipndm", class_labels=labels)
+    assert xs.shape == (4, 1, 28, 28) and torch.isfinite(xs).all() and xs.abs().max() < 3
+    other = sample_backbone(model, 4, steps=3, solver="ipndm", class_labels=labels.flip(0))
+    assert not torch.equal(xs, other)
+    assert clf(xs.clamp(-1, 1)).shape == (4, 10)
+
+
+@pytest.mark.skipif(not fashion.available(), reason=f"{fashion.DEBIAN_PACKAGE} is not installed")
+def test_the_shipped_classifier_reads_the_test_set() -> None:
+    """The FD / accuracy classifier is a real Fashion-MNIST classifier: at least 90 % on the test set (its
+    training record says what it reached)."""
+    x, y = load_fashion_images("test")
+    acc = fashion.accuracy(fashion.load_classifier(), x, y)
+    assert acc >= 0.9 and acc == pytest.approx(fashion.load_classifier().metadata["test_accuracy"], abs=1e-6)
