@@ -271,6 +271,7 @@ def fd_report(path: str | Path, teacher: str | Path | None = None, data: str | P
     MNIST's test set; all 1,797 digits) and, given ``teacher`` (another samples file of the same seeds), to
     the teacher's samples; also the classifier's agreement with the samples' labels where they have them."""
     from indis.engine.testbeds.digits import classifier_features, frechet_distance
+    from indis.engine.testbeds.fashion import accuracy  # any classifier's top-1 agreement
 
     samples, seeds, labels, settings = load_samples(path)
     name = settings.get("backbone", "")
@@ -278,13 +279,12 @@ def fd_report(path: str | Path, teacher: str | Path | None = None, data: str | P
         raise ValueError(f"{path}: samples of shape {tuple(samples.shape[1:])}, {name} makes "
                          f"{BACKBONES[name].shape}")
     if name == "fashion-unet":
-        from indis.engine.testbeds.fashion import accuracy, load_classifier, load_fashion_images
+        from indis.engine.testbeds.fashion import load_classifier, load_fashion_images
 
         clf = load_classifier(weights)
         reference, ref_name = load_fashion_images("test", data)[0], "Fashion-MNIST test set (10,000)"
     elif name.startswith("digits-"):
         from indis.engine.testbeds.digits import load_classifier, load_digits_images
-        from indis.engine.testbeds.fashion import accuracy
 
         clf = load_classifier(weights)
         reference, ref_name = load_digits_images("all")[0], "all 1,797 digits"
