@@ -14,6 +14,7 @@ JSON) and ``grid.png``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -43,6 +44,7 @@ class Backbone:
     load: Callable[[str | None], nn.Module]
     shape: tuple[int, ...]
     num_classes: int
+    dataset: str  # its FEATURE_SPACES entry: the classifier and held-out images FD is measured with
     sigma_min: float = 0.002
     sigma_max: float = 80.0
 
@@ -62,10 +64,52 @@ def _fashion(weights: str | None) -> nn.Module:
 
 
 BACKBONES: dict[str, Backbone] = {
-    "fashion-unet": Backbone(_fashion, (1, 28, 28), 10),
-    "digits-unet": Backbone(_digits("unet"), (1, 8, 8), 10),
-    "digits-dit": Backbone(_digits("dit"), (1, 8, 8), 10),
+    "fashion-unet": Backbone(_fashion, (1, 28, 28), 10, "fashion"),
+    "digits-unet": Backbone(_digits("unet"), (1, 8, 8), 10, "digits"),
+    "digits-dit": Backbone(_digits("dit"), (1, 8, 8), 10, "digits"),
 }
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """Where a dataset's samples are judged: its classifier (FD features, label agreement) and the features
+    of its held-out reference images."""
+
+    classifier: nn.Module
+    reference: Tensor
+    description: str
+
+    def features(self, images: Tensor) -> Tensor:
+        from indis.engine.testbeds.digits import classifier_features
+
+        return classifier_features(images, self.classifier)
+
+    def fd_to_data(self, images: Tensor) -> float:
+        """FD between ``images`` (in [-1, 1], clamped) and the reference images, in classifier features."""
+        from indis.engine.testbeds.digits import frechet_distance
+
+        return frechet_distance(self.features(images), self.reference)
+
+
+@functools.lru_cache(maxsize=4)
+def feature_space(dataset: str, weights: str | None = None, data: str | None = None) -> FeatureSpace:
+    """``dataset``'s :class:`FeatureSpace` (shipped classifier unless ``weights``): Fashion-MNIST's test set
+    (10,000; ``data``: its IDX folder) or all 1,797 sklearn digits."""
+    from indis.engine.testbeds.digits import classifier_features
+
+    if dataset == "fashion":
+        from indis.engine.testbeds.fashion import load_classifier, load_fashion_images
+
+        clf = load_classifier(weights)
+        reference, description = load_fashion_images("test", data)[0], "Fashion-MNIST test set (10,000)"
+    elif dataset == "digits":
+        from indis.engine.testbeds.digits import load_classifier, load_digits_images
+
+        clf = load_classifier(weights)
+        reference, description = load_digits_images("all")[0], "all 1,797 digits"
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; choose fashion or digits")
+    return FeatureSpace(clf, classifier_features(reference, clf), description)
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -112,7 +156,7 @@ def resolve_schedule(spec: str, model: nn.Module, backbone: Backbone, nfe: int, 
     """``spec`` as a function of a chunk's (x_T, labels): a heuristic name, ``gits``, a ``.json`` grid or an
     INDIS head ``.safetensors`` (checked against ``nfe``, ``solver`` and the backbone ``name``)."""
     lo, hi = backbone.sigma_min, backbone.sigma_max
-    device = next(model.parameters()).device
+    device = next((q.device for q in model.parameters()), torch.device("cpu"))  # a parameterless model: CPU
     if spec in HEURISTICS:
         grid = get_sigmas(spec, nfe, lo, hi)
         return lambda x, c: grid
@@ -270,32 +314,24 @@ def fd_report(path: str | Path, teacher: str | Path | None = None, data: str | P
     """FD (the backbone's classifier features) of a samples file to its dataset's held-out images (Fashion-
     MNIST's test set; all 1,797 digits) and, given ``teacher`` (another samples file of the same seeds), to
     the teacher's samples; also the classifier's agreement with the samples' labels where they have them."""
-    from indis.engine.testbeds.digits import classifier_features, frechet_distance
+    from indis.engine.testbeds.digits import frechet_distance
     from indis.engine.testbeds.fashion import accuracy  # any classifier's top-1 agreement
 
     samples, seeds, labels, settings = load_samples(path)
     name = settings.get("backbone", "")
-    if name in BACKBONES and tuple(samples.shape[1:]) != BACKBONES[name].shape:
+    if name not in BACKBONES:
+        raise ValueError(f"{path}: unknown backbone {name!r} in its settings")
+    if tuple(samples.shape[1:]) != BACKBONES[name].shape:
         raise ValueError(f"{path}: samples of shape {tuple(samples.shape[1:])}, {name} makes "
                          f"{BACKBONES[name].shape}")
-    if name == "fashion-unet":
-        from indis.engine.testbeds.fashion import load_classifier, load_fashion_images
-
-        clf = load_classifier(weights)
-        reference, ref_name = load_fashion_images("test", data)[0], "Fashion-MNIST test set (10,000)"
-    elif name.startswith("digits-"):
-        from indis.engine.testbeds.digits import load_classifier, load_digits_images
-
-        clf = load_classifier(weights)
-        reference, ref_name = load_digits_images("all")[0], "all 1,797 digits"
-    else:
-        raise ValueError(f"{path}: unknown backbone {name!r} in its settings")
-    feats = classifier_features(samples, clf)
-    out = {"n": float(samples.shape[0]),
-           "fd_data": frechet_distance(feats, classifier_features(reference, clf))}
-    print(f"{path}: {samples.shape[0]} samples of {name}; FD to the {ref_name}: {out['fd_data']:.3f}")
+    space = feature_space(BACKBONES[name].dataset, None if weights is None else str(weights),
+                          None if data is None else str(data))
+    feats = space.features(samples)
+    out = {"n": float(samples.shape[0]), "fd_data": frechet_distance(feats, space.reference)}
+    print(f"{path}: {samples.shape[0]} samples of {name}; FD to the {space.description}: "
+          f"{out['fd_data']:.3f}")
     if (labels >= 0).all() and samples.shape[0]:
-        out["accuracy"] = accuracy(clf, samples, torch.from_numpy(labels))
+        out["accuracy"] = accuracy(space.classifier, samples, torch.from_numpy(labels))
         print(f"classifier agrees with the labels: {out['accuracy']:.4f}")
     if teacher is not None:
         t_samples, t_seeds, t_labels, t_settings = load_samples(teacher)
@@ -304,6 +340,6 @@ def fd_report(path: str | Path, teacher: str | Path | None = None, data: str | P
                 or not np.array_equal(labels[mine], t_labels[theirs])):
             raise ValueError(f"--teacher {teacher} holds other seeds, other labels or another backbone than "
                              f"{path}")
-        out["fd_teacher"] = frechet_distance(feats, classifier_features(t_samples, clf))
+        out["fd_teacher"] = frechet_distance(feats, space.features(t_samples))
         print(f"FD to the teacher ({teacher}): {out['fd_teacher']:.3f}")
     return out

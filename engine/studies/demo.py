@@ -1,16 +1,18 @@
-"""The README's main command: INDIS on the shipped digits UNet at NFE 3/5/7 against the best global schedules.
+"""The README's main command: INDIS on a shipped backbone at NFE 3/5/7 against the best global schedules.
 
-    python -m indis.engine.studies.demo [--samples 512] [--nfe 3 5 7] [--out indis-demo]
+    python -m indis.engine.studies.demo [--testbed digits-unet|fashion-unet] [--samples 512] [--nfe 3 5 7]
+                                        [--out indis-demo]
 
-Loads the shipped schedule heads (``engine/weights/indis``: phi, its blind ablation, phi without shift/scale
-and LD3-global, tuned by ``python -m indis.engine.studies.quality --testbeds digits-unet
---ship engine/weights/indis``); where a head set
-is missing it tunes one on the spot with ``--fit-steps`` optimiser steps per stage. It also computes phi's
-mean schedule and the GITS grid (dynamic programming, a few seconds). Every method then samples
-the same held-out seeds; the demo prints teacher MSE / PSNR and the Fréchet distances (digits-classifier
-features) to the 30-step iPNDM teacher and to the data, writes the plots and the table to ``--out`` and
-ends with a verdict per NFE: whether INDIS phi beats every global schedule, phi against the published tuned
-schedules (GITS, LD3-global) with the FD to data beside GITS's, and the global schedules ranked.
+``--testbed``: the digits UNet (8x8, unconditional; the default) or the Fashion-MNIST UNet (28x28,
+class-conditional: phi reads the label; several minutes on 2 CPU threads). Loads the shipped schedule heads
+(``engine/weights/indis``: phi, its blind ablation, phi without shift/scale and LD3-global, tuned by
+``python -m indis.engine.studies.quality --testbeds <testbed> ... --ship engine/weights/indis``); where a head
+set is missing it tunes one on the spot with ``--fit-steps`` optimiser steps per stage. It also computes
+phi's mean schedule and the GITS grid (dynamic programming). Every method then samples the same held-out
+seeds; the demo prints teacher MSE / PSNR and the Fréchet distances (the backbone's classifier features) to
+the 30-step iPNDM teacher and to the data, writes the plots and the table to ``--out`` and ends with a
+verdict per NFE: whether INDIS phi beats every global schedule, phi against the published tuned schedules
+(GITS, LD3-global) with the FD to data beside GITS's, and the global schedules ranked.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from indis.engine.studies.quality import (
 from indis.engine.testbeds.digits import SHIPPED_HEADS
 from indis.engine.tuning.fit import fit_gits, fit_global, fit_predictor
 
+DEMO_TESTBEDS = ("digits-unet", "fashion-unet")  # the shipped backbones with shipped heads
+
 
 def _tune(bench: Bench, steps: int) -> dict:
     """Quick heads for a missing NFE (same recipe as the quality command, ``steps`` per stage)."""
@@ -45,7 +49,7 @@ def _tune(bench: Bench, steps: int) -> dict:
     bench.log(f"no shipped heads: tuning phi, its blind ablation and LD3 ({steps} steps per stage)")
     data = bench.setup.data()
     common = dict(nfe=nfe, solver=tb.solver, shape=tb.shape, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max,
-                  backbone=tb.name, data=data)
+                  num_classes=tb.num_classes, backbone=tb.name, data=data)
     phi_cfg, blind_cfg = replace(tb.phi, steps=steps), replace(tb.blind, steps=steps)
     phi = fit_predictor(bench.model, **common, pool=tb.pool, fit_config=phi_cfg, blind_config=blind_cfg)
     noss = fit_predictor(bench.model, **common, pool=tb.pool, fit_config=phi_cfg, blind_config=blind_cfg,
@@ -82,6 +86,7 @@ def verdict(record: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m indis.engine.studies.demo",
                                 description=__doc__.splitlines()[0])
+    p.add_argument("--testbed", choices=DEMO_TESTBEDS, default=DEMO_TESTBEDS[0], help="the backbone")
     p.add_argument("--samples", type=int, default=512, help="held-out seeds per NFE")
     p.add_argument("--nfe", type=int, nargs="+", default=[3, 5, 7])
     p.add_argument("--heads", default=str(SHIPPED_HEADS), help="directory of tuned heads")
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=".indis-cache/teacher")
     a = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    tb, out = TESTBEDS["digits-unet"](), Path(a.out)
+    tb, out = TESTBEDS[a.testbed](), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"INDIS demo: {tb.name}, {tb.solver}, NFE {a.nfe}, {a.samples} held-out seeds; teacher "
           f"{tb.teacher.solver} {tb.teacher.steps} steps")
@@ -108,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.measure(NOSS_ROW, heads["phi_noss"], "ablation")
         x_T, labels = bench.setup.cache().inputs(torch.arange(tb.num_train))  # the tuning seeds' noise
         bench.measure(MEAN_ROW, mean_schedule(heads["phi"], x_T, labels), "global")
-        gits = fit_gits(bench.model, x_T[:256], nfe=nfe, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max)
+        gits = fit_gits(bench.model, x_T[:256], nfe=nfe, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max,
+                        labels=None if labels is None else labels[:256])
         bench.measure(GITS_ROW, _fixed(Schedule(gits)), "global")
         records.append(bench.record(heads=source))
     text = markdown(records)

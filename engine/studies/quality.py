@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from indis.engine.core.predictor import HEURISTICS, Predictor, PredictorConfig, ScheduleConfig
 from indis.engine.core.sampling import sample
 from indis.engine.core.schedules import Schedule, get_sigmas
+from indis.engine.generation import FeatureSpace, feature_space
 from indis.engine.tuning.fit import (
     BLIND_FIT,
     PHI_FIT,
@@ -85,7 +86,7 @@ class Testbed:
     num_classes: int = 0
     teacher: TeacherSpec = TeacherSpec()
     dtype: torch.dtype = torch.float32
-    images: bool = True               # FD and PSNR apply
+    dataset: str | None = "digits"    # images judged in this feature space (FD, PSNR); None: not images
     shard_size: int = 256
     num_train: int = 1024
     num_val: int = 512
@@ -93,6 +94,14 @@ class Testbed:
     phi: FitConfig = field(default_factory=lambda: replace(PHI_FIT, progress=False))
     blind: FitConfig = field(default_factory=lambda: replace(BLIND_FIT, progress=False))
     ld3: FitConfig = field(default_factory=lambda: LD3_CONFIG)
+
+    @property
+    def images(self) -> bool:
+        return self.dataset is not None
+
+    def space(self) -> FeatureSpace | None:
+        """The classifier and reference images FD is measured with (None when not images)."""
+        return None if self.dataset is None else feature_space(self.dataset)
 
     def schedule(self, nfe: int, **kw) -> ScheduleConfig:
         return ScheduleConfig(nfe, self.sigma_min, self.sigma_max, **kw)
@@ -108,7 +117,7 @@ def _tree(sigma_max: float) -> Testbed:
     from indis.engine.testbeds.mixtures import tree_mixture
 
     return Testbed(f"tree-s{sigma_max:g}" if sigma_max != 80 else "tree", lambda: tree_mixture(0), (2,),
-                   sigma_max, solver="euler", nfes=(3,), teacher=EXACT, dtype=torch.float64, images=False,
+                   sigma_max, solver="euler", nfes=(3,), teacher=EXACT, dtype=torch.float64, dataset=None,
                    shard_size=128, pool=None, phi=replace(PHI_FIT, batch_size=256, progress=False),
                    blind=replace(BLIND_FIT, batch_size=256, progress=False),
                    ld3=replace(LD3_CONFIG, steps=300))
@@ -127,6 +136,13 @@ def _digits_gmm() -> Testbed:
     return Testbed("digits-gmm", digits_mixture, (1, 8, 8), 80.0, teacher=EXACT, shard_size=128)
 
 
+def _fashion() -> Testbed:
+    from indis.engine.testbeds.fashion import load_backbone
+
+    return Testbed("fashion-unet", load_backbone, (1, 28, 28), 80.0, num_classes=10, dataset="fashion",
+                   shard_size=128)
+
+
 CHECK_MIXTURES = 100  # mixture_testbed seeds from here on check defaults; smaller ones may choose them
 
 
@@ -136,7 +152,7 @@ def mixture_testbed(seed: int) -> Testbed:
     from indis.engine.testbeds.mixtures import random_mixture
 
     return Testbed(f"mixture16-s{seed}", lambda: random_mixture(seed=seed), (16,), 80.0, solver="euler",
-                   nfes=(3, 5), teacher=EXACT, dtype=torch.float64, images=False, shard_size=128, pool=None)
+                   nfes=(3, 5), teacher=EXACT, dtype=torch.float64, dataset=None, shard_size=128, pool=None)
 
 
 def development_data(tb: Testbed, model: nn.Module, nfe: int, n: int,
@@ -153,7 +169,7 @@ def development_data(tb: Testbed, model: nn.Module, nfe: int, n: int,
 
 TESTBEDS: dict[str, Callable[[], Testbed]] = {
     "tree": lambda: _tree(80.0), "tree-s5": lambda: _tree(5.0), "digits-unet": lambda: _digits("unet"),
-    "digits-dit": lambda: _digits("dit"), "digits-gmm": _digits_gmm,
+    "digits-dit": lambda: _digits("dit"), "digits-gmm": _digits_gmm, "fashion-unet": _fashion,
 }
 
 
@@ -169,16 +185,19 @@ def generate(fn: ScheduleFn, model: nn.Module, data: TuningData, solver: str,
     return torch.cat(out)
 
 
-def metrics(samples: Tensor, data: TuningData, images: bool, teacher_features: Tensor | None) -> dict:
-    """Teacher MSE (mean over dimensions, and summed), PSNR (range [-1, 1]), FD to data and to the teacher."""
+def metrics(samples: Tensor, data: TuningData, space: FeatureSpace | None,
+            teacher_features: Tensor | None) -> dict:
+    """Teacher MSE (mean over dimensions, and summed); for images (``space``) PSNR (range [-1, 1]) and FD to
+    the data and to the teacher (``teacher_features``) in the space's classifier features."""
     per = sample_loss(samples, data.x0, "l2")
     out = {"mse": float(per.mean()), "mse_sum": float(per.mean()) * math.prod(samples.shape[1:])}
-    if images:
-        from indis.engine.testbeds.digits import classifier_features, fd_to_data, frechet_distance
+    if space is not None:
+        from indis.engine.testbeds.digits import frechet_distance
 
+        feats = space.features(samples)
         out["psnr"] = float((10 * torch.log10(4.0 / per.clamp_min(1e-20))).mean())
-        out["fd_data"] = fd_to_data(samples)
-        out["fd_teacher"] = frechet_distance(classifier_features(samples), teacher_features)
+        out["fd_data"] = frechet_distance(feats, space.reference)
+        out["fd_teacher"] = frechet_distance(feats, teacher_features)
     return out
 
 
@@ -226,11 +245,8 @@ class Bench:
         cache = self.setup.cache()
         cache.build(self.model, self.seeds, progress=progress)
         self.held = cache.load(self.seeds)
-        self.teacher_features = None
-        if tb.images:
-            from indis.engine.testbeds.digits import classifier_features
-
-            self.teacher_features = classifier_features(self.held.x0)
+        self.space = tb.space()
+        self.teacher_features = None if self.space is None else self.space.features(self.held.x0)
         self.rows: dict[str, dict] = {}
         self.fns: dict[str, ScheduleFn] = {}
         self.losses: dict[str, Tensor] = {}  # per held-out seed teacher MSE, for paired comparisons
@@ -242,7 +258,7 @@ class Bench:
         tb = self.tb
         self.fns[name] = fn
         samples = generate(fn, self.model, self.held, tb.solver, batch_size)
-        row = metrics(samples, self.held, tb.images, self.teacher_features)
+        row = metrics(samples, self.held, self.space, self.teacher_features)
         row.update(kind=kind, tune_s=round(wall, 1))
         self.losses[name] = sample_loss(samples, self.held.x0, "l2").double()
         if train is not None:
@@ -292,13 +308,15 @@ def blind_ablation(phi: Predictor, model: nn.Module, data: tuple[TuningData, Tun
 
 @torch.no_grad()
 def mean_schedule(phi: Predictor, x_T: Tensor, labels: Tensor | None) -> ScheduleFn:
-    """phi's raw output averaged over ``x_T`` (per class for a class-conditional phi), decoded: one global
-    schedule. The control for instance-awareness -- phi must beat its own average to show it uses x_T."""
+    """phi's raw output averaged over ``x_T`` (per class for a class-conditional phi; a class absent from
+    ``labels`` gets the average over all of them), decoded: one global schedule (per class). The control for
+    instance-awareness -- phi must beat its own average to show it uses x_T."""
     decode = phi.config.schedule.decode
     if phi.config.num_classes == 0:
         mean = decode(phi.raw(x_T, labels).mean(0, keepdim=True))
         return _fixed(Schedule(mean.grid[0], mean.shift[0], mean.scale[0]))
-    raws = torch.stack([phi.raw(x_T[labels == k], labels[labels == k]).mean(0)
+    raw = phi.raw(x_T, labels)
+    raws = torch.stack([raw[labels == k].mean(0) if bool((labels == k).any()) else raw.mean(0)
                         for k in range(phi.config.num_classes)])
     return lambda x, c: decode(raws[c])
 
@@ -306,29 +324,57 @@ def mean_schedule(phi: Predictor, x_T: Tensor, labels: Tensor | None) -> Schedul
 def add_controls(record: dict, tb: Testbed, heads_dir: Path, cache_dir: str) -> dict:
     """Measure the global schedules derived after tuning, where a cell lacks them: :data:`MEAN_ROW` (from the
     cell's saved phi, averaged over the tuning seeds' x_T) and :data:`GITS_ROW` (dynamic programming on the
-    first 256 tuning seeds); then update the cell's best global method."""
-    bench = Bench(tb, record["nfe"], samples=record["samples"], cache_dir=cache_dir, progress=False)
+    first 256 tuning seeds; its grid saved as ``<stem>_gits.json``). Each gets its paired standard error
+    against the saved phi (``se_vs_phi``), as do such rows measured without one where the schedule can be
+    rebuilt (the saved phi; the saved GITS grid). Then update the cell's best global method."""
+    nfe = record["nfe"]
+    bench = Bench(tb, nfe, samples=record["samples"], cache_dir=cache_dir, progress=False)
     rows, fns = dict(record["rows"]), {}
     x_T, labels = bench.setup.cache().inputs(torch.arange(record.get("train", tb.num_train)))
-    if MEAN_ROW not in rows:
-        heads = load_heads(heads_dir, tb, record["nfe"])
-        if heads is None:
-            raise FileNotFoundError(f"no saved heads for {tb.name} NFE {record['nfe']} under {heads_dir}")
+    heads = load_heads(heads_dir, tb, nfe)
+    if MEAN_ROW not in rows and heads is None:
+        raise FileNotFoundError(f"no saved heads for {tb.name} NFE {nfe} under {heads_dir}")
+    if heads is not None and "se_vs_phi" not in rows.get(MEAN_ROW, {}):
         fns[MEAN_ROW] = mean_schedule(heads["phi"], x_T, labels)
+    gits_file = _grid_path(heads_dir, tb, nfe, "gits")
     if GITS_ROW not in rows:
         t = time.perf_counter()
-        grid = fit_gits(bench.model, x_T[:256], nfe=record["nfe"], sigma_min=tb.sigma_min,
-                        sigma_max=tb.sigma_max, labels=None if labels is None else labels[:256])
+        grid = fit_gits(bench.model, x_T[:256], nfe=nfe, sigma_min=tb.sigma_min, sigma_max=tb.sigma_max,
+                        labels=None if labels is None else labels[:256])
         fns[GITS_ROW] = _fixed(Schedule(grid))
         bench.log(f"GITS grid in {time.perf_counter() - t:.0f} s")
+    elif heads is not None and "se_vs_phi" not in rows[GITS_ROW] and gits_file.exists():
+        fns[GITS_ROW] = _fixed(_load_grid(gits_file, tb, nfe))
+    if heads is not None and fns:  # phi's per-seed errors, for the paired standard errors
+        bench.measure("INDIS phi", heads["phi"], "indis")
+        if not math.isclose(bench.rows["INDIS phi"]["mse"], rows["INDIS phi"]["mse"], rel_tol=1e-5):
+            bench.log(f"WARNING: the saved phi gives teacher MSE {bench.rows['INDIS phi']['mse']:.6g}, the "
+                      f"cell says {rows['INDIS phi']['mse']:.6g}: {heads_dir} holds other heads")
     for name, fn in fns.items():
         bench.measure(name, fn, "global")
         rows[name] = bench.rows[name]
+        if "INDIS phi" in bench.losses:
+            diff = bench.losses[name] - bench.losses["INDIS phi"]
+            rows[name]["se_vs_phi"] = float(diff.std() / math.sqrt(len(diff)))
+    if GITS_ROW in fns and not gits_file.exists():
+        _save_grid(heads_dir, tb, nfe, "gits", fns[GITS_ROW](x_T, labels), rows[GITS_ROW])
     best = min((k for k, r in rows.items() if r["kind"] == "global"), key=lambda k: rows[k]["mse"])
     grids = dict(record["grids"])
     if best in fns:
         grids["best_global"] = _grids(fns[best], bench.held)
     return {**record, "rows": rows, "best_global": best, "grids": grids}
+
+
+def needs_controls(record: dict, tb: Testbed, heads_dir: Path) -> bool:
+    """Whether :func:`add_controls` has something to add to the cell: a missing control row, or a paired
+    standard error it can compute (the cell's heads are saved; for GITS also its grid)."""
+    rows, nfe = record["rows"], record["nfe"]
+    if MEAN_ROW not in rows or GITS_ROW not in rows:
+        return True
+    if not Path(f"{heads_dir / _head_stem(tb, nfe)}_phi.safetensors").exists():
+        return False
+    return "se_vs_phi" not in rows[MEAN_ROW] or ("se_vs_phi" not in rows[GITS_ROW]
+                                                 and _grid_path(heads_dir, tb, nfe, "gits").exists())
 
 
 def run_cell(tb: Testbed, nfe: int, *, samples: int, cache_dir: str, heads_dir: Path,
@@ -409,9 +455,30 @@ def _save_heads(heads_dir: Path, tb: Testbed, nfe: int, phi: Predictor, blind: P
     for tag, head, row in (("phi", phi, "INDIS phi"), ("blind", blind, "phi blind (ablation)"),
                            ("phi_noss", noss, NOSS_ROW)):
         head.save(heads_dir / f"{stem}_{tag}.safetensors", held_out=rows[row])
-    ld3_json = {"grid": ld3.grid.tolist(), "shift": None if ld3.shift is None else ld3.shift.tolist(),
-                "solver": tb.solver, "backbone": tb.name, "held_out": rows["LD3-global"]}
-    (heads_dir / f"{stem}_ld3.json").write_text(json.dumps(ld3_json, indent=1))
+    _save_grid(heads_dir, tb, nfe, "ld3", ld3, rows["LD3-global"])
+
+
+def _grid_path(heads_dir: Path, tb: Testbed, nfe: int, tag: str) -> Path:
+    return Path(heads_dir) / f"{_head_stem(tb, nfe)}_{tag}.json"
+
+
+def _save_grid(heads_dir: Path, tb: Testbed, nfe: int, tag: str, schedule: Schedule, row: dict) -> None:
+    """A global schedule as ``<stem>_<tag>.json`` (grid, shift; the format ``indis generate --schedule``
+    reads) with its held-out row."""
+    heads_dir.mkdir(parents=True, exist_ok=True)
+    d = {"grid": schedule.grid.tolist(), "shift": None if schedule.shift is None else schedule.shift.tolist(),
+         "solver": tb.solver, "backbone": tb.name, "held_out": row}
+    _grid_path(heads_dir, tb, nfe, tag).write_text(json.dumps(d, indent=1))
+
+
+def _load_grid(path: Path, tb: Testbed, nfe: int) -> Schedule:
+    """A schedule :func:`_save_grid` wrote, checked against ``tb``'s backbone and solver and ``nfe``."""
+    d = json.loads(path.read_text())
+    if d["solver"] != tb.solver or d["backbone"] != tb.name or len(d["grid"]) != nfe + 1:
+        raise ValueError(f"{path} is for {d['backbone']} / {d['solver']} / NFE {len(d['grid']) - 1}, "
+                         f"expected {tb.name} / {tb.solver} / NFE {nfe}")
+    shift = None if d["shift"] is None else torch.tensor(d["shift"], dtype=torch.float64)
+    return Schedule(torch.tensor(d["grid"], dtype=torch.float64), shift)
 
 
 def load_heads(heads_dir: Path, tb: Testbed, nfe: int) -> dict[str, ScheduleFn] | None:
@@ -419,17 +486,12 @@ def load_heads(heads_dir: Path, tb: Testbed, nfe: int) -> dict[str, ScheduleFn] 
     missing. Checkpoints are checked against the NFE, solver and backbone."""
     stem = heads_dir / _head_stem(tb, nfe)
     paths = {tag: Path(f"{stem}_{tag}.safetensors") for tag in ("phi", "blind", "phi_noss")}
-    ld3_path = Path(f"{stem}_ld3.json")
+    ld3_path = _grid_path(heads_dir, tb, nfe, "ld3")
     if not ld3_path.exists() or not all(p.exists() for p in paths.values()):
         return None
     heads: dict[str, ScheduleFn] = {tag: Predictor.load(p, nfe=nfe, solver=tb.solver, backbone=tb.name).eval()
                                     for tag, p in paths.items()}
-    d = json.loads(ld3_path.read_text())
-    if d["solver"] != tb.solver or d["backbone"] != tb.name or len(d["grid"]) != nfe + 1:
-        raise ValueError(f"{ld3_path} is for {d['backbone']} / {d['solver']} / NFE {len(d['grid']) - 1}, "
-                         f"expected {tb.name} / {tb.solver} / NFE {nfe}")
-    shift = None if d["shift"] is None else torch.tensor(d["shift"], dtype=torch.float64)
-    heads["ld3"] = _fixed(Schedule(torch.tensor(d["grid"], dtype=torch.float64), shift))
+    heads["ld3"] = _fixed(_load_grid(ld3_path, tb, nfe))
     return heads
 
 
@@ -449,13 +511,13 @@ def gain(record: dict, metric: str = "mse") -> float:
 def teacher_fd_to_data(tb: Testbed, record: dict, cache_dir: str) -> float:
     """FD between the teacher end points of a cell's held-out seeds and the data: the floor for FD to data
     (teacher shards the cache lacks are computed first)."""
-    from indis.engine.testbeds.digits import fd_to_data
-
-    model = tb.load()
+    model, space = tb.load(), tb.space()
+    if space is None:
+        raise ValueError(f"{tb.name} does not make images: no FD")
     cache = tb.tuning_setup(model, record["nfe"], cache_dir).cache()
     seeds = range(*record["held_out_seeds"])
     cache.build(model, seeds, progress=False)
-    return fd_to_data(cache.load(seeds).x0)
+    return space.fd_to_data(cache.load(seeds).x0)
 
 
 VERSUS = {GITS_ROW: "GITS", "LD3-global": "LD3-global", AYS_ROW: "AYS", MEAN_ROW: "phi's mean schedule",
@@ -585,11 +647,60 @@ def plots(records: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def sample_pictures(tb: Testbed, nfes: list[int], heads_dir: Path, cache_dir: str, out: Path,
+                    n: int = 16, zoom: int = 2) -> Path | None:
+    """``out/samples_<testbed>.png``: the first ``n`` held-out seeds, one per column; the first row is the
+    teacher, then for each NFE in ``nfes`` a row of GITS and a row of INDIS phi (the cells' saved grid and
+    head). None (nothing written) for a testbed that is not images or where a cell lacks its GITS grid or
+    phi."""
+    stems = [heads_dir / _head_stem(tb, nfe) for nfe in nfes]
+    if not tb.images or not nfes or not all(Path(f"{s}_gits.json").exists() and Path(f"{s}_phi.safetensors")
+                                            .exists() for s in stems):
+        return None
+    from indis.engine.generation import image_grid, write_png
+
+    model, seeds = tb.load(), range(HELD_OUT, HELD_OUT + n)
+    cache = tb.tuning_setup(model, nfes[0], cache_dir).cache()
+    cache.build(model, seeds, progress=False)
+    held = cache.load(seeds)
+    rows = [held.x0]
+    for nfe, stem in zip(nfes, stems, strict=True):
+        rows += [generate(_fixed(_load_grid(Path(f"{stem}_gits.json"), tb, nfe)), model, held, tb.solver),
+                 generate(load_phi(heads_dir, tb, nfe), model, held, tb.solver)]
+    image = image_grid(torch.cat(rows).float(), columns=n)
+    path = out / f"samples_{tb.name}.png"
+    write_png(path, image.repeat(zoom, 0).repeat(zoom, 1))
+    return path
+
+
 def _cells(records: list[dict], name: str) -> list[dict]:
     return sorted((r for r in records if r["testbed"] == name), key=lambda r: r["nfe"])
 
 
 # ------------------------------------------------------------------------------------------------ command
+SHIPPED = {"digits-unet", "fashion-unet"}  # testbeds whose heads --ship copies (backbones users sample)
+
+
+def override(tb: Testbed, *, steps: int | None = None, blind_steps: int | None = None,
+             lbfgs_steps: int | None = None, ld3_steps: int | None = None, batch: int | None = None,
+             train: int | None = None, val: int | None = None) -> Testbed:
+    """``tb`` with other tuning settings (None keeps a setting): phi's optimiser steps, the blind stage's Adam
+    and L-BFGS steps, LD3's steps, every head's batch, the numbers of tuning and validation seeds."""
+    phi, blind, ld3 = tb.phi, tb.blind, tb.ld3
+    if steps is not None:
+        phi = replace(phi, steps=steps)
+    if blind_steps is not None:
+        blind = replace(blind, steps=blind_steps)
+    if lbfgs_steps is not None:
+        blind = replace(blind, lbfgs_steps=lbfgs_steps)
+    if ld3_steps is not None:
+        ld3 = replace(ld3, steps=ld3_steps)
+    if batch is not None:
+        phi, blind, ld3 = (replace(c, batch_size=batch) for c in (phi, blind, ld3))
+    return replace(tb, phi=phi, blind=blind, ld3=ld3, num_train=tb.num_train if train is None else train,
+                   num_val=tb.num_val if val is None else val)
+
+
 def _write_json(path: Path, record: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
@@ -606,27 +717,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blind-steps", type=int, default=None, help="override the blind stage's Adam steps")
     p.add_argument("--lbfgs-steps", type=int, default=None,
                    help="override the blind stage's L-BFGS iterations (FitConfig.lbfgs_steps)")
+    p.add_argument("--ld3-steps", type=int, default=None, help="override LD3-global's optimiser steps")
+    p.add_argument("--batch", type=int, default=None, help="override the batch of every head's optimiser")
+    p.add_argument("--train", type=int, default=None, help="override the number of tuning seeds")
+    p.add_argument("--val", type=int, default=None, help="override the number of validation seeds")
     p.add_argument("--out", default="benchmarks/results/quality")
     p.add_argument("--cache", default=".indis-cache/teacher")
     p.add_argument("--force", action="store_true", help="recompute cells that are already written")
     p.add_argument("--report-only", action="store_true",
                    help="tabulate the cells already written; tune nothing")
     p.add_argument("--ship", type=Path, default=None, metavar="DIR",
-                   help="also copy the digits-unet heads into DIR (the repository's engine/weights/indis "
-                        "holds the shipped ones)")
+                   help="also copy the heads of these testbeds' backbones (digits-unet, fashion-unet) into "
+                        "DIR (the repository's engine/weights/indis holds the shipped ones)")
     a = p.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     out = Path(a.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    for flag in ("samples", "steps", "blind_steps", "lbfgs_steps", "ld3_steps", "batch", "train", "val"):
+        value = getattr(a, flag)
+        if value is not None and value < (0 if flag.endswith("steps") else 1):
+            p.error(f"--{flag.replace('_', '-')} {value} is out of range")
     records = []
     for name in a.testbeds:
-        tb = TESTBEDS[name]()
-        if a.steps is not None:
-            tb = replace(tb, phi=replace(tb.phi, steps=a.steps))
-        if a.blind_steps is not None:
-            tb = replace(tb, blind=replace(tb.blind, steps=a.blind_steps))
-        if a.lbfgs_steps is not None:
-            tb = replace(tb, blind=replace(tb.blind, lbfgs_steps=a.lbfgs_steps))
+        tb = override(TESTBEDS[name](), steps=a.steps, blind_steps=a.blind_steps, lbfgs_steps=a.lbfgs_steps,
+                      ld3_steps=a.ld3_steps, batch=a.batch, train=a.train, val=a.val)
         for nfe in a.nfe or tb.nfes:
             path = out / "cells" / f"{name}_nfe{nfe}.json"
             if path.exists() and not a.force:
@@ -642,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
                 made = "unrecorded" if "fit_configs" not in rec else "other"
                 print(f"{name} NFE {nfe}: WARNING: {path} was tuned under {made} optimiser settings than "
                       "these (--force recomputes it)")
-            if MEAN_ROW not in rec["rows"] or GITS_ROW not in rec["rows"]:
+            if needs_controls(rec, tb, out / "heads"):
                 rec = add_controls(rec, tb, out / "heads", a.cache)
                 _write_json(path, rec)
             records.append(rec)
@@ -651,13 +765,16 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(records, teacher_fd)
     (out / "quality.md").write_text(text)
     print(text)
-    for f in plots(records, out):
+    pictures = [sample_pictures(TESTBEDS[name](), [r["nfe"] for r in _cells(records, name)], out / "heads",
+                                a.cache, out) for name in dict.fromkeys(a.testbeds)]
+    for f in plots(records, out) + [f for f in pictures if f is not None]:
         print(f"wrote {f}")
     if a.ship:
         a.ship.mkdir(parents=True, exist_ok=True)
-        for f in sorted((out / "heads").glob("digits-unet_*")):
-            shutil.copy2(f, a.ship / f.name)
-            print(f"shipped {a.ship / f.name}")
+        for name in set(a.testbeds) & SHIPPED:
+            for f in sorted((out / "heads").glob(f"{name}_*")):
+                shutil.copy2(f, a.ship / f.name)
+                print(f"shipped {a.ship / f.name}")
     return 0
 
 

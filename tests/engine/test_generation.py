@@ -18,6 +18,7 @@ from indis.engine.core.schedules import Schedule, get_sigmas
 from indis.engine.generation import (
     BACKBONES,
     fd_report,
+    feature_space,
     generate,
     image_grid,
     load_samples,
@@ -143,6 +144,28 @@ def test_fd_to_the_data_and_to_a_teacher(tmp_path: Path) -> None:
     save(tmp_path / "relabelled", xs, seeds, (labels + 1) % 10, {"backbone": "digits-unet"})
     with pytest.raises(ValueError, match="other labels"):
         fd_report(tmp_path / "a" / "samples.npz", tmp_path / "relabelled" / "samples.npz")
+
+
+def test_feature_spaces_of_the_datasets() -> None:
+    """One place says which classifier and reference images judge a dataset's samples: the digits space is
+    the digits FD of ``testbeds.digits`` (all 1,797 images); Fashion-MNIST's is its test set."""
+    from indis.engine.testbeds import fashion
+    from indis.engine.testbeds.digits import fd_to_data, load_digits_images
+
+    x = load_digits_images("test")[0][:64] * 0.9
+    space = feature_space("digits")
+    assert space.reference.shape == (1797, space.classifier.config["feature_dim"])
+    assert space.fd_to_data(x) == fd_to_data(x)
+    assert {b.dataset for b in BACKBONES.values()} == {"digits", "fashion"}
+    with pytest.raises(ValueError, match="unknown dataset"):
+        feature_space("cifar")
+    if not fashion.available():
+        pytest.skip(f"Fashion-MNIST is not installed ({fashion.DEBIAN_PACKAGE})")
+    space = feature_space("fashion")
+    test = fashion.load_fashion_images("test")[0]
+    assert space.reference.shape[0] == 10_000 and "Fashion-MNIST test set" in space.description
+    assert space.fd_to_data(test) < 1e-6  # the test set against itself
+    assert space.fd_to_data(test[:1000]) > 1.0  # the first 1000 images differ from all 10,000
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

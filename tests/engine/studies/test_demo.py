@@ -1,4 +1,5 @@
-"""The README's main command: the digits INDIS demo, with shipped heads and with heads tuned on the spot."""
+"""The README's main command: the INDIS demo on the digits UNet (and, with ``--testbed``, the Fashion-MNIST
+UNet), with shipped heads and with heads tuned on the spot."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from indis.engine.studies.quality import TESTBEDS, load_heads
 from indis.engine.testbeds.digits import SHIPPED_HEADS
 
 
-def _run(tmp_path: Path, *extra: str) -> str:
+def _run(tmp_path: Path, *extra: str, testbed: str = "digits-unet") -> str:
     out = tmp_path / "out"
     cache = str(tmp_path / "cache")
-    demo.main(["--samples", "16", "--nfe", "3", "--out", str(out), "--cache", cache, *extra])
+    demo.main(["--samples", "16", "--nfe", "3", "--out", str(out), "--cache", cache, "--testbed", testbed,
+               *extra])
     text = (out / "quality.md").read_text()
-    assert "| digits-unet | 3 | 16 |" in text
+    assert f"| {testbed} | 3 | 16 |" in text
     for method in ("heuristic edm", "LD3-global", "phi blind (ablation)", "INDIS phi"):
         assert f"| {method} |" in text
     return text
@@ -27,6 +29,20 @@ def test_demo_with_shipped_heads(tmp_path: Path) -> None:
         pytest.fail(f"no shipped NFE-3 heads under {SHIPPED_HEADS}: "
                     "run python -m indis.engine.studies.quality --ship engine/weights/indis")
     _run(tmp_path)
+
+
+def test_demo_on_the_fashion_backbone_with_shipped_heads(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from indis.engine.testbeds import fashion
+
+    if not fashion.available():
+        pytest.skip(f"Fashion-MNIST is not installed ({fashion.DEBIAN_PACKAGE}): no FD reference")
+    if load_heads(SHIPPED_HEADS, TESTBEDS["fashion-unet"](), 3) is None:
+        pytest.fail(f"no shipped fashion-unet NFE-3 heads under {SHIPPED_HEADS}")
+    text = _run(tmp_path, testbed="fashion-unet")
+    assert "GITS (dynamic programming)" in text and "phi's mean schedule (global)" in text
+    out = capsys.readouterr().out
+    assert "INDIS demo: fashion-unet" in out and "NFE 3: INDIS phi" in out and "no shipped heads" not in out
 
 
 def test_demo_tunes_missing_heads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

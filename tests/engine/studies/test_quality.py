@@ -4,34 +4,45 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+import zlib
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
-from indis.engine.core.predictor import Predictor
+from indis.engine.core.predictor import Predictor, PredictorConfig, ScheduleConfig
 from indis.engine.core.sampling import sample
-from indis.engine.core.schedules import get_sigmas
+from indis.engine.core.schedules import Schedule, get_sigmas
+from indis.engine.generation import Backbone, image_grid, resolve_schedule
 from indis.engine.studies.quality import (
     AYS_ROW,
     GITS_ROW,
+    HELD_OUT,
     MEAN_ROW,
     Testbed,
+    _save_grid,
     add_controls,
     exhaustive_grids,
     gain,
+    generate,
     load_heads,
     load_phi,
     markdown,
     mean_schedule,
+    needs_controls,
+    override,
     plots,
     run_cell,
+    sample_pictures,
 )
 from indis.engine.tuning.fit import FitConfig, fit_predictor, sample_loss
-from indis.engine.tuning.teacher import TeacherSpec
+from indis.engine.tuning.teacher import TeacherCache, TeacherSpec
 from tests.helpers import ROOT, toy_mixture
 
 TOY = Testbed("toy", toy_mixture, (2,), 10.0, solver="euler", nfes=(3,), teacher=TeacherSpec("ipndm", 40),
-              dtype=torch.float64, images=False, shard_size=32, num_train=64, num_val=32, pool=None,
+              dtype=torch.float64, dataset=None, shard_size=32, num_train=64, num_val=32, pool=None,
               phi=FitConfig(steps=6, batch_size=32, lr=1e-2, val_every=3, progress=False),
               blind=FitConfig(steps=6, batch_size=32, lr=3e-2, val_every=3, progress=False),
               ld3=FitConfig(steps=4, batch_size=16, lr=0.005, optimizer="rmsprop", soft_teacher=True,
@@ -115,6 +126,101 @@ def test_mean_schedule_control(toy_cell) -> None:
     x = torch.randn(7, 2, dtype=torch.float64) * 10
     fn = mean_schedule(phi, x, None)
     torch.testing.assert_close(fn(x, None).grid, phi(x[:1]).grid[0], rtol=1e-12, atol=0)
+    # the GITS grid is saved where indis generate reads grids, and it is the grid that was measured
+    gits_file = root / "heads" / "toy_euler_nfe3_gits.json"
+    saved = json.loads(gits_file.read_text())
+    assert (saved["backbone"], saved["solver"], saved["held_out"]) == ("toy", "euler", out["rows"][GITS_ROW])
+    backbone = Backbone(lambda w: toy_mixture(), (2,), 0, "none", sigma_max=10.0)
+    grid = resolve_schedule(str(gits_file), toy_mixture(), backbone, 3, "euler", name="toy")(x, None).grid
+    assert grid.shape == (4,) and bool((grid[1:] < grid[:-1]).all())
+    cache = TeacherCache(root / "cache", backbone="toy", shape=(2,), sigma_min=0.002, sigma_max=10.0,
+                         teacher=TeacherSpec("ipndm", 40), shard_size=32, dtype=torch.float64)
+    held = cache.load(range(*record["held_out_seeds"]))
+    gits_losses = sample_loss(sample(toy_mixture(), held.x_T, grid, "euler"), held.x0, "l2")
+    assert out["rows"][GITS_ROW]["mse"] == pytest.approx(float(gits_losses.mean()), rel=1e-9)
+    # each control carries its paired standard error against the saved phi, computed here independently
+    with torch.no_grad():
+        phi_losses = sample_loss(sample(toy_mixture(), held.x_T, load_phi(root / "heads", TOY, 3)(held.x_T),
+                                        "euler"), held.x0, "l2")
+    diff = gits_losses - phi_losses
+    assert out["rows"][GITS_ROW]["se_vs_phi"] == pytest.approx(float(diff.std() / len(diff) ** 0.5), rel=1e-6)
+    assert out["rows"][MEAN_ROW]["se_vs_phi"] >= 0.0  # 0 where phi was shrunk to its mean
+    assert not needs_controls(out, TOY, root / "heads")
+    # a cell whose controls were measured without it gets it from the saved heads and GITS grid
+    bare = {**out, "rows": {k: {m: v for m, v in r.items() if m != "se_vs_phi"} if k in (MEAN_ROW, GITS_ROW)
+                            else r for k, r in out["rows"].items()}}
+    assert needs_controls(bare, TOY, root / "heads")
+    again = add_controls(bare, TOY, root / "heads", str(root / "cache"))
+    for name in (MEAN_ROW, GITS_ROW):
+        assert again["rows"][name]["se_vs_phi"] == pytest.approx(out["rows"][name]["se_vs_phi"], rel=1e-9)
+        assert again["rows"][name]["mse"] == pytest.approx(out["rows"][name]["mse"], rel=1e-12)
+    assert not needs_controls(bare, TOY, root / "elsewhere")  # nothing saved there: nothing to add
+
+
+def test_mean_schedule_of_a_class_conditional_phi_covers_absent_classes() -> None:
+    """Per class, phi's raw output averaged over that class's seeds; a class with no seed gets the average
+    over all seeds (not a NaN schedule)."""
+    torch.manual_seed(0)
+    phi = Predictor(PredictorConfig(ScheduleConfig(3, 0.002, 10.0), "euler", (2,), num_classes=3)).double()
+    for p in phi.parameters():
+        torch.nn.init.normal_(p, std=0.3)  # a phi whose output depends on x_T and the class
+    x = torch.randn(8, 2, dtype=torch.float64) * 10
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])  # class 2 absent
+    fn = mean_schedule(phi, x, labels)
+    decode = phi.config.schedule.decode
+    for k, rows in ((0, labels == 0), (1, labels == 1), (2, torch.ones(8, dtype=torch.bool))):
+        want = decode(phi.raw(x[rows], labels[rows]).mean(0, keepdim=True)).grid[0]
+        got = fn(x[:1], torch.tensor([k])).grid[0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert not torch.equal(fn(x[:1], torch.tensor([0])).grid, fn(x[:1], torch.tensor([1])).grid)
+
+
+def test_override_changes_only_the_named_settings() -> None:
+    base = replace(TOY, blind=replace(TOY.blind, keep="last"))  # L-BFGS follows a "last" stage only
+    tb = override(base, steps=11, blind_steps=12, lbfgs_steps=3, ld3_steps=13, batch=8, train=40, val=20)
+    assert (tb.phi.steps, tb.blind.steps, tb.blind.lbfgs_steps, tb.ld3.steps) == (11, 12, 3, 13)
+    assert tb.phi.batch_size == tb.blind.batch_size == tb.ld3.batch_size == 8
+    assert (tb.num_train, tb.num_val) == (40, 20)
+    assert tb.phi.lr == TOY.phi.lr and tb.ld3.optimizer == "rmsprop"
+    assert tb.blind.val_every == TOY.blind.val_every
+    assert override(base) == base
+
+
+def _read_png(path) -> np.ndarray:
+    """Our PNG writer's files (8-bit grey, one IDAT, no filters) back to pixels."""
+    data = path.read_bytes()
+    w, h = struct.unpack(">II", data[16:24])
+    idat = data.index(b"IDAT")
+    (length,) = struct.unpack(">I", data[idat - 4:idat])
+    raw = np.frombuffer(zlib.decompress(data[idat + 4:idat + 4 + length]), dtype=np.uint8)
+    return raw.reshape(h, w + 1)[:, 1:]
+
+
+def test_sample_pictures_put_teacher_gits_and_phi_side_by_side(tmp_path) -> None:
+    """Row 0: the teacher on the first held-out seeds; then per NFE, GITS's grid and phi's samples."""
+
+    def gauss(x, sigma, class_labels=None):  # the exact denoiser of N(0, 0.25) pixels
+        return x * 0.25 / (0.25 + sigma.view(-1, 1, 1, 1) ** 2)
+
+    tb = Testbed("toy-img", lambda: gauss, (1, 4, 4), 10.0, nfes=(3,), teacher=TeacherSpec("ipndm", 10),
+                 dataset="digits", shard_size=8)
+    heads, cache = tmp_path / "heads", str(tmp_path / "cache")
+    assert sample_pictures(tb, [3], heads, cache, tmp_path) is None  # nothing saved yet
+    phi = Predictor(PredictorConfig(tb.schedule(3), tb.solver, tb.shape, pool=2, backbone=tb.name))
+    heads.mkdir()
+    phi.save(heads / "toy-img_ipndm_nfe3_phi.safetensors")
+    gits = get_sigmas("logsnr", 3, 0.002, 10.0)
+    _save_grid(heads, tb, 3, "gits", Schedule(gits), {})
+    path = sample_pictures(tb, [3], heads, cache, tmp_path, n=5, zoom=3)
+    assert path == tmp_path / "samples_toy-img.png"
+    held = tb.tuning_setup(None, 3, cache).cache().load(range(HELD_OUT, HELD_OUT + 5))
+    with torch.no_grad():
+        rows = [held.x0, sample(gauss, held.x_T, gits, "ipndm"), generate(phi.eval(), gauss, held, "ipndm")]
+    want = image_grid(torch.cat(rows), columns=5)
+    assert want.shape == (3 * 5 + 1, 5 * 5 + 1)
+    pixels = _read_png(path)
+    assert (pixels == want.repeat(3, 0).repeat(3, 1)).all()
+    assert sample_pictures(replace(tb, dataset=None), [3], heads, cache, tmp_path) is None  # not images
 
 
 def test_exhaustive_grids_global_is_the_best_shared_grid() -> None:
