@@ -91,10 +91,16 @@ class FeatureSpace:
         return frechet_distance(self.features(images), self.reference)
 
 
-@functools.lru_cache(maxsize=4)
-def feature_space(dataset: str, weights: str | None = None, data: str | None = None) -> FeatureSpace:
+def feature_space(dataset: str, weights: str | Path | None = None, data: str | Path | None = None
+                  ) -> FeatureSpace:
     """``dataset``'s :class:`FeatureSpace` (shipped classifier unless ``weights``): Fashion-MNIST's test set
-    (10,000; ``data``: its IDX folder) or all 1,797 sklearn digits."""
+    (10,000; ``data``: its IDX folder) or all 1,797 sklearn digits. Cached per (dataset, resolved folders):
+    the classifier and the reference features are shared, not to be changed in place."""
+    return _feature_space(dataset, *(None if d is None else str(Path(d).resolve()) for d in (weights, data)))
+
+
+@functools.lru_cache(maxsize=4)
+def _feature_space(dataset: str, weights: str | None, data: str | None) -> FeatureSpace:
     from indis.engine.testbeds.digits import classifier_features
 
     if dataset == "fashion":
@@ -324,8 +330,7 @@ def fd_report(path: str | Path, teacher: str | Path | None = None, data: str | P
     if tuple(samples.shape[1:]) != BACKBONES[name].shape:
         raise ValueError(f"{path}: samples of shape {tuple(samples.shape[1:])}, {name} makes "
                          f"{BACKBONES[name].shape}")
-    space = feature_space(BACKBONES[name].dataset, None if weights is None else str(weights),
-                          None if data is None else str(data))
+    space = feature_space(BACKBONES[name].dataset, weights, data)
     feats = space.features(samples)
     out = {"n": float(samples.shape[0]), "fd_data": frechet_distance(feats, space.reference)}
     print(f"{path}: {samples.shape[0]} samples of {name}; FD to the {space.description}: "

@@ -1,27 +1,34 @@
 """INDIS quality tables (Yuan et al., CVPR 2026): every schedule method on the same held-out seeds.
 
-    python -m indis.engine.studies.quality [--testbeds tree digits-unet digits-dit digits-gmm] [--out DIR]
+    python -m indis.engine.studies.quality [--testbeds tree tree-s5 digits-unet digits-dit digits-gmm
+                                            fashion-unet] [--out DIR]
 
 Testbeds (``TESTBEDS``): the 2-D tree mixture of the paper's synthetic study (class A, Euler, NFE 3, exact
 ODE end points; ``tree`` with sigma_max 80, ``tree-s5`` with 5), the shipped digits UNet (unconditional) and
-DiT (class-conditional; phi reads the label) against their 30-step iPNDM teachers, and the image-shaped exact
-mixture on the digits against the exact ODE solution (scipy DOP853). Every tuned head starts where
-``fit_predictor`` starts by default: the best of GITS and the four heuristics on the tuning seeds. Methods per
-NFE: the four heuristics, AYS (its SVD table stretched onto the testbed's range), LD3-global, phi's blind
-ablation (one grid + Δτ + γ, no instance input, tuned for as many steps as phi's two stages), phi, phi
-without shift/scale (the paper's second ablation); then, added by :func:`add_controls`, GITS (dynamic
-programming over a fine grid) and phi's mean schedule (phi's raw output averaged over the tuning noise: one
-global schedule, the control for instance-awareness); on the tree also the per-instance oracles (an
-exhaustive pure-grid search over both interior points, and Adam-fitted schedules with phi's Δτ/γ capacity).
+DiT (class-conditional; phi reads the label) against their 30-step iPNDM teachers, the image-shaped exact
+mixture on the digits against the exact ODE solution (scipy DOP853) -- these five by default -- and, when
+named, the shipped Fashion-MNIST UNet (28x28, class-conditional; hours of CPU at the default budget).
+Images are judged in their dataset's classifier features (``generation.feature_space``). Every tuned head
+starts where ``fit_predictor`` starts by default: the best of GITS and the four heuristics on the tuning
+seeds. Methods per NFE: the four heuristics, AYS (its SVD table stretched onto the testbed's range),
+LD3-global, phi's blind ablation (one grid + Δτ + γ, no instance input, tuned for as many steps as phi's two
+stages), phi, phi without shift/scale (the paper's second ablation); then, added by :func:`add_controls`,
+GITS (dynamic programming over a fine grid) and phi's mean schedule (phi's raw output averaged over the
+tuning noise: one global schedule, the control for instance-awareness); on the tree also the per-instance
+oracles (an exhaustive pure-grid search over both interior points, and Adam-fitted schedules with phi's
+Δτ/γ capacity).
 "Best global" is the best of every global schedule.
 
 Every (testbed, NFE) cell is written to ``DIR/cells/<testbed>_nfe<N>.json`` as soon as it is done and skipped
 when present (``--force`` recomputes), so an interrupted run resumes; a cell records the optimiser settings
-that tuned it (``fit_configs``) and reusing one tuned under other settings prints a warning. ``--steps``,
-``--blind-steps`` and ``--lbfgs-steps`` try other settings (phi's steps; the blind stage's Adam steps and
-L-BFGS iterations). The tuned heads land in ``DIR/heads``; ``--ship DIR`` copies the digits-UNet heads
-into DIR (the repository ships them in ``engine/weights/indis``). The tables go to stdout and
-``DIR/quality.md``; plots (matplotlib, optional) to ``DIR/*.png``.
+that tuned it (``fit_configs``, the numbers of tuning and validation seeds) and reusing one tuned under other
+settings prints a warning. ``--steps``, ``--blind-steps``, ``--lbfgs-steps``, ``--ld3-steps``, ``--batch``,
+``--train`` and ``--val`` try other settings (:func:`override`). The tuned heads and the GITS grids
+(``<stem>_gits.json``, the format ``indis generate --schedule`` reads) land in ``DIR/heads``; ``--ship DIR``
+copies the digits-UNet and Fashion-UNet heads among the testbeds run into DIR (the repository ships them in
+``engine/weights/indis``). The tables go to stdout and ``DIR/quality.md``; plots (matplotlib, optional) to
+``DIR/*.png``, and ``DIR/samples_<testbed>.png`` (:func:`sample_pictures`) for image testbeds whose GITS grids
+and phi heads are saved.
 """
 
 from __future__ import annotations
@@ -171,6 +178,7 @@ TESTBEDS: dict[str, Callable[[], Testbed]] = {
     "tree": lambda: _tree(80.0), "tree-s5": lambda: _tree(5.0), "digits-unet": lambda: _digits("unet"),
     "digits-dit": lambda: _digits("dit"), "digits-gmm": _digits_gmm, "fashion-unet": _fashion,
 }
+DEFAULT_TESTBEDS = ("tree", "tree-s5", "digits-unet", "digits-dit", "digits-gmm")  # fashion-unet when named
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -331,11 +339,11 @@ def add_controls(record: dict, tb: Testbed, heads_dir: Path, cache_dir: str) -> 
     bench = Bench(tb, nfe, samples=record["samples"], cache_dir=cache_dir, progress=False)
     rows, fns = dict(record["rows"]), {}
     x_T, labels = bench.setup.cache().inputs(torch.arange(record.get("train", tb.num_train)))
-    heads = load_heads(heads_dir, tb, nfe)
-    if MEAN_ROW not in rows and heads is None:
-        raise FileNotFoundError(f"no saved heads for {tb.name} NFE {nfe} under {heads_dir}")
-    if heads is not None and "se_vs_phi" not in rows.get(MEAN_ROW, {}):
-        fns[MEAN_ROW] = mean_schedule(heads["phi"], x_T, labels)
+    phi = load_phi(heads_dir, tb, nfe) if _phi_path(heads_dir, tb, nfe).exists() else None
+    if MEAN_ROW not in rows and phi is None:
+        raise FileNotFoundError(f"no saved phi for {tb.name} NFE {nfe} under {heads_dir}")
+    if phi is not None and "se_vs_phi" not in rows.get(MEAN_ROW, {}):
+        fns[MEAN_ROW] = mean_schedule(phi, x_T, labels)
     gits_file = _grid_path(heads_dir, tb, nfe, "gits")
     if GITS_ROW not in rows:
         t = time.perf_counter()
@@ -343,20 +351,21 @@ def add_controls(record: dict, tb: Testbed, heads_dir: Path, cache_dir: str) -> 
                         labels=None if labels is None else labels[:256])
         fns[GITS_ROW] = _fixed(Schedule(grid))
         bench.log(f"GITS grid in {time.perf_counter() - t:.0f} s")
-    elif heads is not None and "se_vs_phi" not in rows[GITS_ROW] and gits_file.exists():
+    elif phi is not None and "se_vs_phi" not in rows[GITS_ROW] and gits_file.exists():
         fns[GITS_ROW] = _fixed(_load_grid(gits_file, tb, nfe))
-    if heads is not None and fns:  # phi's per-seed errors, for the paired standard errors
-        bench.measure("INDIS phi", heads["phi"], "indis")
+    if phi is not None and fns:  # phi's per-seed errors, for the paired standard errors
+        bench.measure("INDIS phi", phi, "indis")
         if not math.isclose(bench.rows["INDIS phi"]["mse"], rows["INDIS phi"]["mse"], rel_tol=1e-5):
-            bench.log(f"WARNING: the saved phi gives teacher MSE {bench.rows['INDIS phi']['mse']:.6g}, the "
-                      f"cell says {rows['INDIS phi']['mse']:.6g}: {heads_dir} holds other heads")
+            raise ValueError(f"the saved phi of {tb.name} NFE {nfe} gives teacher MSE "
+                             f"{bench.rows['INDIS phi']['mse']:.6g} on the held-out seeds, the cell says "
+                             f"{rows['INDIS phi']['mse']:.6g}: {heads_dir} holds another run's heads")
     for name, fn in fns.items():
         bench.measure(name, fn, "global")
         rows[name] = bench.rows[name]
         if "INDIS phi" in bench.losses:
             diff = bench.losses[name] - bench.losses["INDIS phi"]
             rows[name]["se_vs_phi"] = float(diff.std() / math.sqrt(len(diff)))
-    if GITS_ROW in fns and not gits_file.exists():
+    if GITS_ROW in fns:
         _save_grid(heads_dir, tb, nfe, "gits", fns[GITS_ROW](x_T, labels), rows[GITS_ROW])
     best = min((k for k, r in rows.items() if r["kind"] == "global"), key=lambda k: rows[k]["mse"])
     grids = dict(record["grids"])
@@ -365,13 +374,14 @@ def add_controls(record: dict, tb: Testbed, heads_dir: Path, cache_dir: str) -> 
     return {**record, "rows": rows, "best_global": best, "grids": grids}
 
 
-def needs_controls(record: dict, tb: Testbed, heads_dir: Path) -> bool:
-    """Whether :func:`add_controls` has something to add to the cell: a missing control row, or a paired
-    standard error it can compute (the cell's heads are saved; for GITS also its grid)."""
+def needs_controls(record: dict, tb: Testbed, heads_dir: Path, paired_se: bool = True) -> bool:
+    """Whether :func:`add_controls` has something to add to the cell: a missing control row, or (with
+    ``paired_se``) a paired standard error it can compute (the cell's phi is saved; for GITS also its
+    grid)."""
     rows, nfe = record["rows"], record["nfe"]
     if MEAN_ROW not in rows or GITS_ROW not in rows:
         return True
-    if not Path(f"{heads_dir / _head_stem(tb, nfe)}_phi.safetensors").exists():
+    if not paired_se or not _phi_path(heads_dir, tb, nfe).exists():
         return False
     return "se_vs_phi" not in rows[MEAN_ROW] or ("se_vs_phi" not in rows[GITS_ROW]
                                                  and _grid_path(heads_dir, tb, nfe, "gits").exists())
@@ -441,7 +451,7 @@ def _head_stem(tb: Testbed, nfe: int) -> str:
 
 def load_phi(heads_dir: Path, tb: Testbed, nfe: int) -> Predictor:
     """The INDIS head :func:`run_cell` saved for ``tb`` at ``nfe`` (checked against NFE, solver, backbone)."""
-    path = Path(heads_dir) / f"{_head_stem(tb, nfe)}_phi.safetensors"
+    path = _phi_path(heads_dir, tb, nfe)
     if not path.exists():
         raise FileNotFoundError(f"no INDIS head {path} "
                                 f"(python -m indis.engine.studies.quality --testbeds {tb.name})")
@@ -456,6 +466,11 @@ def _save_heads(heads_dir: Path, tb: Testbed, nfe: int, phi: Predictor, blind: P
                            ("phi_noss", noss, NOSS_ROW)):
         head.save(heads_dir / f"{stem}_{tag}.safetensors", held_out=rows[row])
     _save_grid(heads_dir, tb, nfe, "ld3", ld3, rows["LD3-global"])
+    _grid_path(heads_dir, tb, nfe, "gits").unlink(missing_ok=True)  # an older run's: add_controls refits it
+
+
+def _phi_path(heads_dir: Path, tb: Testbed, nfe: int) -> Path:
+    return Path(heads_dir) / f"{_head_stem(tb, nfe)}_phi.safetensors"
 
 
 def _grid_path(heads_dir: Path, tb: Testbed, nfe: int, tag: str) -> Path:
@@ -710,7 +725,7 @@ def _write_json(path: Path, record: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m indis.engine.studies.quality",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("--testbeds", nargs="+", choices=tuple(TESTBEDS), default=list(TESTBEDS))
+    p.add_argument("--testbeds", nargs="+", choices=tuple(TESTBEDS), default=list(DEFAULT_TESTBEDS))
     p.add_argument("--nfe", type=int, nargs="+", default=None, help="override each testbed's NFE list")
     p.add_argument("--samples", type=int, default=1024, help="held-out seeds per cell")
     p.add_argument("--steps", type=int, default=None, help="override phi's optimiser steps per stage")
@@ -730,17 +745,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="also copy the heads of these testbeds' backbones (digits-unet, fashion-unet) into "
                         "DIR (the repository's engine/weights/indis holds the shipped ones)")
     a = p.parse_args(argv)
+    lowest = {"samples": 2, "batch": 1, "train": 2, "val": 2}  # FD and standard errors need two samples
+    for flag in ("samples", "steps", "blind_steps", "lbfgs_steps", "ld3_steps", "batch", "train", "val"):
+        value = getattr(a, flag)
+        if value is not None and value < lowest.get(flag, 0):
+            p.error(f"--{flag.replace('_', '-')} {value}: at least {lowest.get(flag, 0)}")
+    if any(n < 1 for n in a.nfe or ()):
+        p.error(f"--nfe {a.nfe}: each NFE at least 1")
+    if a.samples > DEVELOPMENT - HELD_OUT:
+        p.error(f"--samples {a.samples}: held-out seeds would run into the development seeds")
+    testbeds = {name: override(TESTBEDS[name](), steps=a.steps, blind_steps=a.blind_steps,
+                               lbfgs_steps=a.lbfgs_steps, ld3_steps=a.ld3_steps, batch=a.batch, train=a.train,
+                               val=a.val) for name in a.testbeds}
+    if any(tb.num_train + tb.num_val > HELD_OUT for tb in testbeds.values()):
+        p.error("the tuning and validation seeds (--train, --val) would run into the held-out seeds")
+    if a.ship and not set(a.testbeds) & SHIPPED:
+        p.error(f"--ship copies the heads of {sorted(SHIPPED)}; none of them is among --testbeds")
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     out = Path(a.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    for flag in ("samples", "steps", "blind_steps", "lbfgs_steps", "ld3_steps", "batch", "train", "val"):
-        value = getattr(a, flag)
-        if value is not None and value < (0 if flag.endswith("steps") else 1):
-            p.error(f"--{flag.replace('_', '-')} {value} is out of range")
     records = []
-    for name in a.testbeds:
-        tb = override(TESTBEDS[name](), steps=a.steps, blind_steps=a.blind_steps, lbfgs_steps=a.lbfgs_steps,
-                      ld3_steps=a.ld3_steps, batch=a.batch, train=a.train, val=a.val)
+    for name, tb in testbeds.items():
         for nfe in a.nfe or tb.nfes:
             path = out / "cells" / f"{name}_nfe{nfe}.json"
             if path.exists() and not a.force:
@@ -756,7 +781,10 @@ def main(argv: list[str] | None = None) -> int:
                 made = "unrecorded" if "fit_configs" not in rec else "other"
                 print(f"{name} NFE {nfe}: WARNING: {path} was tuned under {made} optimiser settings than "
                       "these (--force recomputes it)")
-            if needs_controls(rec, tb, out / "heads"):
+            if (rec.get("train"), rec.get("val")) not in ((tb.num_train, tb.num_val), (None, None)):
+                print(f"{name} NFE {nfe}: WARNING: {path} was tuned on {rec['train']} + {rec['val']} seeds, "
+                      f"not {tb.num_train} + {tb.num_val} (--force recomputes it)")
+            if needs_controls(rec, tb, out / "heads", paired_se=not a.report_only):
                 rec = add_controls(rec, tb, out / "heads", a.cache)
                 _write_json(path, rec)
             records.append(rec)
@@ -769,9 +797,13 @@ def main(argv: list[str] | None = None) -> int:
                                 a.cache, out) for name in dict.fromkeys(a.testbeds)]
     for f in plots(records, out) + [f for f in pictures if f is not None]:
         print(f"wrote {f}")
+    for name, f in zip(dict.fromkeys(a.testbeds), pictures, strict=True):
+        if f is None and TESTBEDS[name]().images:
+            print(f"{name}: no samples picture (it needs each cell's saved phi and GITS grid in "
+                  f"{out / 'heads'})")
     if a.ship:
         a.ship.mkdir(parents=True, exist_ok=True)
-        for name in set(a.testbeds) & SHIPPED:
+        for name in sorted(set(a.testbeds) & SHIPPED):
             for f in sorted((out / "heads").glob(f"{name}_*")):
                 shutil.copy2(f, a.ship / f.name)
                 print(f"shipped {a.ship / f.name}")

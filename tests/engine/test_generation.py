@@ -154,6 +154,7 @@ def test_feature_spaces_of_the_datasets() -> None:
 
     x = load_digits_images("test")[0][:64] * 0.9
     space = feature_space("digits")
+    assert feature_space("digits", WEIGHTS_DIR) is feature_space("digits", str(WEIGHTS_DIR)) is not space
     assert space.reference.shape == (1797, space.classifier.config["feature_dim"])
     assert space.fd_to_data(x) == fd_to_data(x)
     assert {b.dataset for b in BACKBONES.values()} == {"digits", "fashion"}

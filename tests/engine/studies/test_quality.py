@@ -155,6 +155,17 @@ def test_mean_schedule_control(toy_cell) -> None:
         assert again["rows"][name]["se_vs_phi"] == pytest.approx(out["rows"][name]["se_vs_phi"], rel=1e-9)
         assert again["rows"][name]["mse"] == pytest.approx(out["rows"][name]["mse"], rel=1e-12)
     assert not needs_controls(bare, TOY, root / "elsewhere")  # nothing saved there: nothing to add
+    assert not needs_controls(bare, TOY, root / "heads", paired_se=False)  # --report-only adds no s.e.
+    only_phi = root / "only_phi"  # phi alone is enough (the committed digits-dit / gmm heads are phi only)
+    only_phi.mkdir()
+    for f in ("toy_euler_nfe3_phi.safetensors", "toy_euler_nfe3_gits.json"):
+        (only_phi / f).write_bytes((root / "heads" / f).read_bytes())
+    assert needs_controls(bare, TOY, only_phi)
+    assert add_controls(bare, TOY, only_phi, str(root / "cache"))["rows"][GITS_ROW]["se_vs_phi"] == \
+        pytest.approx(out["rows"][GITS_ROW]["se_vs_phi"], rel=1e-9)
+    other = {**bare, "rows": {**bare["rows"], "INDIS phi": {**bare["rows"]["INDIS phi"], "mse": 1.0}}}
+    with pytest.raises(ValueError, match="another run's heads"):  # heads of another run: refused
+        add_controls(other, TOY, root / "heads", str(root / "cache"))
 
 
 def test_mean_schedule_of_a_class_conditional_phi_covers_absent_classes() -> None:
@@ -315,3 +326,17 @@ def test_report_warns_about_cells_tuned_under_other_settings(tmp_path, capsys) -
         assert ("WARNING" in out) == (warned is not None)
         if warned:
             assert f"tuned under {warned} optimiser settings" in out
+    main([*args, "--train", "7"])  # fewer tuning seeds than the cell was tuned on
+    warning = f"was tuned on {committed['train']} + {committed['val']} seeds, not 7 + "
+    assert warning in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", [["--samples", "1"], ["--nfe", "0"], ["--batch", "0"], ["--steps", "-1"],
+                                 ["--train", str(1 << 20)], ["--ship", "x", "--testbeds", "tree"]])
+def test_quality_command_refuses_bad_settings(bad, tmp_path, capsys) -> None:
+    from indis.engine.studies.quality import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*bad, "--report-only", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before writing anything
