@@ -169,6 +169,25 @@ def test_feature_spaces_of_the_datasets() -> None:
     assert space.fd_to_data(test[:1000]) > 1.0  # the first 1000 images differ from all 10,000
 
 
+@pytest.mark.parametrize("nfe", [3, 5, 7])
+def test_shipped_fashion_schedules_load_as_generate_schedules(nfe: int) -> None:
+    """The Fashion UNet's shipped INDIS heads and global grids (engine/weights/indis) are what
+    ``indis generate --schedule`` takes: phi gives each sample its own grid, GITS / LD3 one grid."""
+    fashion = BACKBONES["fashion-unet"]
+    model = fashion.load(None)
+    x, labels = torch.randn(4, 1, 28, 28) * 80, torch.tensor([0, 3, 3, 9])
+    stem = WEIGHTS_DIR / "indis" / f"fashion-unet_ipndm_nfe{nfe}"
+    phi = resolve_schedule(f"{stem}_phi.safetensors", model, fashion, nfe, "ipndm", name="fashion-unet")
+    s = phi(x, labels)
+    assert s.grid.shape == (4, nfe + 1) and bool((s.grid[:, 1:] < s.grid[:, :-1]).all())
+    for tag in ("gits", "ld3"):
+        fn = resolve_schedule(f"{stem}_{tag}.json", model, fashion, nfe, "ipndm", name="fashion-unet")
+        g = fn(x, labels)
+        assert g.grid.shape == (nfe + 1,) and g.grid[0] == 80.0
+    with pytest.raises(ValueError, match="tuned for backbone"):  # not a digits schedule
+        resolve_schedule(f"{stem}_gits.json", DIGITS.load(None), DIGITS, nfe, "ipndm", name="digits-unet")
+
+
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli(["generate", "--backbone", "digits-unet", "--seeds", "9-1", "--out", str(tmp_path)]) == 2
     assert "--seeds" in capsys.readouterr().err
