@@ -44,7 +44,7 @@ class Backbone:
     load: Callable[[str | None], nn.Module]
     shape: tuple[int, ...]
     num_classes: int
-    dataset: str  # its FEATURE_SPACES entry: the classifier and held-out images FD is measured with
+    dataset: str  # its feature_space(): the classifier and held-out images FD is measured with
     sigma_min: float = 0.002
     sigma_max: float = 80.0
 
