@@ -668,9 +668,8 @@ def sample_pictures(tb: Testbed, nfes: list[int], heads_dir: Path, cache_dir: st
     teacher, then for each NFE in ``nfes`` a row of GITS and a row of INDIS phi (the cells' saved grid and
     head). None (nothing written) for a testbed that is not images or where a cell lacks its GITS grid or
     phi."""
-    stems = [heads_dir / _head_stem(tb, nfe) for nfe in nfes]
-    if not tb.images or not nfes or not all(Path(f"{s}_gits.json").exists() and Path(f"{s}_phi.safetensors")
-                                            .exists() for s in stems):
+    if not tb.images or not nfes or not all(_grid_path(heads_dir, tb, nfe, "gits").exists()
+                                            and _phi_path(heads_dir, tb, nfe).exists() for nfe in nfes):
         return None
     from indis.engine.generation import image_grid, write_png
 
@@ -679,8 +678,9 @@ def sample_pictures(tb: Testbed, nfes: list[int], heads_dir: Path, cache_dir: st
     cache.build(model, seeds, progress=False)
     held = cache.load(seeds)
     rows = [held.x0]
-    for nfe, stem in zip(nfes, stems, strict=True):
-        rows += [generate(_fixed(_load_grid(Path(f"{stem}_gits.json"), tb, nfe)), model, held, tb.solver),
+    for nfe in nfes:
+        rows += [generate(_fixed(_load_grid(_grid_path(heads_dir, tb, nfe, "gits"), tb, nfe)), model, held,
+                          tb.solver),
                  generate(load_phi(heads_dir, tb, nfe), model, held, tb.solver)]
     image = image_grid(torch.cat(rows).float(), columns=n)
     path = out / f"samples_{tb.name}.png"
@@ -793,12 +793,12 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(records, teacher_fd)
     (out / "quality.md").write_text(text)
     print(text)
-    pictures = [sample_pictures(TESTBEDS[name](), [r["nfe"] for r in _cells(records, name)], out / "heads",
-                                a.cache, out) for name in dict.fromkeys(a.testbeds)]
+    pictures = [sample_pictures(tb, [r["nfe"] for r in _cells(records, name)], out / "heads", a.cache, out)
+                for name, tb in testbeds.items()]
     for f in plots(records, out) + [f for f in pictures if f is not None]:
         print(f"wrote {f}")
-    for name, f in zip(dict.fromkeys(a.testbeds), pictures, strict=True):
-        if f is None and TESTBEDS[name]().images:
+    for (name, tb), f in zip(testbeds.items(), pictures, strict=True):
+        if f is None and tb.images:
             print(f"{name}: no samples picture (it needs each cell's saved phi and GITS grid in "
                   f"{out / 'heads'})")
     if a.ship:
