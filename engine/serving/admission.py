@@ -26,6 +26,7 @@ from indis.engine.core.sampling import (
     table_for,
 )
 from indis.engine.core.schedules import HEURISTICS, Schedule, get_sigmas
+from indis.engine.core.solvers import SOLVERS
 from indis.engine.serving.allocation import NFEChooser
 from indis.engine.serving.pool import MAX_HISTORY
 from indis.engine.tuning.teacher import noise_from_seeds, noise_scale
@@ -71,7 +72,7 @@ class TensorCondition:
 Condition = tuple[int, int] | TensorCondition  # an int range [low, high) or a tensor input
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Admitted:
     """A validated request as plain data: its x_T (float64, CPU), its schedule (a grid ``[N+1]`` with
     optional shift / scale ``[N]``, or the key of a cached heuristic table), its condition inputs by dotted
@@ -90,10 +91,11 @@ class Admitted:
     guidance_scale: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Group:
     """Admitted requests of one table build, with the callers' handles (``owners``), their pool rows
-    ``[g, max_stages, R]``, network times ``[g, max_stages]`` and stage count."""
+    ``[g, max_stages, R]`` and network times ``[g, max_stages]`` (a single row, ``[1, ...]``: a cached
+    heuristic table the whole group shares) and stage count."""
 
     owners: list
     members: list[Admitted]
@@ -162,6 +164,7 @@ class Admission:
         # the pool's dtype only when noise_scale * 64 does, and only then is each one checked.
         self.check_seed_states = self.noise_scale * 64 > torch.finfo(dtype).max
         self.tables: dict[tuple, tuple[Tensor, Tensor, int]] = {}  # heuristic schedules: one table each
+        self.noise_staging, self.noise_generator = torch.empty(0, *self.shape), torch.Generator()
 
     def admit(self, batch: list[tuple[Request, object]], on_nfe: Callable[[object, int], None] | None = None
               ) -> tuple[list[Group], list[tuple[object, ValueError]]]:
@@ -206,8 +209,11 @@ class Admission:
         x = self.initial_state(req, drawn)
         cond = self.check_conditions(req)
         uncond, guidance_scale = self.check_guidance(req)
-        check_solver(req.solver, req.solver_opts)
-        opts = opts_key(req.solver_opts)
+        if type(req.solver_opts) is dict and not req.solver_opts and req.solver in SOLVERS:
+            opts = ()  # the common request: a known solver without options
+        else:
+            check_solver(req.solver, req.solver_opts)
+            opts = opts_key(req.solver_opts)
         sched = req.schedule
         if isinstance(sched, str) and sched in HEURISTICS:  # the same table for every such request: cached
             key = (req.solver, nfe, sched, opts)
@@ -259,7 +265,10 @@ class Admission:
                 continue
         out: list[Tensor | None] = [None] * len(requests)
         if picked:
-            noise = noise_from_seeds([requests[i].seed for i in picked], self.shape, dtype=torch.float64)
+            if len(picked) > len(self.noise_staging):
+                self.noise_staging = torch.empty(len(picked), *self.shape)
+            noise = noise_from_seeds([requests[i].seed for i in picked], self.shape, dtype=torch.float64,
+                                     staging=self.noise_staging, generator=self.noise_generator)
             for i, x in zip(picked, noise.mul_(self.noise_scale), strict=True):
                 out[i] = x
         return out
@@ -359,12 +368,11 @@ class Admission:
         return rows.to(self.coef_dtype), time, table.nfe
 
     def group_table(self, solver: str, opts: dict, members: list[Admitted]) -> tuple[Tensor, Tensor, int]:
-        """A group's tables: the cached heuristic one (expanded) or theirs, built together (a group's members
+        """A group's tables: the cached heuristic one (one row) or theirs, built together (a group's members
         all have a shift, or none does; the same for the scale: both are part of the group key)."""
         first = members[0]
         if first.cached is not None:  # a cached heuristic table, shared by the whole group
-            rows, time, s = self.tables[first.cached]
-            return rows.expand(len(members), -1, -1), time.expand(len(members), -1), s
+            return self.tables[first.cached]
         stack = [None if getattr(first, k) is None else torch.stack([getattr(m, k) for m in members])
                  for k in ("grid", "shift", "scale")]
         return self.table(solver, opts, *stack)

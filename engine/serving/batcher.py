@@ -40,7 +40,6 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -50,7 +49,7 @@ from indis.engine.serving.admission import Admission, Condition, Group, Request,
 from indis.engine.serving.allocation import NFEChooser
 from indis.engine.serving.bucket_graphs import BucketGraphs
 from indis.engine.serving.policies import Policy, as_policy
-from indis.engine.serving.pool import SlotPool, Taken
+from indis.engine.serving.pool import Block, SlotPool, Taken
 from indis.kernels.ragged_step import backend_for
 
 log = logging.getLogger("indis.serving")
@@ -58,12 +57,19 @@ log = logging.getLogger("indis.serving")
 __all__ = ["ContinuousBatcher", "Request", "TensorCondition", "default_buckets"]
 
 
-@dataclass
-class _Live:
-    """A pool slot's owner: the request's future and its stage count."""
+class _RequestFuture(Future):
+    """A request's future that tells its batcher when it is cancelled (``on_cancel``), so the batcher scans
+    its pool for cancelled requests only after one was."""
 
-    future: Future
-    stages: int
+    def __init__(self, on_cancel: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_cancel = on_cancel
+
+    def cancel(self) -> bool:
+        cancelled = super().cancel()
+        if cancelled:
+            self._on_cancel()
+        return cancelled
 
 
 def idle_values(conditions: dict[str, Condition]) -> dict[str, int | Tensor]:
@@ -132,6 +138,7 @@ class ContinuousBatcher:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise ValueError(f"dtype={dtype}: the pool holds samples in a floating-point dtype (float16, "
                              f"bfloat16, float32 or float64)")
+        self._bucket_of = [next(b for b in self.buckets if b >= n) for n in range(capacity + 1)]
         self.max_waiting = max_waiting
         self.device, self.dtype = torch.device(device), dtype
         self.backend = backend_for(self.device, backend)
@@ -153,7 +160,7 @@ class ContinuousBatcher:
         self.taken: list[tuple[list[Future], Taken]] = []  # retired, not delivered yet (device pools)
         self.stats = {"iterations": 0, "admitted": 0, "completed": 0, "failed": 0, "cancelled": 0,
                       "slot_steps": 0, "padded_steps": 0}
-        self._cancel_seen = False  # set by a live future's done-callback when it is cancelled
+        self._cancel_seen = False  # set by any request's future when it is cancelled
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._driver = threading.Lock()  # held by the one loop that drives this batcher
@@ -161,14 +168,14 @@ class ContinuousBatcher:
         self._closing = False
 
     @property
-    def live(self) -> list[_Live]:
-        """The active requests, slot by slot."""
+    def live(self) -> list[Future]:
+        """The active requests' futures, slot by slot."""
         return self.pool.owners
 
     # ------------------------------------------------------------------------------------------- front
     def submit(self, request: Request) -> Future:
         """Queue a request; its future gets the sample ``[*shape]`` (or the reason it failed)."""
-        fut: Future = Future()
+        fut = _RequestFuture(self._note_cancel)
         with self._lock:
             if self._closing:
                 raise RuntimeError("this batcher is closed")
@@ -258,8 +265,8 @@ class ContinuousBatcher:
         except Exception:  # noqa: BLE001 - the pool is beyond repair: deliver, then start it empty
             self._fail_taken(error)
             log.exception("freeing the pool failed; resetting it")
-            for item in list(self.live):  # answers first: the reset touches the (maybe broken) device
-                self._fail(item.future, error)
+            for fut in list(self.live):  # answers first: the reset touches the (maybe broken) device
+                self._fail(fut, error)
             self.pool.reset()
 
     def _stop_everything(self, error: Exception) -> None:
@@ -270,8 +277,8 @@ class ContinuousBatcher:
             live = list(self.live)
         for _, fut in waiting:
             self._fail(fut, error)
-        for item in live:
-            self._fail(item.future, error)
+        for fut in live:
+            self._fail(fut, error)
         try:  # results already taken are delivered if the device still answers
             self._deliver_taken()
         except Exception:  # noqa: BLE001 - it does not: they fail with the rest
@@ -309,7 +316,7 @@ class ContinuousBatcher:
         if n == 0:
             self._deliver_taken()
             return 0
-        b = next(x for x in self.buckets if x >= n)
+        b = self._bucket_of[n]
         try:
             with torch.no_grad():  # serving never differentiates: no graph on the pool's buffers
                 stepped, done, just = self.pool.iterate(self.den, b, self.graphs and self.graphs.replay)
@@ -323,22 +330,23 @@ class ContinuousBatcher:
         self.stats["padded_steps"] += b
         self.stats["slot_steps"] += stepped
         retired = self.policy.retire(self.pool, done, just)
-        kept = set(done) - set(retired)  # finished slots the policy keeps never step again
-        self.pool.park([i for i in sorted(kept) if not self.pool.parked[i]])
+        kept = sorted(set(done) - set(retired))  # finished slots the policy keeps never step again
+        if kept:
+            parked = self.pool.parked
+            self.pool.park([i for i in kept if not parked[i]])
         self._release(retired)
         return n
 
     # --------------------------------------------------------------------------------------- internals
-    def _note_cancel(self, fut: Future) -> None:
-        if fut.cancelled():
-            self._cancel_seen = True
+    def _note_cancel(self) -> None:
+        self._cancel_seen = True
 
     def _drop_cancelled(self) -> None:
         """Free the slots of cancelled futures (scans the pool only after a cancellation was seen)."""
         if not self._cancel_seen:
             return
         self._cancel_seen = False  # cleared before the scan: a cancel during it is seen next time
-        gone = [i for i, live in enumerate(self.live) if live.future.cancelled()]
+        gone = [i for i, fut in enumerate(self.live) if fut.cancelled()]
         self.stats["cancelled"] += len(gone)
         self._release(gone, deliver=False)
 
@@ -346,7 +354,7 @@ class ContinuousBatcher:
         """Deliver the results (or ``error``) of slots ``gone``, then free them (``SlotPool.remove``)."""
         if not gone:
             return
-        futures = [self.live[i].future for i in gone]
+        futures = [self.live[i] for i in gone]
         if deliver and error is not None:
             for fut in futures:
                 self._fail(fut, error)
@@ -419,7 +427,7 @@ class ContinuousBatcher:
         try:
             self._admit_batch(batch)
         except BaseException:  # whatever escaped, no request taken off the queue is left without an answer
-            placed = {id(item.future) for item in self.live}
+            placed = {id(fut) for fut in self.live}
             for _, fut in batch:
                 if not fut.done() and id(fut) not in placed:
                     self._fail(fut, RuntimeError("admission failed"))
@@ -441,20 +449,14 @@ class ContinuousBatcher:
     def _place(self, ready: list[Group]) -> None:
         """Write the admitted groups into the next free slots, one write per buffer (``SlotPool.place``)."""
         members = [m for g in ready for m in g.members]
-        owners = [_Live(fut, g.stages) for g in ready for fut in g.owners]
+        owners = [fut for g in ready for fut in g.owners]
         cond = {k: torch.stack([m.cond[k] for m in members]) for k in self.pool.idle_cond}
         uncond = scale = None
         if self.pool.guidance is not None:
             uncond = {k: torch.stack([m.uncond[k] for m in members]) for k in self.pool.idle_cond}
             scale = torch.tensor([m.guidance_scale for m in members], dtype=torch.float64)
-        if len(ready) == 1:
-            rows, time = ready[0].rows, ready[0].time
-        else:
-            rows, time = torch.cat([g.rows for g in ready]), torch.cat([g.time for g in ready])
-        self.pool.place(owners, torch.stack([m.x_T for m in members]), rows, time,
-                        [live.stages for live in owners], cond, uncond, scale)
-        for live in owners:
-            live.future.add_done_callback(self._note_cancel)  # runs at once if it was cancelled meanwhile
+        blocks = [Block(len(g.owners), g.rows, g.time, g.stages) for g in ready]
+        self.pool.place(owners, torch.stack([m.x_T for m in members]), blocks, cond, uncond, scale)
         self.stats["admitted"] += len(owners)
 
     def _unplace(self, ready: list[Group], error: Exception) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +45,17 @@ def staged_copy(pieces: Sequence[Tensor], device: torch.device) -> list[Tensor]:
         offset += data.numel() + pad
     staged = host_to_device(torch.cat(chunks), device) if chunks else None
     return [staged[o:o + n].view(t.dtype).view(t.shape) for t, (o, n) in zip(pieces, spans, strict=True)]
+
+
+class Block(NamedTuple):
+    """``count`` consecutive samples of one table build for :meth:`SlotPool.place`: their pool rows
+    ``[count or 1, max_stages, R]`` and network times ``[count or 1, max_stages]`` (``sampling.pool_layout``;
+    a single row is the whole block's) and their stage count."""
+
+    count: int
+    rows: Tensor
+    time: Tensor
+    stages: int
 
 
 @dataclass
@@ -109,10 +121,10 @@ class SlotPool:
         self.w["stages"], self.w["done"] = self.stages.numpy(), self.done.numpy()  # on the CPU in every pool
         self.idle = {k: self.value(v) for k, v in self.idle_cond.items()}
         self.slot_index = np.arange(c)
-        self.owners: list = []          # per active slot, the caller's handle
-        self.host_step: list[int] = []  # host copies of the counters where the kernel does not advance them
-        self.host_stages: list[int] = []
-        self.parked: list[bool] = []    # finished slots kept in the batch (step -1), see park()
+        self.owners: list = []                  # per active slot, the caller's handle
+        self.host_step = np.zeros(c, np.int64)  # the counters' host copies, where the kernel does not advance
+        self._parked = np.zeros(c, bool)        # finished slots kept in the batch (step -1), see park()
+        self._views: dict[int, tuple[Tensor, dict]] = {}  # per bucket: its state and condition views
         kernels = pool_kernels(self.device, backend, dtype)
         native = kernels == "native"
         self.stepper = None if kernels is None else SlotStepper(
@@ -131,20 +143,27 @@ class SlotPool:
     def free(self) -> int:
         return self.capacity - self.n
 
-    def place(self, owners: list, states: Tensor, rows: Tensor, time: Tensor, stages: list[int],
+    @property
+    def parked(self) -> list[bool]:
+        """Per active slot, whether it is a finished slot kept in the batch (:meth:`park`)."""
+        return self._parked[:self.n].tolist()
+
+    def place(self, owners: list, states: Tensor, blocks: Sequence[Block],
               cond: dict[str, Tensor | list[int]], uncond: dict[str, Tensor] | None = None,
               guidance_scale: Tensor | None = None) -> None:
-        """Write ``g = len(owners)`` samples into slots ``n..n+g-1``: states ``[g, *shape]``, rows and times
-        from ``sampling.pool_layout``, stage counts, condition inputs ``[g, ...]`` per path (a path left out
-        gets the idle value), and under guidance their unconditional inputs and scales ``[g]`` (one write
-        per buffer). The slots count as active only after every write; a failed place leaves them free
+        """Write ``g = len(owners)`` samples into slots ``n..n+g-1``: states ``[g, *shape]``, their tables as
+        :class:`Block` s in slot order, condition inputs ``[g, ...]`` per path (a path left out gets the idle
+        value), and under guidance their unconditional inputs and scales ``[g]`` (one write per buffer and
+        block). The slots count as active only after every write; a failed place leaves them free
         (:meth:`clear`)."""
         g = len(owners)
+        if sum(block.count for block in blocks) != g:
+            raise ValueError(f"the blocks hold {sum(block.count for block in blocks)} samples, not {g}")
         slots = slice(self.n, self.n + g)
         w, value = self.w, self.value
         if self.guidance is not None and (uncond is None or guidance_scale is None):
             raise ValueError("a pool with guidance needs each sample's uncond and guidance_scale")
-        given = {"y": states, "rows": rows, "time": time}
+        given = {"y": states}
         for k in self.idle:
             if k in cond:
                 given[f"cond.{k}"] = torch.as_tensor(cond[k])
@@ -152,7 +171,16 @@ class SlotPool:
                 given[f"uncond.{k}"] = uncond[k]
         if self.guidance is not None:
             given["guidance_scale"] = guidance_scale
+        start = self.n
+        for b in blocks:
+            block = slice(start, start + b.count)
+            w["stages"][block] = b.stages
+            if self.host:  # a single row broadcasts over the block
+                w["rows"][block], w["time"][block] = value(b.rows), value(b.time)
+            start += b.count
         if not self.host:  # a device pool: one staged copy in the buffers' dtypes, then writes on the device
+            given["rows"] = torch.cat([b.rows.expand(b.count, *b.rows.shape[1:]) for b in blocks])
+            given["time"] = torch.cat([b.time.expand(b.count, *b.time.shape[1:]) for b in blocks])
             pieces = [v.to("cpu", self.w[k].dtype) for k, v in given.items()]
             given = dict(zip(given, staged_copy(pieces, self.device), strict=True))
         for name, v in given.items():
@@ -163,11 +191,8 @@ class SlotPool:
             if self.guidance is not None and f"uncond.{k}" not in given:
                 w[f"uncond.{k}"][slots] = idle
         w["step"][slots] = 0
-        w["stages"][slots] = stages
+        self.host_step[slots] = 0
         self.owners += owners
-        self.host_step += [0] * g
-        self.host_stages += list(stages)
-        self.parked += [False] * g
 
     def clear(self, start: int, stop: int) -> None:
         """Mark slots ``start..stop-1`` free (counters and idle values; the state is zeroed)."""
@@ -175,6 +200,8 @@ class SlotPool:
         w["y"][free] = 0
         w["step"][free] = -1
         w["stages"][free] = 0
+        self.host_step[free] = 0
+        self._parked[free] = False
         for k, idle in self.idle.items():
             w[f"cond.{k}"][free] = idle
             if self.uncond:
@@ -193,7 +220,10 @@ class SlotPool:
             sigma = torch.from_numpy(self.w["time"][self.slot_index[:b], np.maximum(self.w["step"][:b], 0)])
         else:
             sigma = self.time[:b].gather(1, self.step[:b].clamp(min=0).long()[:, None]).squeeze(1)
-        return self.y[:b], sigma, unflatten({k: v[:b] for k, v in self.cond.items()})
+        if b not in self._views:  # the buffers are never reallocated: each bucket's views are made once
+            self._views[b] = self.y[:b], unflatten({k: v[:b] for k, v in self.cond.items()})
+        y, cond = self._views[b]
+        return y, sigma, cond
 
     def iterate(self, den: Denoiser, b: int, replay: Callable[[int], None] | None = None
                 ) -> tuple[int, list[int], list[int]]:
@@ -223,16 +253,12 @@ class SlotPool:
 
     def advance_host(self) -> tuple[int, list[int], list[int]]:
         """The host's copies of the counters after a step (:meth:`step_slots`' result)."""
-        stepped, done, just = 0, [], []
-        for i in range(self.n):
-            if self.host_step[i] < self.host_stages[i]:
-                self.host_step[i] += 1
-                stepped += 1
-                if self.host_step[i] == self.host_stages[i]:
-                    just.append(i)
-            if self.host_step[i] >= self.host_stages[i]:
-                done.append(i)
-        return stepped, done, just
+        n = self.n
+        step, stages = self.host_step[:n], self.w["stages"][:n]
+        live = (step < stages) & ~self._parked[:n]
+        step += live
+        finished = (step >= stages) | self._parked[:n]
+        return int(live.sum()), finished.nonzero()[0].tolist(), (live & finished).nonzero()[0].tolist()
 
     def step_slots(self, raw: Tensor, b: int) -> tuple[int, list[int], list[int]]:
         """One fused step of slots ``0..b-1`` with the denoiser's output ``raw`` and the counters' advance;
@@ -242,7 +268,7 @@ class SlotPool:
             self.step_kernel(raw, b)
             return self.advance_host()
         finished = self.stepper(raw, b, n)
-        parked = sum(self.parked)
+        parked = int(self._parked[:n].sum())
         just = self.w["done"][:n].nonzero()[0].tolist() if finished else []
         done = just if parked + len(just) < n else list(range(n))
         return n - parked, done, just
@@ -251,7 +277,7 @@ class SlotPool:
         """Copies of the states of ``slots`` (before they are freed) and whether each is finite; on CUDA
         the flags come back asynchronously (nothing here waits for the device)."""
         if self.host:
-            rows = self.w["y"][slots]
+            rows = self.w["y"].take(slots, axis=0)
             return Taken(torch.from_numpy(rows).unbind(0),
                          np.isfinite(rows.reshape(len(slots), -1)).all(1).tolist())
         rows = self.y.index_select(0, host_to_device(torch.tensor(slots), self.device))
@@ -268,8 +294,7 @@ class SlotPool:
         """Keep finished ``slots`` in the batch without stepping them again (step -1, masked)."""
         if slots:
             self.w["step"][slots if self.host else host_to_device(torch.tensor(slots), self.device)] = -1
-            for i in slots:
-                self.parked[i] = True
+            self._parked[slots] = True
 
     def remove(self, gone: list[int]) -> None:
         """Free slots ``gone``: the remaining ones move to the front, in order, and the tail is cleared."""
@@ -278,16 +303,16 @@ class SlotPool:
         m = len(keep)
         if keep != list(range(m)):
             self._compact(keep)
-        for name in ("owners", "host_step", "host_stages", "parked"):
-            items = getattr(self, name)
-            setattr(self, name, [items[i] for i in keep])
+            for host in (self.host_step, self._parked):
+                host[:m] = host[keep]
+        owners = self.owners
+        self.owners = [owners[i] for i in keep]
         self.clear(m, n)
 
     def reset(self) -> list:
         """Free every slot without reading the buffers (after a failure they are not trusted); returns the
         owners that were active."""
-        owners = self.owners
-        self.owners, self.host_step, self.host_stages, self.parked = [], [], [], []
+        owners, self.owners = self.owners, []
         self.clear(0, self.capacity)
         return owners
 

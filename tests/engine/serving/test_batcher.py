@@ -214,7 +214,7 @@ def test_cancel_waiting_and_in_flight() -> None:
     b.iterate()                        # 3 in flight
     assert futures[1].cancel() and futures[7].cancel()
     b.iterate()                        # the in-flight cancel frees its slot at once, not when it would finish
-    assert b.stats["cancelled"] == 1 and all(live.future is not futures[1] for live in b.live)
+    assert b.stats["cancelled"] == 1 and all(fut is not futures[1] for fut in b.live)
     while b.pending():
         b.iterate(flush=True)
     assert futures[1].cancelled() and futures[7].cancelled()

@@ -8,7 +8,7 @@ import torch
 import indis
 from indis.engine.serving.batcher import ContinuousBatcher, Request
 from indis.engine.serving.policies import Continuous, Static, as_policy
-from indis.engine.serving.pool import SlotPool
+from indis.engine.serving.pool import Block, SlotPool
 from indis.engine.studies.convergence import small_mixture
 
 MIXTURE = small_mixture()
@@ -18,7 +18,7 @@ def _pool(n: int, capacity: int = 4) -> SlotPool:
     pool = SlotPool(capacity, (6,), max_stages=8, conditions={}, device=torch.device("cpu"),
                     dtype=torch.float64, backend="torch")
     for k in range(n):
-        pool.place([k], torch.zeros(1, 6), torch.zeros(1, 8, 14), torch.zeros(1, 8), [3], {})
+        pool.place([k], torch.zeros(1, 6), [Block(1, torch.zeros(1, 8, 14), torch.zeros(1, 8), 3)], {})
     return pool
 
 

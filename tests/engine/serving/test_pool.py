@@ -8,7 +8,7 @@ import torch
 import indis
 from indis.engine.core.families import as_denoiser
 from indis.engine.core.sampling import pool_layout, table_for
-from indis.engine.serving.pool import MAX_HISTORY, SlotPool
+from indis.engine.serving.pool import MAX_HISTORY, Block, SlotPool
 from indis.engine.studies.convergence import small_mixture
 
 DEN = as_denoiser(small_mixture())
@@ -33,7 +33,7 @@ def _fill(pool: SlotPool, nfes: list[int]) -> None:
         rows, time, s = _layout(nfe)
         x = torch.full((1, 6), float(k + 1))
         cond = {"class_labels": [k]} if pool.cond else {}
-        pool.place([f"r{k}"], x, rows, time, [s], cond)
+        pool.place([f"r{k}"], x, [Block(1, rows, time, s)], cond)
 
 
 def test_place_fills_the_next_slots_and_bucket_inputs_read_each_slots_stage() -> None:
@@ -81,7 +81,7 @@ def test_remove_moves_the_rest_to_the_front_in_order_and_clears_the_tail() -> No
     _fill(pool, [3, 5, 7, 4])
     before = {k: getattr(pool, k).clone() for k in ("y", "rows", "time", "stages")}
     pool.remove([0, 2])
-    assert pool.owners == ["r1", "r3"] and pool.host_stages == [5, 4]
+    assert pool.owners == ["r1", "r3"] and pool.stages[:2].tolist() == [5, 4]
     for k, t in before.items():
         assert torch.equal(getattr(pool, k)[:2], t[[1, 3]]), k
     assert not pool.y[2:].any() and (pool.step[2:] == -1).all() and not pool.stages[2:].any()
@@ -93,7 +93,7 @@ def test_a_failed_place_leaves_the_slots_free_and_reset_returns_the_owners() -> 
     _fill(pool, [3])
     rows, time, s = _layout(5)
     with pytest.raises((RuntimeError, ValueError)):  # torch or numpy refuses the write
-        pool.place(["bad"], torch.zeros(1, 7), rows, time, [s], {})  # a state of the wrong shape
+        pool.place(["bad"], torch.zeros(1, 7), [Block(1, rows, time, s)], {})  # a state of the wrong shape
     assert pool.n == 1 and pool.owners == ["r0"]
     assert pool.reset() == ["r0"] and pool.n == 0 and (pool.step == -1).all()
 
@@ -107,7 +107,7 @@ def test_pool_layout_steps_like_the_packed_table() -> None:
     pool = _pool(capacity=1)
     table = table_for(DEN, grid[None], "unipc", torch.float64)
     rows, time = pool_layout(DEN, table, torch.float64, 8, MAX_HISTORY)
-    pool.place(["x"], x, rows, time, [table.nfe], {})
+    pool.place(["x"], x, [Block(1, rows, time, table.nfe)], {})
     for _ in range(table.nfe):
         pool.step_slots(pool.raw(DEN, 1), 1)
     torch.testing.assert_close(pool.y[0], want[0], rtol=0, atol=1e-12)
