@@ -22,7 +22,7 @@ from torch import Tensor
 
 from indis.kernels.ragged_step import PackedTable, _check, fused, ragged_step_torch
 
-API_VERSION = 3  # must equal indis_native.API_VERSION (the argument lists of its functions)
+API_VERSION = 4  # must equal indis_native.API_VERSION (the argument lists of its functions)
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -152,38 +152,59 @@ def _slot_rows(t: Tensor, dim: int) -> tuple[int, int, int, int, int]:
 
 class SlotCompactor:
     """Moves a batcher's surviving slots to the front of its fixed per-slot buffers ``(tensor, slot axis 0
-    or 1)``, in order: ``t.narrow(axis, 0, m)[:] = t.index_select(axis, keep)`` for every buffer.
+    or 1)``, in order: ``t.narrow(axis, 0, m)[:] = t.index_select(axis, keep)`` for every buffer, then
+    gives the freed slots ``m..clear_to-1`` of each buffer with a ``fills`` entry that value (a free slot's:
+    a tensor of one slot's shape, or a number; None: the buffer's freed slots keep their data).
 
     The buffers are validated once and their addresses kept, so they must not be reallocated afterwards; each
-    call is then one C++ call (``native=True``, CPU tensors) or one gather per buffer in torch (any device).
-    ``keep``: strictly increasing slot indices.
+    call is then one C++ call (``native=True``, CPU tensors) or one gather and fill per buffer in torch (any
+    device). ``keep``: strictly increasing slot indices.
     """
 
-    def __init__(self, buffers: list[tuple[Tensor, int]], native: bool) -> None:
+    def __init__(self, buffers: list[tuple[Tensor, int]], native: bool,
+                 fills: list[Tensor | float | None] | None = None) -> None:
         if not buffers:
             raise ValueError("no buffers to compact")
         self.buffers, self.native = list(buffers), native
         for t, d in self.buffers:
             if d not in (0, 1) or d >= t.dim():
                 raise ValueError(f"the slot axis must be 0 or 1 of the tensor, not {d} of a {t.dim()}-d one")
+        fills = [None] * len(self.buffers) if fills is None else list(fills)
+        if len(fills) != len(self.buffers):
+            raise ValueError(f"{len(fills)} fills for {len(self.buffers)} buffers (None: no fill)")
+        # each fill as one slot of its buffer: [outer, *slot] for a slot axis 1, [*slot] for axis 0
+        self.fills = [None if f is None else torch.as_tensor(f, dtype=t.dtype).to(t.device).expand(
+            t.select(d, 0).shape).contiguous() for f, (t, d) in zip(fills, self.buffers, strict=True)]
         self.slots = min(t.shape[d] for t, d in self.buffers)
         if native:
             if _native is None:
                 raise RuntimeError(REASON)
             self._layout = [_slot_rows(t, d) for t, d in self.buffers]
+            if any(f is not None and d == 1 and t.shape[0] > 1
+                   for f, (t, d) in zip(self.fills, self.buffers, strict=True)):
+                raise ValueError("the native compaction fills slots on axis 0 only")
+            self._fills = [b"" if f is None else f.cpu().numpy().tobytes() for f in self.fills]
 
-    def __call__(self, keep: list[int]) -> None:
-        if self.native:  # checks keep itself (increasing, in range)
-            _native.compact_slots(self._layout, keep, self.slots)
+    def __call__(self, keep: list[int], clear_to: int | None = None) -> None:
+        """Move ``keep`` to the front, then fill slots ``len(keep)..clear_to-1`` (None: none)."""
+        m = len(keep)
+        clear_to = m if clear_to is None else clear_to
+        if self.native:  # checks keep and clear_to itself
+            _native.compact_slots(self._layout, keep, self.slots, clear_to, self._fills)
             return
         if any(a >= b for a, b in zip(keep, keep[1:], strict=False)) or (
                 keep and not 0 <= keep[0] <= keep[-1] < self.slots):
             raise ValueError(f"keep must be strictly increasing slot indices in [0, {self.slots})")
+        if not m <= clear_to <= self.slots:
+            raise ValueError(f"clear_to must be in [len(keep), {self.slots}], got {clear_to}")
         idx = {torch.device("cpu"): torch.tensor(keep, dtype=torch.int64)}
-        for t, d in self.buffers:
-            if t.device not in idx:
-                idx[t.device] = host_to_device(idx[torch.device("cpu")], t.device)
-            t.narrow(d, 0, len(keep)).copy_(t.index_select(d, idx[t.device]))
+        for (t, d), fill in zip(self.buffers, self.fills, strict=True):
+            if keep != list(range(m)):
+                if t.device not in idx:
+                    idx[t.device] = host_to_device(idx[torch.device("cpu")], t.device)
+                t.narrow(d, 0, m).copy_(t.index_select(d, idx[t.device]))
+            if fill is not None and clear_to > m:
+                t.narrow(d, m, clear_to - m).copy_(fill.unsqueeze(d))
 
 
 class SlotStepper:
@@ -212,6 +233,12 @@ class SlotStepper:
             # (y, raw, ...) -> the addresses around raw's, and the sizes around the batch size and threads
             self._head, self._mid, self._tail = args[0], args[2:8], args[9:15]
             self._counters = (stages.data_ptr(), done.data_ptr())
+            if time.dtype != y.dtype or not time.is_contiguous() or not step.is_contiguous():
+                raise ValueError("the network times must be contiguous in the state's dtype, the counters "
+                                 "contiguous")
+            self._sigma = time.new_empty(time.shape[0])
+            self._times = (time.data_ptr(), step.data_ptr(), self._sigma.data_ptr())
+            self._times_sizes = (time.shape[1], 8 * step.element_size(), 8 * time.element_size())
 
     def __call__(self, raw: Tensor, b: int, n_active: int) -> int:
         """One step of slots ``0..b-1``; returns how many of the first ``n_active`` finished now."""
@@ -229,6 +256,16 @@ class SlotStepper:
                              f"CPU tensor [{b}, {', '.join(map(str, y.shape[1:]))}] in {y.dtype}")
         return _native.ragged_step_advance(self._head, raw.data_ptr(), *self._mid, b, *self._tail,
                                            torch.get_num_threads(), *self._counters, n_active)
+
+    def times(self, b: int) -> Tensor:
+        """Each of slots ``0..b-1``'s network time at its own stage, ``time[i, max(step[i], 0)]``: a view of
+        a buffer this stepper reuses (valid until its next call)."""
+        if not 1 <= b <= self.y.shape[0]:
+            raise ValueError(f"need 1 <= b <= {self.y.shape[0]}, got {b}")
+        if not self.native:
+            return self.time[:b].gather(1, self.step[:b].clamp(min=0).long()[:, None]).squeeze(1)
+        _native.slot_times(*self._times, b, *self._times_sizes)
+        return self._sigma[:b]
 
 
 def pool_kernels(device: torch.device, backend: str, dtype: torch.dtype) -> str | None:

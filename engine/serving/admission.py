@@ -256,13 +256,8 @@ class Admission:
     def seed_states(self, requests: Sequence[Request]) -> list[Tensor | None]:
         """The x_T of every request served by a valid seed, drawn together (``noise_from_seeds``: the same
         rows as one draw each); None for the others (:meth:`initial_state` says what is wrong with them)."""
-        picked = []
-        for i, r in enumerate(requests):
-            try:
-                if r.x_T is None and valid_seed(r.seed):
-                    picked.append(i)
-            except Exception:  # noqa: BLE001 - not a request at all: its own validation fails it alone
-                continue
+        picked = [i for i, r in enumerate(requests)  # not a request at all: its own validation fails it
+                  if isinstance(r, Request) and r.x_T is None and valid_seed(r.seed)]
         out: list[Tensor | None] = [None] * len(requests)
         if picked:
             if len(picked) > len(self.noise_staging):

@@ -192,8 +192,9 @@ class ContinuousBatcher:
         self._drive()
         try:
             futures = [self.submit(r) for r in requests]
-            while self.pending():
-                self._guarded_iterate(flush=True)
+            with torch.no_grad():  # serving never differentiates: no graph on the pool's buffers
+                while self.pending():
+                    self._guarded_iterate(flush=True)
         finally:
             self._undrive()
         return [f.result() for f in futures]
@@ -209,6 +210,7 @@ class ContinuousBatcher:
         self._drive()
 
         def loop() -> None:
+            torch.set_grad_enabled(False)  # this thread's grad mode: serving never differentiates
             try:
                 while True:
                     with self._lock:
@@ -305,11 +307,15 @@ class ContinuousBatcher:
         Exceptions propagate (the loops of ``start`` and ``run_all`` fail the pool's requests instead)."""
         self._drive()
         try:
-            return self._iterate(flush)
+            if not torch.is_grad_enabled():
+                return self._iterate(flush)
+            with torch.no_grad():  # serving never differentiates: no graph on the pool's buffers
+                return self._iterate(flush)
         finally:
             self._undrive()
 
     def _iterate(self, flush: bool) -> int:
+        """One iteration, grad mode off (the drivers turn it off)."""
         self._drop_cancelled()
         self._admit(flush)
         n = self.pool.n
@@ -318,8 +324,7 @@ class ContinuousBatcher:
             return 0
         b = self._bucket_of[n]
         try:
-            with torch.no_grad():  # serving never differentiates: no graph on the pool's buffers
-                stepped, done, just = self.pool.iterate(self.den, b, self.graphs and self.graphs.replay)
+            stepped, done, just = self.pool.iterate(self.den, b, self.graphs and self.graphs.replay)
         except Exception as e:  # noqa: BLE001 - the failure belongs to the requests in this call
             log.warning("denoiser call failed for %d requests: %s", n, e)
             self._deliver_taken()

@@ -121,18 +121,25 @@ class SlotPool:
         self.w["stages"], self.w["done"] = self.stages.numpy(), self.done.numpy()  # on the CPU in every pool
         self.idle = {k: self.value(v) for k, v in self.idle_cond.items()}
         self.slot_index = np.arange(c)
-        self.owners: list = []                  # per active slot, the caller's handle
-        self.host_step = np.zeros(c, np.int64)  # the counters' host copies, where the kernel does not advance
-        self._parked = np.zeros(c, bool)        # finished slots kept in the batch (step -1), see park()
+        self.owners: list = []  # per active slot, the caller's handle
+        # on the host in every pool: the counters' copies where the kernel does not advance them on the host,
+        # and the finished slots kept in the batch (step -1, see park())
+        host_step, parked = torch.zeros(c, dtype=torch.int64), torch.zeros(c, dtype=torch.bool)
+        self.host_step, self._parked = host_step.numpy(), parked.numpy()
         self._views: dict[int, tuple[Tensor, dict]] = {}  # per bucket: its state and condition views
         kernels = pool_kernels(self.device, backend, dtype)
         native = kernels == "native"
         self.stepper = None if kernels is None else SlotStepper(
             self.y, self.stash, self.hist, self.rows, self.time, self.step, self.stages, self.done, native)
+        # every per-slot buffer moves with its slot; a freed slot gets a free slot's value where one matters
+        idle = [*self.idle_cond.values(), *(self.idle_cond.values() if self.uncond else ())]
         self._compact = SlotCompactor(
             [(self.y, 0), (self.stash, 0), (self.hist, 1), (self.rows, 0), (self.time, 0), (self.step, 0),
              (self.stages, 0), *((v, 0) for v in (*self.cond.values(), *self.uncond.values())),
-             *(() if self.guidance_scale is None else ((self.guidance_scale, 0),))], native=native)
+             *(() if self.guidance_scale is None else ((self.guidance_scale, 0),)), (host_step, 0),
+             (parked, 0)], native=native,
+            fills=[0, None, None, None, None, -1, 0, *idle, *(() if self.guidance_scale is None else (0,)),
+                   0, False])
 
     @property
     def n(self) -> int:
@@ -196,18 +203,7 @@ class SlotPool:
 
     def clear(self, start: int, stop: int) -> None:
         """Mark slots ``start..stop-1`` free (counters and idle values; the state is zeroed)."""
-        w, free = self.w, slice(start, stop)
-        w["y"][free] = 0
-        w["step"][free] = -1
-        w["stages"][free] = 0
-        self.host_step[free] = 0
-        self._parked[free] = False
-        for k, idle in self.idle.items():
-            w[f"cond.{k}"][free] = idle
-            if self.uncond:
-                w[f"uncond.{k}"][free] = idle
-        if self.guidance_scale is not None:
-            w["guidance_scale"][free] = 0
+        self._compact(list(range(start)), stop)
 
     def value(self, t: Tensor) -> Tensor | np.ndarray:
         """``t`` as this pool's writes take it: a numpy view on a host pool, else the tensor."""
@@ -216,7 +212,9 @@ class SlotPool:
     def bucket_inputs(self, b: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The denoiser call's inputs over slots ``0..b-1``: states, each slot's network time at its stage,
         conditions as a tree (idle slots hold zeros and their idle values; their outputs are masked)."""
-        if self.host:
+        if self.stepper is not None and self.stepper.native:
+            sigma = self.stepper.times(b)
+        elif self.host:
             sigma = torch.from_numpy(self.w["time"][self.slot_index[:b], np.maximum(self.w["step"][:b], 0)])
         else:
             sigma = self.time[:b].gather(1, self.step[:b].clamp(min=0).long()[:, None]).squeeze(1)
@@ -268,7 +266,7 @@ class SlotPool:
             self.step_kernel(raw, b)
             return self.advance_host()
         finished = self.stepper(raw, b, n)
-        parked = int(self._parked[:n].sum())
+        parked = np.count_nonzero(self._parked[:n])
         just = self.w["done"][:n].nonzero()[0].tolist() if finished else []
         done = just if parked + len(just) < n else list(range(n))
         return n - parked, done, just
@@ -300,14 +298,9 @@ class SlotPool:
         """Free slots ``gone``: the remaining ones move to the front, in order, and the tail is cleared."""
         n, drop = self.n, set(gone)
         keep = [i for i in range(n) if i not in drop]
-        m = len(keep)
-        if keep != list(range(m)):
-            self._compact(keep)
-            for host in (self.host_step, self._parked):
-                host[:m] = host[keep]
+        self._compact(keep, n)
         owners = self.owners
         self.owners = [owners[i] for i in keep]
-        self.clear(m, n)
 
     def reset(self) -> list:
         """Free every slot without reading the buffers (after a failure they are not trusted); returns the

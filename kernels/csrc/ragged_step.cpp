@@ -16,7 +16,10 @@
 // `compact_slots` moves a batcher's surviving slots to the front of its per-slot buffers in one call: for
 // each buffer (address, outer count and stride, slot stride, row bytes) and each outer index, row i <- row
 // keep[i], keep strictly increasing (so keep[i] >= i and forward copies never overwrite a row still to be
-// read).
+// read); then the freed rows m..clear_to-1 (m = len(keep)) of each buffer given a fill get that fill (the
+// bytes of one row: a free slot's value).
+//
+// `slot_times` reads each slot's network time at its own stage: out[b] = time[b, max(step[b], 0)].
 //
 // Python passes raw addresses, sizes and strides (kernels/native.py validates the tensors), so the module
 // does not link libtorch. Each sample's elements are processed in tiles: a tile's inputs are combined into
@@ -34,6 +37,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -41,7 +45,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kApiVersion = 3;
+constexpr int kApiVersion = 4;
 constexpr int kMaxHistory = 13;             // inputs per output: y, stash, h and up to 13 history slots
 constexpr int kMaxInputs = 3 + kMaxHistory;
 constexpr int64_t kTile = 512;              // elements combined at a time (accumulators stay in L1)
@@ -291,23 +295,61 @@ int64_t ragged_step_advance(uintptr_t y, uintptr_t raw, uintptr_t stash, uintptr
 // bytes apart whose first `row_bytes` bytes are the slot's data.
 using SlotBuffer = std::tuple<uintptr_t, int64_t, int64_t, int64_t, int64_t>;
 
-void compact_slots(const std::vector<SlotBuffer>& buffers, const std::vector<int64_t>& keep, int64_t slots) {
+// `fills[k]`: buffer k's fill (row_bytes bytes) or empty (its freed rows keep their bytes).
+void compact_slots(const std::vector<SlotBuffer>& buffers, const std::vector<int64_t>& keep, int64_t slots,
+                   int64_t clear_to, const std::vector<std::string>& fills) {
   const int64_t m = static_cast<int64_t>(keep.size());
   for (int64_t i = 0; i < m; ++i) {
     if (keep[i] >= slots || keep[i] < i || (i > 0 && keep[i] <= keep[i - 1]))
       throw std::invalid_argument("keep must be strictly increasing slot indices in [0, " +
                                   std::to_string(slots) + ")");
   }
-  for (const auto& [addr, outer, outer_stride, slot_stride, row_bytes] : buffers) {
+  if (clear_to < m || clear_to > slots)
+    throw std::invalid_argument("clear_to must be in [len(keep), " + std::to_string(slots) + "]");
+  if (fills.size() != buffers.size()) throw std::invalid_argument("one fill per buffer (empty: none)");
+  for (size_t k = 0; k < buffers.size(); ++k) {
+    const auto& [addr, outer, outer_stride, slot_stride, row_bytes] = buffers[k];
     if (!addr) throw std::invalid_argument("a buffer address is null");
+    if (!fills[k].empty() && static_cast<int64_t>(fills[k].size()) != row_bytes)
+      throw std::invalid_argument("a fill must hold one row's bytes");
+  }
+  for (size_t k = 0; k < buffers.size(); ++k) {
+    const auto& [addr, outer, outer_stride, slot_stride, row_bytes] = buffers[k];
     char* base = reinterpret_cast<char*>(addr);
     for (int64_t o = 0; o < outer; ++o) {
       char* block = base + o * outer_stride;
       for (int64_t i = 0; i < m; ++i) {
         if (keep[i] != i) std::memcpy(block + i * slot_stride, block + keep[i] * slot_stride, row_bytes);
       }
+      if (fills[k].empty()) continue;
+      for (int64_t i = m; i < clear_to; ++i) std::memcpy(block + i * slot_stride, fills[k].data(), row_bytes);
     }
   }
+}
+
+template <typename T, typename S>
+void slot_times_impl(const T* time, const S* step, T* out, int64_t bsz, int64_t stages) {
+  for (int64_t b = 0; b < bsz; ++b) {
+    const int64_t s = step[b] > 0 ? static_cast<int64_t>(step[b]) : 0;
+    out[b] = time[b * stages + std::min<int64_t>(s, stages - 1)];
+  }
+}
+
+// time: [bsz, stages] contiguous, float32 or float64 (float_bits); step: int32 or int64 (step_bits), contiguous.
+void slot_times(uintptr_t time, uintptr_t step, uintptr_t out, int64_t bsz, int64_t stages, int step_bits,
+                int float_bits) {
+  if (!time || !step || !out) throw std::invalid_argument("a buffer address is null");
+  if (bsz < 0 || stages < 1) throw std::invalid_argument("need bsz >= 0 and stages >= 1");
+  if (step_bits != 32 && step_bits != 64) throw std::invalid_argument("step must be int32 or int64");
+  if (float_bits != 32 && float_bits != 64) throw std::invalid_argument("time must be float32 or float64");
+  auto run = [&](auto* t) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(t)>>;
+    T* o = reinterpret_cast<T*>(out);
+    if (step_bits == 32) slot_times_impl(t, reinterpret_cast<const int32_t*>(step), o, bsz, stages);
+    else slot_times_impl(t, reinterpret_cast<const int64_t*>(step), o, bsz, stages);
+  };
+  if (float_bits == 32) run(reinterpret_cast<const float*>(time));
+  else run(reinterpret_cast<const double*>(time));
 }
 
 }  // namespace
@@ -334,7 +376,11 @@ PYBIND11_MODULE(indis_native, m) {
         py::arg("slot_stride"), py::arg("stages"), py::arg("history"), py::arg("uses_stash"),
         py::arg("float_bits"), py::arg("threads"), py::arg("stage_counts"), py::arg("done"),
         py::arg("n_active"));
-  m.def("compact_slots", &compact_slots, py::call_guard<py::gil_scoped_release>(),
-        "Move slots keep (increasing, < slots) to the front of every buffer, in order (raw addresses).",
-        py::arg("buffers"), py::arg("keep"), py::arg("slots"));
+  m.def("compact_slots", &compact_slots,
+        "Move slots keep (increasing, < slots) to the front of every buffer, in order, then fill the freed "
+        "rows len(keep)..clear_to-1 of each buffer with a fill (raw addresses).",
+        py::arg("buffers"), py::arg("keep"), py::arg("slots"), py::arg("clear_to"), py::arg("fills"));
+  m.def("slot_times", &slot_times,
+        "out[b] = time[b, max(step[b], 0)] for b < bsz (raw addresses).", py::arg("time"), py::arg("step"),
+        py::arg("out"), py::arg("bsz"), py::arg("stages"), py::arg("step_bits"), py::arg("float_bits"));
 }

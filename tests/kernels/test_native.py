@@ -388,3 +388,50 @@ def test_slot_compactor_rejects_bad_input(use_native: bool) -> None:
             native.SlotCompactor([(torch.zeros(4, 6)[:, ::2], 0)], native=True)
         with pytest.raises(ValueError, match="slot axis"):
             native.SlotCompactor([(torch.zeros(4), 1)], native=True)
+
+
+@pytest.mark.parametrize("use_native", [False, pytest.param(True, marks=needs_native)])
+@pytest.mark.parametrize("keep, clear_to", [([1, 2, 4, 6], 7), ([0, 1, 2], 5), ([], 3), ([0, 1, 5], 3)])
+def test_slot_compactor_fills_the_freed_slots(use_native: bool, keep: list[int], clear_to: int) -> None:
+    """After the move, slots len(keep)..clear_to-1 of each buffer with a fill hold it (a number or one slot's
+    tensor); the others, and every slot from clear_to on, keep their bytes."""
+    buffers = _slot_buffers(seed=7)
+    fills = [torch.full((2, 4), 0.5), None, -1.25, -1, None]
+    before = [t.clone() for t, _ in buffers]
+    native.SlotCompactor(buffers, native=use_native, fills=fills)(keep, clear_to)
+    m, idx = len(keep), torch.tensor(keep, dtype=torch.int64)
+    for (t, d), old, fill in zip(buffers, before, fills, strict=True):
+        assert torch.equal(t.narrow(d, 0, m), old.index_select(d, idx))
+        freed = t.narrow(d, m, clear_to - m)
+        if fill is None:
+            assert torch.equal(freed, old.narrow(d, m, clear_to - m))
+        else:
+            assert torch.equal(freed, torch.as_tensor(fill, dtype=t.dtype).expand_as(freed))
+        assert torch.equal(t.narrow(d, clear_to, t.shape[d] - clear_to),
+                           old.narrow(d, clear_to, t.shape[d] - clear_to))
+    with pytest.raises(ValueError, match="clear_to"):
+        native.SlotCompactor(buffers, native=use_native, fills=fills)([0, 1, 2], 2)
+    with pytest.raises(ValueError, match="fills"):
+        native.SlotCompactor(buffers, native=use_native, fills=[0])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_slot_stepper_times_read_each_slots_stage_as_the_torch_gather(dtype: torch.dtype) -> None:
+    """``SlotStepper.times`` in C++ equals ``time[i, max(step[i], 0)]`` (idle and parked slots: stage 0)."""
+    g = torch.Generator().manual_seed(3)
+    c, stages = 6, 5
+    y = torch.zeros(c, 4, dtype=dtype)
+    rows = torch.zeros(c, stages, 2 + 2 * 6, dtype=dtype)
+    time = torch.rand(c, stages, generator=g, dtype=dtype)
+    step = torch.tensor([0, 3, -1, 4, 2, -1], dtype=torch.int32)
+    hist = torch.zeros(3, c, 4, dtype=dtype)
+    counters = (step, torch.full((c,), stages), torch.zeros(c, dtype=torch.bool))
+    steppers = [native.SlotStepper(y, torch.zeros_like(y), hist, rows, time, *counters, use_native)
+                for use_native in (True, False)]
+    for b in (1, 4, c):
+        want = time[torch.arange(b), step[:b].clamp(min=0).long()]
+        for stepper in steppers:
+            assert torch.equal(stepper.times(b), want)
+    with pytest.raises(ValueError, match="b <="):
+        steppers[0].times(c + 1)

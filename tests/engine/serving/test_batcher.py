@@ -554,10 +554,12 @@ def test_native_and_python_paths_agree_exactly() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("driver", ["run_all", "iterate", "start"])
 @pytest.mark.parametrize("backend", ["torch", "native", "triton"])
-def test_a_model_with_trainable_parameters_is_served_without_a_graph(backend: str) -> None:
-    """Serving never differentiates: with parameters that require grad the results carry no graph and the
-    pool's buffers hold none (a graph on them would grow with every iteration)."""
+def test_a_model_with_trainable_parameters_is_served_without_a_graph(backend: str, driver: str) -> None:
+    """Serving never differentiates, whichever loop drives it (grad mode on in the caller's thread): with
+    parameters that require grad the results carry no graph and the pool's buffers hold none (a graph on
+    them would grow with every iteration)."""
     from indis.kernels import native
     from indis.kernels.ragged_step import triton
 
@@ -573,7 +575,20 @@ def test_a_model_with_trainable_parameters_is_served_without_a_graph(backend: st
             return self.w * x / (1 + sigma.view(-1, 1) ** 2)
 
     b = ContinuousBatcher(Scaled(), (6,), capacity=4, dtype=torch.float64, backend=backend)
-    out = b.run_all([Request(seed=i, nfe=3) for i in range(5)])
+    requests = [Request(seed=i, nfe=3) for i in range(5)]
+    assert torch.is_grad_enabled()
+    if driver == "run_all":
+        out = b.run_all(requests)
+    else:
+        futures = [b.submit(r) for r in requests]
+        if driver == "iterate":
+            while b.pending():
+                b.iterate(flush=True)
+        else:
+            b.start()
+            b.close(timeout=60)
+        out = [f.result(timeout=60) for f in futures]
+    assert torch.is_grad_enabled()  # the caller's grad mode is left as it was
     assert all(y.grad_fn is None and not y.requires_grad for y in out)
     assert b.pool.y.grad_fn is None and not b.pool.y.requires_grad
 
