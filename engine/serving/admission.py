@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -262,9 +263,11 @@ class Admission:
         if picked:
             if len(picked) > len(self.noise_staging):
                 self.noise_staging = torch.empty(len(picked), *self.shape)
-            noise = noise_from_seeds([requests[i].seed for i in picked], self.shape, dtype=torch.float64,
-                                     staging=self.noise_staging, generator=self.noise_generator)
-            for i, x in zip(picked, noise.mul_(self.noise_scale), strict=True):
+            noise = noise_from_seeds([requests[i].seed for i in picked], self.shape,
+                                     out=self.noise_staging[:len(picked)], generator=self.noise_generator)
+            # float64(noise) * noise_scale in one numpy call: teacher.initial_state's product, bit for bit
+            states = torch.from_numpy(np.multiply(noise.numpy(), self.noise_scale, dtype=np.float64))
+            for i, x in zip(picked, states.unbind(0), strict=True):
                 out[i] = x
         return out
 
@@ -275,7 +278,7 @@ class Admission:
         if (req.x_T is None) == (req.seed is None):
             raise ValueError("give exactly one of x_T and seed")
         if req.x_T is None:
-            if not valid_seed(req.seed):
+            if drawn is None and not valid_seed(req.seed):  # a drawn state's seed was valid
                 raise ValueError(f"seed={req.seed!r} must be an int in [0, 2**64)")
             x = drawn if drawn is not None else (
                 noise_from_seeds([req.seed], self.shape, dtype=torch.float64)[0] * self.noise_scale)

@@ -32,26 +32,26 @@ LABEL_STREAM = 0x5EED1AB3  # offset of the label generator seed from the noise s
 
 def noise_from_seeds(seeds: Sequence[int] | Tensor, shape: Sequence[int], *,
                      dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                     staging: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+                     out: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Standard-normal noise ``[B, *shape]``, row i drawn from its own generator seeded with ``seeds[i]``.
 
-    A caller drawing many small batches (a batcher's admission) may reuse a float32 CPU ``staging`` buffer
-    ``[>= B, *shape]`` to draw into and a CPU ``generator``; the result never aliases ``staging``."""
+    For a caller drawing many small batches (a batcher's admission): ``out``, a float32 CPU tensor
+    ``[B, *shape]`` to draw into and return (``dtype`` and ``device`` are then not used), and ``generator``, a
+    CPU generator to reuse (each row reseeds it)."""
     seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
     if any(s < 0 for s in seeds):
         raise ValueError("seeds must be non-negative integers")
-    if staging is None:
-        out = torch.empty(len(seeds), *shape)
-    elif (staging.dtype != torch.float32 or not staging.is_cpu or tuple(staging.shape[1:]) != tuple(shape)
-          or len(staging) < len(seeds)):
-        raise ValueError(f"staging {tuple(staging.shape)} {staging.dtype} must be a float32 CPU "
-                         f"buffer [>= {len(seeds)}, *{tuple(shape)}]")
+    if out is None:
+        noise = torch.empty(len(seeds), *shape)
+    elif out.dtype != torch.float32 or not out.is_cpu or tuple(out.shape) != (len(seeds), *shape):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} must be a float32 CPU tensor "
+                         f"{(len(seeds), *shape)}")
     else:
-        out = staging[:len(seeds)]
+        noise = out
     gen = torch.Generator() if generator is None else generator
-    for row, s in zip(out.unbind(0), seeds, strict=True):  # manual_seed resets the whole state: each row is
-        row.normal_(generator=gen.manual_seed(s))  # a fresh generator's draw, as torch.randn(shape, ...)
-    return out.to(dtype=dtype, device=device, copy=staging is not None)
+    for row, s in zip(noise.unbind(0), seeds, strict=True):  # manual_seed resets the whole state: each row
+        row.normal_(generator=gen.manual_seed(s))  # is a fresh generator's draw, as torch.randn(shape, ...)
+    return noise if out is not None else noise.to(dtype=dtype, device=device)
 
 
 def labels_from_seeds(seeds: Sequence[int] | Tensor, num_classes: int,

@@ -39,6 +39,23 @@ def test_a_vp_request_by_seed_starts_as_the_teacher() -> None:
     assert not torch.allclose(item.x_T, noise_from_seeds([5], (6,), dtype=torch.float64)[0] * 40.0)
 
 
+@pytest.mark.parametrize("shape", [(6,), (2, 16)])  # torch's scalar and vectorised normal draws
+def test_states_drawn_together_start_as_the_teacher_bit_for_bit(shape: tuple) -> None:
+    """Admission draws a batch's seeds into one reused buffer and scales them together; each state is
+    ``teacher.initial_state`` of its seed's noise exactly, batch after batch."""
+    vp = Denoiser(lambda x, t: torch.zeros_like(x), VPLinear(), prediction="eps")
+    args = dict(sigma_min=0.002, sigma_max=40.0, predictors={}, predictor_cond=None, chooser=None,
+                conditions={}, max_stages=8, device=torch.device("cpu"), dtype=torch.float32,
+                coef_dtype=torch.float32)
+    adm = Admission(vp, shape, **args)
+    for seeds in ([4, 2**63 + 5, 0], [9], [11, 12, 13, 14, 15]):  # a larger batch grows the buffer
+        drawn = adm.seed_states([Request(seed=s, nfe=3) for s in seeds] + [Request(x_T=torch.zeros(shape))])
+        assert drawn[-1] is None  # a given x_T is not drawn
+        for s, x in zip(seeds, drawn, strict=False):
+            want = initial_state(noise_from_seeds([s], shape, dtype=torch.float64)[0], 40.0, vp.family)
+            assert x.dtype == torch.float64 and torch.equal(x, want)
+
+
 def test_admit_fails_bad_requests_alone_and_groups_the_rest() -> None:
     grid = indis.get_sigmas("edm", 5, 0.002, 80.0)
     batch = [(Request(seed=0, nfe=5), "a"), (Request(seed=1, nfe=5), "b"),

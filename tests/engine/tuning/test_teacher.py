@@ -73,22 +73,19 @@ def test_noise_does_not_depend_on_the_batch() -> None:
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3,)])  # the vectorised draw (>= 16 values) and the scalar one
-def test_noise_drawn_through_a_reused_staging_buffer_and_generator_is_the_same(shape: tuple) -> None:
-    """A batcher's admission reuses one staging buffer and generator: the same rows as torch.randn with a
-    freshly seeded generator, whatever was drawn before, and never a view of the buffer."""
-    staging, gen = torch.empty(4, *shape), torch.Generator()
+def test_noise_drawn_into_a_reused_buffer_with_a_reused_generator_is_the_same(shape: tuple) -> None:
+    """A batcher's admission draws into one buffer with one generator: the same rows as torch.randn with a
+    freshly seeded generator, whatever was drawn before, returned in that buffer."""
+    buffer, gen = torch.empty(4, *shape), torch.Generator()
     seeds = (7, 3, 2**63)
     want = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    for batch in ([1, 2, 3, 4], list(seeds)):  # the second draw lands on the first one's leftovers
-        got = noise_from_seeds(batch, shape, dtype=torch.float64, staging=staging, generator=gen)
-    assert got.dtype == torch.float64 and torch.equal(got, want.double())
-    assert torch.equal(noise_from_seeds([7, 3, 2**63], shape, staging=staging, generator=gen), want)
-    kept = noise_from_seeds([7], shape, staging=staging, generator=gen)
-    noise_from_seeds([8], shape, staging=staging, generator=gen)
-    assert torch.equal(kept[0], want[0])  # not overwritten by the next draw
-    for bad in (torch.empty(2, *shape), torch.empty(4, 5), torch.empty(4, *shape, dtype=torch.float64)):
-        with pytest.raises(ValueError, match="staging"):
-            noise_from_seeds([1, 2, 3], shape, staging=bad)
+    noise_from_seeds([1, 2, 3, 4], shape, out=buffer, generator=gen)
+    got = noise_from_seeds(list(seeds), shape, out=buffer[:3], generator=gen)  # on the last draw's leftovers
+    assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, want)
+    assert torch.equal(noise_from_seeds(list(seeds), shape, dtype=torch.float64), want.double())
+    for bad in (torch.empty(2, *shape), torch.empty(3, 5), torch.empty(3, *shape, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="float32 CPU tensor"):
+            noise_from_seeds([1, 2, 3], shape, out=bad)
 
 
 def _text_model(x: torch.Tensor, sigma: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
