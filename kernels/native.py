@@ -233,6 +233,7 @@ class SlotStepper:
             # (y, raw, ...) -> the addresses around raw's, and the sizes around the batch size and threads
             self._head, self._mid, self._tail = args[0], args[2:8], args[9:15]
             self._counters = (stages.data_ptr(), done.data_ptr())
+            self._bucket_shapes = [(b, *y.shape[1:]) for b in range(y.shape[0] + 1)]
             if time.dtype != y.dtype or not time.is_contiguous() or not step.is_contiguous():
                 raise ValueError("the network times must be contiguous in the state's dtype, the counters "
                                  "contiguous")
@@ -250,7 +251,7 @@ class SlotStepper:
             return ragged_step_advance_torch(self.y[:b], raw, self.stash[:b], self.hist[:, :b], table,
                                              self.step[:b], self.stages[:b], self.done[:b], n_active)
         y = self.y
-        if (raw.shape[0] != b or raw.shape[1:] != y.shape[1:] or raw.dtype != y.dtype or not raw.is_cpu
+        if (raw.shape != self._bucket_shapes[b] or raw.dtype != y.dtype or not raw.is_cpu
                 or not raw.is_contiguous()):
             raise ValueError(f"raw {tuple(raw.shape)} {raw.dtype} on {raw.device} must be a contiguous "
                              f"CPU tensor [{b}, {', '.join(map(str, y.shape[1:]))}] in {y.dtype}")

@@ -124,6 +124,11 @@ def opts_key(opts: dict) -> tuple:
     return tuple(items)
 
 
+def _empty(cond: object) -> bool:
+    """Whether a request's ``cond`` gives no condition input (None or an empty dict)."""
+    return cond is None or (isinstance(cond, dict) and not cond)
+
+
 def valid_seed(seed: object) -> bool:
     """Whether ``seed`` is an int a generator takes, in ``[0, 2**64)``."""
     return isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**64
@@ -208,8 +213,12 @@ class Admission:
             raise ValueError(f"nfe={nfe!r} must be an int in [1, {self.max_stages}] (this batcher's "
                              "max_stages)")
         x = self.initial_state(req, drawn)
-        cond = self.check_conditions(req)
-        uncond, guidance_scale = self.check_guidance(req)
+        if self.conditions or self.guidance or not (_empty(req.cond) and req.uncond is None
+                                                    and req.guidance_scale is None):
+            cond = self.check_conditions(req)
+            uncond, guidance_scale = self.check_guidance(req)
+        else:  # the common request: none of these inputs, to a batcher that takes none
+            cond, uncond, guidance_scale = {}, None, None
         if type(req.solver_opts) is dict and not req.solver_opts and req.solver in SOLVERS:
             opts = ()  # the common request: a known solver without options
         else:
@@ -299,7 +308,7 @@ class Admission:
         one sample each (no batch axis) on the CPU (the pool moves them): every input this batcher takes, an
         int input left out holding its low value (a tensor input must be given)."""
         given = getattr(req, which)
-        if not self.conditions and (given is None or (isinstance(given, dict) and not given)):  # none
+        if not self.conditions and _empty(given):  # none
             return {}
         flat = flatten(given, which, leaves=(Tensor, int))
         out = {}

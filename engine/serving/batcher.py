@@ -59,15 +59,18 @@ __all__ = ["ContinuousBatcher", "Request", "TensorCondition", "default_buckets"]
 
 class _RequestFuture(Future):
     """A request's future that tells its batcher when it is cancelled (``on_cancel``), so the batcher scans
-    its pool for cancelled requests only after one was."""
+    its pool for cancelled requests only after one was; ``cancel_seen`` (set just after the cancel) lets the
+    batcher's loop skip a cancelled waiting request without taking the future's lock."""
 
     def __init__(self, on_cancel: Callable[[], None]) -> None:
         super().__init__()
         self._on_cancel = on_cancel
+        self.cancel_seen = False
 
     def cancel(self) -> bool:
         cancelled = super().cancel()
         if cancelled:
+            self.cancel_seen = True
             self._on_cancel()
         return cancelled
 
@@ -423,7 +426,7 @@ class ContinuousBatcher:
             batch = []
             while self.waiting and len(batch) < room:
                 req, fut = self.waiting.popleft()
-                if not fut.cancelled():
+                if not fut.cancel_seen:  # one cancelled just now is placed, then dropped (_drop_cancelled)
                     batch.append((req, fut))
                 else:
                     self.stats["cancelled"] += 1
