@@ -22,7 +22,7 @@ from torch import Tensor
 
 from indis.kernels.ragged_step import PackedTable, _check, fused, ragged_step_torch
 
-API_VERSION = 4  # must equal indis_native.API_VERSION (the argument lists of its functions)
+API_VERSION = 5  # must equal indis_native.API_VERSION (the argument lists of its functions)
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -234,6 +234,7 @@ class SlotStepper:
             self._head, self._mid, self._tail = args[0], args[2:8], args[9:15]
             self._counters = (stages.data_ptr(), done.data_ptr())
             self._bucket_shapes = [(b, *y.shape[1:]) for b in range(y.shape[0] + 1)]
+            self._numel, self._float_bits = y[0].numel(), 8 * y.element_size()
             if time.dtype != y.dtype or not time.is_contiguous() or not step.is_contiguous():
                 raise ValueError("the network times must be contiguous in the state's dtype, the counters "
                                  "contiguous")
@@ -257,6 +258,15 @@ class SlotStepper:
                              f"CPU tensor [{b}, {', '.join(map(str, y.shape[1:]))}] in {y.dtype}")
         return _native.ragged_step_advance(self._head, raw.data_ptr(), *self._mid, b, *self._tail,
                                            torch.get_num_threads(), *self._counters, n_active)
+
+    def take(self, slots: list[int]) -> tuple[Tensor, list[bool]]:
+        """Copies of the states of ``slots`` ``[len(slots), ...]`` and whether each is finite."""
+        if not self.native:
+            rows = self.y[slots]
+            return rows, torch.isfinite(rows.flatten(1)).all(1).tolist()
+        rows = self.y.new_empty((len(slots), *self._bucket_shapes[1][1:]))
+        return rows, _native.take_rows(self._head, self._numel, self.y.shape[0], slots, rows.data_ptr(),
+                                       self._float_bits)
 
     def times(self, b: int) -> Tensor:
         """Each of slots ``0..b-1``'s network time at its own stage, ``time[i, max(step[i], 0)]``: a view of

@@ -274,6 +274,9 @@ class SlotPool:
     def take(self, slots: list[int]) -> Taken:
         """Copies of the states of ``slots`` (before they are freed) and whether each is finite; on CUDA
         the flags come back asynchronously (nothing here waits for the device)."""
+        if self.stepper is not None and self.stepper.native:
+            rows, finite = self.stepper.take(slots)
+            return Taken(rows.unbind(0), finite)
         if self.host:
             rows = self.w["y"].take(slots, axis=0)
             return Taken(torch.from_numpy(rows).unbind(0),

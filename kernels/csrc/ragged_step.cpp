@@ -21,6 +21,9 @@
 //
 // `slot_times` reads each slot's network time at its own stage: out[b] = time[b, max(step[b], 0)].
 //
+// `take_rows` copies the rows of some slots out of a state buffer (dst row i <- slot slots[i]) and says
+// whether each is finite (no NaN or inf), as a retirement reads its results.
+//
 // Python passes raw addresses, sizes and strides (kernels/native.py validates the tensors), so the module
 // does not link libtorch. Each sample's elements are processed in tiles: a tile's inputs are combined into
 // small local accumulators (one vectorised loop per output) and written back after every read of the tile,
@@ -31,6 +34,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -45,7 +49,7 @@ namespace py = pybind11;
 
 namespace {
 
-constexpr int kApiVersion = 4;
+constexpr int kApiVersion = 5;
 constexpr int kMaxHistory = 13;             // inputs per output: y, stash, h and up to 13 history slots
 constexpr int kMaxInputs = 3 + kMaxHistory;
 constexpr int64_t kTile = 512;              // elements combined at a time (accumulators stay in L1)
@@ -335,6 +339,33 @@ void slot_times_impl(const T* time, const S* step, T* out, int64_t bsz, int64_t 
   }
 }
 
+template <typename T>
+bool all_finite(const T* x, int64_t numel) {
+  bool ok = true;
+  for (int64_t i = 0; i < numel; ++i) ok &= std::isfinite(x[i]);
+  return ok;
+}
+
+// src: slots of `numel` float32 / float64 elements (float_bits), `slots_total` of them, contiguous.
+std::vector<bool> take_rows(uintptr_t src, int64_t numel, int64_t slots_total, const std::vector<int64_t>& slots,
+                            uintptr_t dst, int float_bits) {
+  if (!src || !dst) throw std::invalid_argument("a buffer address is null");
+  if (float_bits != 32 && float_bits != 64) throw std::invalid_argument("rows must be float32 or float64");
+  for (const int64_t s : slots) {
+    if (s < 0 || s >= slots_total)
+      throw std::invalid_argument("slots must lie in [0, " + std::to_string(slots_total) + ")");
+  }
+  const int64_t row_bytes = numel * float_bits / 8;
+  std::vector<bool> finite(slots.size());
+  for (size_t i = 0; i < slots.size(); ++i) {
+    char* out = reinterpret_cast<char*>(dst) + static_cast<int64_t>(i) * row_bytes;
+    std::memcpy(out, reinterpret_cast<const char*>(src) + slots[i] * row_bytes, row_bytes);
+    finite[i] = float_bits == 32 ? all_finite(reinterpret_cast<const float*>(out), numel)
+                                 : all_finite(reinterpret_cast<const double*>(out), numel);
+  }
+  return finite;
+}
+
 // time: [bsz, stages] contiguous, float32 or float64 (float_bits); step: int32 or int64 (step_bits), contiguous.
 void slot_times(uintptr_t time, uintptr_t step, uintptr_t out, int64_t bsz, int64_t stages, int step_bits,
                 int float_bits) {
@@ -380,6 +411,10 @@ PYBIND11_MODULE(indis_native, m) {
         "Move slots keep (increasing, < slots) to the front of every buffer, in order, then fill the freed "
         "rows len(keep)..clear_to-1 of each buffer with a fill (raw addresses).",
         py::arg("buffers"), py::arg("keep"), py::arg("slots"), py::arg("clear_to"), py::arg("fills"));
+  m.def("take_rows", &take_rows,
+        "Copy slots' rows of a state buffer to dst, in order; returns whether each is finite (raw addresses).",
+        py::arg("src"), py::arg("numel"), py::arg("slots_total"), py::arg("slots"), py::arg("dst"),
+        py::arg("float_bits"));
   m.def("slot_times", &slot_times,
         "out[b] = time[b, max(step[b], 0)] for b < bsz (raw addresses).", py::arg("time"), py::arg("step"),
         py::arg("out"), py::arg("bsz"), py::arg("stages"), py::arg("step_bits"), py::arg("float_bits"));
