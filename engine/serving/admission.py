@@ -30,7 +30,7 @@ from indis.engine.core.schedules import HEURISTICS, Schedule, get_sigmas
 from indis.engine.core.solvers import SOLVERS
 from indis.engine.serving.allocation import NFEChooser
 from indis.engine.serving.pool import MAX_HISTORY
-from indis.engine.tuning.teacher import noise_from_seeds, noise_scale
+from indis.engine.tuning.teacher import draw_noise, noise_from_seeds, noise_scale
 
 
 @dataclass
@@ -170,7 +170,8 @@ class Admission:
         # the pool's dtype only when noise_scale * 64 does, and only then is each one checked.
         self.check_seed_states = self.noise_scale * 64 > torch.finfo(dtype).max
         self.tables: dict[tuple, tuple[Tensor, Tensor, int]] = {}  # heuristic schedules: one table each
-        self.noise_staging, self.noise_generator = torch.empty(0, *self.shape), torch.Generator()
+        self.noise_generator = torch.Generator()  # seed_states draws into one buffer with it
+        self._grow_noise_buffer(0)
 
     def admit(self, batch: list[tuple[Request, object]], on_nfe: Callable[[object, int], None] | None = None
               ) -> tuple[list[Group], list[tuple[object, ValueError]]]:
@@ -270,15 +271,21 @@ class Admission:
                   if isinstance(r, Request) and r.x_T is None and valid_seed(r.seed)]
         out: list[Tensor | None] = [None] * len(requests)
         if picked:
-            if len(picked) > len(self.noise_staging):
-                self.noise_staging = torch.empty(len(picked), *self.shape)
-            noise = noise_from_seeds([requests[i].seed for i in picked], self.shape,
-                                     out=self.noise_staging[:len(picked)], generator=self.noise_generator)
+            k = len(picked)
+            if k > len(self.noise_rows):
+                self._grow_noise_buffer(k)
+            draw_noise(self.noise_rows[:k], [requests[i].seed for i in picked], self.noise_generator)
             # float64(noise) * noise_scale in one numpy call: teacher.initial_state's product, bit for bit
-            states = torch.from_numpy(np.multiply(noise.numpy(), self.noise_scale, dtype=np.float64))
+            states = torch.from_numpy(np.multiply(self.noise_buffer[:k], self.noise_scale, dtype=np.float64))
             for i, x in zip(picked, states.unbind(0), strict=True):
                 out[i] = x
         return out
+
+    def _grow_noise_buffer(self, rows: int) -> None:
+        """A float32 buffer of ``rows`` samples for :meth:`seed_states` to draw into (its numpy view and row
+        views, made once)."""
+        buffer = torch.empty(rows, *self.shape)
+        self.noise_buffer, self.noise_rows = buffer.numpy(), buffer.unbind(0)
 
     def initial_state(self, req: Request, drawn: Tensor | None = None) -> Tensor:
         """The request's validated x_T (given, or its seed's noise scaled to sigma_max in the model family's

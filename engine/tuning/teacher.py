@@ -31,27 +31,22 @@ LABEL_STREAM = 0x5EED1AB3  # offset of the label generator seed from the noise s
 
 
 def noise_from_seeds(seeds: Sequence[int] | Tensor, shape: Sequence[int], *,
-                     dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                     out: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Standard-normal noise ``[B, *shape]``, row i drawn from its own generator seeded with ``seeds[i]``.
-
-    For a caller drawing many small batches (a batcher's admission): ``out``, a float32 CPU tensor
-    ``[B, *shape]`` to draw into and return (``dtype`` and ``device`` are then not used), and ``generator``, a
-    CPU generator to reuse (each row reseeds it)."""
+                     dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+    """Standard-normal noise ``[B, *shape]``, row i drawn from its own generator seeded with ``seeds[i]``."""
     seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
     if any(s < 0 for s in seeds):
         raise ValueError("seeds must be non-negative integers")
-    if out is None:
-        noise = torch.empty(len(seeds), *shape)
-    elif out.dtype != torch.float32 or not out.is_cpu or tuple(out.shape) != (len(seeds), *shape):
-        raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} must be a float32 CPU tensor "
-                         f"{(len(seeds), *shape)}")
-    else:
-        noise = out
-    gen = torch.Generator() if generator is None else generator
-    for row, s in zip(noise.unbind(0), seeds, strict=True):  # manual_seed resets the whole state: each row
-        row.normal_(generator=gen.manual_seed(s))  # is a fresh generator's draw, as torch.randn(shape, ...)
-    return noise if out is not None else noise.to(dtype=dtype, device=device)
+    out = torch.empty(len(seeds), *shape)
+    draw_noise(out.unbind(0), seeds, torch.Generator())
+    return out.to(dtype=dtype, device=device)
+
+
+def draw_noise(rows: Sequence[Tensor], seeds: Sequence[int], generator: torch.Generator) -> None:
+    """Fill float32 CPU ``rows[i]`` in place with the standard-normal noise of (valid) seed ``seeds[i]``:
+    ``generator`` re-seeded per row draws what a fresh generator's ``torch.randn`` does (the definition
+    :func:`noise_from_seeds` uses; a caller drawing many small batches reuses its rows and generator)."""
+    for row, s in zip(rows, seeds, strict=True):
+        row.normal_(generator=generator.manual_seed(s))  # manual_seed resets the whole state
 
 
 def labels_from_seeds(seeds: Sequence[int] | Tensor, num_classes: int,
