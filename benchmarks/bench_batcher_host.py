@@ -1,15 +1,17 @@
 """Host time per iteration of ``ContinuousBatcher.iterate()`` on CPU: the C++ calls vs their torch twins.
 
 A trivial denoiser (``x * 0.5``) leaves only the batcher's own work: admission, the denoiser call's
-plumbing, the fused step and the slot bookkeeping, and retirement. Backend ``native``: the step and the
-counters in one C++ call (``indis.kernels.native.ragged_step_advance_native``) and the retirement's pool
-compaction in another (``SlotCompactor``); backend ``torch``: their torch twins. A saturated
+plumbing, the fused step and the slot bookkeeping, and retirement. Backend ``native``: the pool's C++ calls
+(``indis.kernels.native``: the network times, the step with the counters' advance, a retirement's copies
+and finiteness flags, the compaction with the freed slots' reset); backend ``torch``: their torch twins (and
+numpy views for the bookkeeping). A saturated
 stream of ``--requests`` requests (NFE drawn from 3, 5, 7; iPNDM; EDM grids; one seed each) is served at
 capacity 32 and 64, samples ``(1, 8, 8)``; each iteration is timed alone, the median over ``--reps`` runs of
 the stream is reported (backends interleaved). A second table splits that cost: the median iteration of a
 full pool that neither admits nor retires (``capacity`` requests of NFE 16), and the first and last
-iterations of that run (all ``capacity`` admitted, all retired) per request. Build the extension first:
-``.ci/build_native.sh``.
+iterations of that run (all ``capacity`` admitted, all retired) per request. The streams run under
+``torch.no_grad()``, as a server's loop does (``iterate`` called with grad on adds a no-grad block per call).
+Build the extension first: ``.ci/build_native.sh``.
 
 Run:  python benchmarks/bench_batcher_host.py [--requests 512] [--reps 5] [--json out.json]
 """

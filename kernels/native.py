@@ -5,10 +5,12 @@ float32 results: the C++ sums in the reference's order without fused multiply-ad
 sample, threaded over samples and chunks. Storage is float32 (or float64, computed in float64) on the CPU.
 :func:`ragged_step_advance_native` also does a continuous batcher's per-iteration bookkeeping in the same
 call (each sample's stage counter and finished flag); :func:`ragged_step_advance_torch` is its torch twin.
-:class:`SlotStepper` (that call over a slot pool's buffers, validated once) and :class:`SlotCompactor`
-(a batcher's surviving slots to the front of all its per-slot buffers in one C++ call, or one torch gather per
-buffer) are what a slot pool calls; :func:`pool_kernels` is the one place they are chosen (C++ or torch, from
-the device, backend and dtype).
+:class:`SlotStepper` (that call over a slot pool's buffers, validated once, with the pool's other per-slot
+reads: each slot's network time at its stage, and a retirement's copies of states with their finiteness) and
+:class:`SlotCompactor` (a batcher's surviving slots to the front of all its per-slot buffers and the freed
+slots reset to a free slot's values, in one C++ call, or a torch gather and fill per buffer) are what a slot
+pool calls; :func:`pool_kernels` is the one place they are chosen (C++ or torch, from the device, backend
+and dtype).
 The extension is built by ``.ci/build_native.sh`` (``pip install --no-build-isolation ./kernels/csrc``);
 without it :func:`available` is False, :data:`REASON` says why, and nothing else in indis changes.
 """
@@ -183,7 +185,8 @@ class SlotCompactor:
             if any(f is not None and d == 1 and t.shape[0] > 1
                    for f, (t, d) in zip(self.fills, self.buffers, strict=True)):
                 raise ValueError("the native compaction fills slots on axis 0 only")
-            self._fills = [b"" if f is None else f.cpu().numpy().tobytes() for f in self.fills]
+            self._fills = [b"" if f is None else f.reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+                           for f in self.fills]  # raw bytes: any dtype (bfloat16 too)
 
     def __call__(self, keep: list[int], clear_to: int | None = None) -> None:
         """Move ``keep`` to the front, then fill slots ``len(keep)..clear_to-1`` (None: none)."""
@@ -238,8 +241,7 @@ class SlotStepper:
             if time.dtype != y.dtype or not time.is_contiguous() or not step.is_contiguous():
                 raise ValueError("the network times must be contiguous in the state's dtype, the counters "
                                  "contiguous")
-            self._sigma = time.new_empty(time.shape[0])
-            self._times = (time.data_ptr(), step.data_ptr(), self._sigma.data_ptr())
+            self._times = (time.data_ptr(), step.data_ptr())
             self._times_sizes = (time.shape[1], 8 * step.element_size(), 8 * time.element_size())
 
     def __call__(self, raw: Tensor, b: int, n_active: int) -> int:
@@ -269,14 +271,15 @@ class SlotStepper:
                                        self._float_bits)
 
     def times(self, b: int) -> Tensor:
-        """Each of slots ``0..b-1``'s network time at its own stage, ``time[i, max(step[i], 0)]``: a view of
-        a buffer this stepper reuses (valid until its next call)."""
+        """Each of slots ``0..b-1``'s network time at its own stage, ``time[i, max(step[i], 0)]`` (a new
+        tensor; ``IndexError`` for a step past the table)."""
         if not 1 <= b <= self.y.shape[0]:
             raise ValueError(f"need 1 <= b <= {self.y.shape[0]}, got {b}")
         if not self.native:
             return self.time[:b].gather(1, self.step[:b].clamp(min=0).long()[:, None]).squeeze(1)
-        _native.slot_times(*self._times, b, *self._times_sizes)
-        return self._sigma[:b]
+        sigma = self.time.new_empty(b)
+        _native.slot_times(*self._times, sigma.data_ptr(), b, *self._times_sizes)
+        return sigma
 
 
 def pool_kernels(device: torch.device, backend: str, dtype: torch.dtype) -> str | None:

@@ -265,10 +265,16 @@ class Admission:
                         guidance_scale)
 
     def seed_states(self, requests: Sequence[Request]) -> list[Tensor | None]:
-        """The x_T of every request served by a valid seed, drawn together (``noise_from_seeds``: the same
-        rows as one draw each); None for the others (:meth:`initial_state` says what is wrong with them)."""
-        picked = [i for i, r in enumerate(requests)  # not a request at all: its own validation fails it
-                  if isinstance(r, Request) and r.x_T is None and valid_seed(r.seed)]
+        """The x_T of every request served by a valid seed, drawn together (``teacher.draw_noise`` into one
+        reused buffer: the same rows as one draw each; one caller at a time, the batcher's loop); None for
+        the others (:meth:`initial_state` says what is wrong with them)."""
+        picked = []
+        for i, r in enumerate(requests):
+            try:
+                if r.x_T is None and valid_seed(r.seed):
+                    picked.append(i)
+            except Exception:  # noqa: BLE001 - not a request at all: its own validation fails it alone
+                continue
         out: list[Tensor | None] = [None] * len(requests)
         if picked:
             k = len(picked)
@@ -284,7 +290,7 @@ class Admission:
     def _grow_noise_buffer(self, rows: int) -> None:
         """A float32 buffer of ``rows`` samples for :meth:`seed_states` to draw into (its numpy view and row
         views, made once)."""
-        buffer = torch.empty(rows, *self.shape)
+        buffer = torch.empty(rows, *self.shape, dtype=torch.float32)
         self.noise_buffer, self.noise_rows = buffer.numpy(), buffer.unbind(0)
 
     def initial_state(self, req: Request, drawn: Tensor | None = None) -> Tensor:

@@ -8,9 +8,11 @@ one buffer per dotted path) and, under classifier-free guidance, its uncondition
 Active samples hold slots
 ``0..n-1``; ``owners[i]`` is whatever the caller keeps for slot ``i`` (the batcher: the request's future).
 The C++ or torch calls a pool makes are chosen once, by ``indis.kernels.native.pool_kernels``, and bound to
-its buffers once (``SlotStepper``, ``SlotCompactor``). A CPU pool's bookkeeping goes through numpy views of
-its buffers; a device pool's placement is one staged copy (:func:`staged_copy`) and nothing it does waits for
-the device (its results' finiteness flags come back asynchronously: :class:`Taken`).
+its buffers once (``SlotStepper``, ``SlotCompactor``): with the C++ extension a CPU pool's network times,
+retirement reads and compaction are C++ calls; the rest of a CPU pool's bookkeeping (placement, parking) goes
+through numpy views of its buffers. A device pool's placement is one staged copy (:func:`staged_copy`) and
+nothing it does waits for the device (its results' finiteness flags come back asynchronously:
+:class:`Taken`).
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class SlotPool:
             if self.guidance is not None and f"uncond.{k}" not in given:
                 w[f"uncond.{k}"][slots] = idle
         w["step"][slots] = 0
-        self.host_step[slots] = 0
+        self.host_step[slots], self._parked[slots] = 0, False
         self.owners += owners
 
     def clear(self, start: int, stop: int) -> None:
@@ -219,9 +221,9 @@ class SlotPool:
         else:
             sigma = self.time[:b].gather(1, self.step[:b].clamp(min=0).long()[:, None]).squeeze(1)
         if b not in self._views:  # the buffers are never reallocated: each bucket's views are made once
-            self._views[b] = self.y[:b], unflatten({k: v[:b] for k, v in self.cond.items()})
+            self._views[b] = self.y[:b], {k: v[:b] for k, v in self.cond.items()}
         y, cond = self._views[b]
-        return y, sigma, cond
+        return y, sigma, unflatten(cond)  # a new tree per call: the model may change it
 
     def iterate(self, den: Denoiser, b: int, replay: Callable[[int], None] | None = None
                 ) -> tuple[int, list[int], list[int]]:

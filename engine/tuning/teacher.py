@@ -36,7 +36,7 @@ def noise_from_seeds(seeds: Sequence[int] | Tensor, shape: Sequence[int], *,
     seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
     if any(s < 0 for s in seeds):
         raise ValueError("seeds must be non-negative integers")
-    out = torch.empty(len(seeds), *shape)
+    out = torch.empty(len(seeds), *shape, dtype=torch.float32)  # drawn in float32 whatever the default
     draw_noise(out.unbind(0), seeds, torch.Generator())
     return out.to(dtype=dtype, device=device)
 

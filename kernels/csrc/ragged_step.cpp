@@ -335,7 +335,10 @@ template <typename T, typename S>
 void slot_times_impl(const T* time, const S* step, T* out, int64_t bsz, int64_t stages) {
   for (int64_t b = 0; b < bsz; ++b) {
     const int64_t s = step[b] > 0 ? static_cast<int64_t>(step[b]) : 0;
-    out[b] = time[b * stages + std::min<int64_t>(s, stages - 1)];
+    if (s >= stages) throw std::out_of_range("slot " + std::to_string(b) + " is at step " +
+                                             std::to_string(s) + ", past its table's " +
+                                             std::to_string(stages) + " stages");
+    out[b] = time[b * stages + s];
   }
 }
 
@@ -407,11 +410,11 @@ PYBIND11_MODULE(indis_native, m) {
         py::arg("slot_stride"), py::arg("stages"), py::arg("history"), py::arg("uses_stash"),
         py::arg("float_bits"), py::arg("threads"), py::arg("stage_counts"), py::arg("done"),
         py::arg("n_active"));
-  m.def("compact_slots", &compact_slots,
+  m.def("compact_slots", &compact_slots, py::call_guard<py::gil_scoped_release>(),
         "Move slots keep (increasing, < slots) to the front of every buffer, in order, then fill the freed "
         "rows len(keep)..clear_to-1 of each buffer with a fill (raw addresses).",
         py::arg("buffers"), py::arg("keep"), py::arg("slots"), py::arg("clear_to"), py::arg("fills"));
-  m.def("take_rows", &take_rows,
+  m.def("take_rows", &take_rows, py::call_guard<py::gil_scoped_release>(),
         "Copy slots' rows of a state buffer to dst, in order; returns whether each is finite (raw addresses).",
         py::arg("src"), py::arg("numel"), py::arg("slots_total"), py::arg("slots"), py::arg("dst"),
         py::arg("float_bits"));

@@ -460,3 +460,16 @@ def test_slot_stepper_take_copies_rows_and_flags_the_non_finite_as_the_torch_twi
         y[0] = first
     with pytest.raises(ValueError, match="slots must lie"):
         steppers[0].take([0, c])
+
+
+@needs_native
+def test_slot_stepper_times_refuse_a_step_past_the_table() -> None:
+    """A slot whose counter ran past its table is an error, not a silently clamped read."""
+    c, stages = 3, 4
+    y, time = torch.zeros(c, 2), torch.rand(c, stages)
+    step = torch.tensor([0, stages, -1], dtype=torch.int32)
+    stepper = native.SlotStepper(y, torch.zeros_like(y), torch.zeros(3, c, 2), torch.zeros(c, stages, 14),
+                                 time, step, torch.full((c,), stages), torch.zeros(c, dtype=torch.bool), True)
+    assert torch.equal(stepper.times(1), time[:1, 0])
+    with pytest.raises(IndexError, match="past its table"):
+        stepper.times(2)

@@ -638,3 +638,32 @@ def test_text_conditions_and_per_request_guidance_equal_each_request_alone() -> 
         plain.run_all([reqs[0]])[0]
     with pytest.raises(ValueError, match="TensorCondition"):
         ContinuousBatcher(den, (4, 8, 8), conditions={TEXT: (5, 12, 3)})
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_the_model_gets_its_own_inputs_every_call(backend: str) -> None:
+    """Each denoiser call gets a new sigma tensor and a new condition tree, so a model that keeps its inputs
+    (a cache keyed on the last timestep) or edits the tree sees no later call's values; a bfloat16 tensor
+    condition is served as well (the pool resets its freed slots byte by byte)."""
+    from indis.kernels import native
+
+    if backend == "native" and not native.available():
+        pytest.skip(native.REASON)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keeper(x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        seen.append((sigma, sigma.clone()))
+        return MODEL(x, sigma) + emb.float().mean(1, keepdim=True)
+
+    def editor(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        return keeper(x, sigma, cond.pop("emb"))
+
+    cond = {"emb": indis.TensorCondition((3,), torch.bfloat16)}
+    reqs = [Request(seed=i, nfe=3 + i % 3, cond={"emb": torch.full((3,), 0.01 * i)}) for i in range(7)]
+    out = ContinuousBatcher(editor, (6,), capacity=3, conditions=cond, backend=backend).run_all(reqs)
+    assert len(seen) > 3 and all(torch.equal(kept, copy) for kept, copy in seen)
+    assert len({t.data_ptr() for t, _ in seen}) == len(seen)  # all alive, none shared
+    alone = [ContinuousBatcher(keeper, (6,), capacity=1, conditions=cond, backend=backend).run_all([r])[0]
+             for r in reqs[:3]]
+    for a, b in zip(out, alone, strict=False):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
