@@ -3,6 +3,7 @@
 :func:`ragged_step_native` has the semantics of :func:`indis.kernels.ragged_step.ragged_step_torch` (same
 float32 results: the C++ sums in the reference's order without fused multiply-adds) in one pass over each
 sample, threaded over samples and chunks. Storage is float32 (or float64, computed in float64) on the CPU.
+:class:`BoundStep` is that step bound to a sampling loop's buffers, validated once per loop.
 :func:`ragged_step_advance_native` also does a continuous batcher's per-iteration bookkeeping in the same
 call (each sample's stage counter and finished flag); :func:`ragged_step_advance_torch` is its torch twin.
 :class:`SlotStepper` (that call over a slot pool's buffers, validated once, with the pool's other per-slot
@@ -100,6 +101,32 @@ def ragged_step_native(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tenso
     rows, args = _native_args(y, raw, stash, hist, table, step, threads)
     # Positional, in the order of indis_native.ragged_step's signature (keywords cost ~1 us per call).
     _native.ragged_step(*args)
+
+
+class BoundStep:
+    """:func:`ragged_step_native` over a sampling loop's fixed buffers (state ``y``, ``stash``, history
+    ``hist``, ``table``), validated once: ``step(raw, k)`` advances every sample by stage ``k`` of the loop's
+    int ``stages`` tensor (its arange), checking only the denoiser output ``raw`` per call. The buffers must
+    not be reallocated while it is used."""
+
+    def __init__(self, y: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                 stages: Tensor, threads: int | None = None) -> None:
+        if stages.dim() != 1 or not stages.is_contiguous():
+            raise ValueError("stages must be a contiguous 1-d integer tensor")
+        self.y, self.stages = y, stages
+        self._rows, args = _native_args(y, y, stash, hist, table, stages[0].expand(y.shape[0]), threads)
+        self._head, self._mid, self._tail = args[0], args[2:5], args[6:]
+        self._step_bytes = stages.element_size()
+
+    def __call__(self, raw: Tensor, k: int) -> None:
+        y = self.y
+        if raw.shape != y.shape or raw.dtype != y.dtype or not raw.is_cpu or not raw.is_contiguous():
+            raise ValueError(f"raw {tuple(raw.shape)} {raw.dtype} on {raw.device} must be a contiguous CPU "
+                             f"tensor shaped and typed like the state {tuple(y.shape)} {y.dtype}")
+        if not 0 <= k < self.stages.shape[0]:
+            raise ValueError(f"stage {k} is not in [0, {self.stages.shape[0]})")
+        step = self.stages.data_ptr() + k * self._step_bytes  # stages[k] for every sample (stride 0)
+        _native.ragged_step(self._head, raw.data_ptr(), *self._mid, step, *self._tail)
 
 
 def ragged_step_advance_native(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None,

@@ -28,6 +28,7 @@ the other tensors are contiguous ``[B, ...]``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -293,6 +294,22 @@ def ragged_step(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | Non
                                     backend)
     else:
         _dispatch(y, raw, stash, hist, table, step, backend)
+
+
+def bind_step(y: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable, stages: Tensor,
+              backend: str | None = None) -> Callable[[Tensor, int], None]:
+    """A sampling loop's step over its fixed buffers: ``step(raw, k)`` advances every sample by stage ``k``
+    of ``stages`` (the loop's int arange), as ``ragged_step(y, raw, stash, hist, table, stages[k].expand(B),
+    backend)``. The C++ step outside ``torch.compile`` and autograd is validated once
+    (``native.BoundStep``: each call checks only ``raw``); every other case calls :func:`ragged_step`."""
+    backend = backend_for(y.device, backend)
+    if (backend == "native" and fused(backend, y.dtype) and not torch.compiler.is_compiling()
+            and not _needs_grad(y, stash, hist, table.rows)):
+        from indis.kernels.native import BoundStep
+
+        return BoundStep(y, stash, hist, table, stages)
+    bsz = y.shape[0]
+    return lambda raw, k: ragged_step(y, raw, stash, hist, table, stages[k].expand(bsz), backend)
 
 
 def _op_table(rows: Tensor, history: int, uses_stash: bool) -> PackedTable:

@@ -27,7 +27,7 @@ from indis.engine.core.guidance import guided
 from indis.engine.core.profiling import nvtx_range
 from indis.engine.core.schedules import Schedule, as_grid
 from indis.engine.core.solvers import DEFAULT_ORDER, SOLVER_OPTIONS, SOLVERS, SolverTable, build_table
-from indis.kernels.ragged_step import PackedTable, backend_for, fused, pack_table, ragged_step
+from indis.kernels.ragged_step import PackedTable, backend_for, bind_step, fused, pack_table
 
 
 def check_grid(grid: Tensor, family_range: tuple[float, float], allow_inf_start: bool) -> np.ndarray:
@@ -547,6 +547,7 @@ def run_fused(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callabl
     stash = torch.empty_like(y) if packed.uses_stash else None
     hist = y.new_empty((packed.history, *y.shape)) if packed.history else None
     stage = torch.arange(packed.stages, device=x.device, dtype=torch.int32)
+    step = bind_step(y, stash, hist, packed, stage, backend)
     view = (bsz,) + (1,) * (x.ndim - 1)
     for k in _stage_range(packed.stages, progress):
         inp = y if packed.in_scale is None else y * packed.in_scale[:, k].view(view)
@@ -558,7 +559,7 @@ def run_fused(plan: Plan, x: Tensor, cond: dict | None = None, callback: Callabl
             before = y.clone()
             _tell(callback, reports[k], k, before, before if inp is y else inp, raw)
         with nvtx_range(f"step {k}"):
-            ragged_step(y, raw, stash, hist, packed, stage[k].expand(bsz), backend)
+            step(raw, k)
         if check_output:
             check_finite(y, "the state", k, plan.table.step_of_stage[k])
         if step_end is not None and _ends_step(plan, k):

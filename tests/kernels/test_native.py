@@ -152,18 +152,20 @@ def test_broadcast_stage_index() -> None:
 @pytest.mark.parametrize(("solver", "opts"), SOLVER_CASES, ids=IDS)
 def test_fused_loop_with_the_native_step(solver: str, opts: dict, dtype: torch.dtype,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """run_fused with its step swapped for the native one equals run_table (float32: within its rounding)."""
+    """run_fused on the native backend steps every stage through the bound C++ step and equals run_table
+    (float32: within its rounding)."""
     x64, plan = loop_case(solver, opts, torch.device("cpu"))
     calls = []
+    bound_call = native.BoundStep.__call__
 
-    def step(y, raw, stash, hist, packed, stage, backend=None) -> None:
-        calls.append(stage)
-        native.ragged_step_native(y, raw, stash, hist, packed, stage)
+    def step(self, raw, k) -> None:
+        calls.append(k)
+        bound_call(self, raw, k)
 
-    monkeypatch.setattr("indis.engine.core.sampling.ragged_step", step)
+    monkeypatch.setattr(native.BoundStep, "__call__", step)
     x = x64.to(dtype)
-    fused = run_fused(plan(x), x)
-    assert len(calls) == plan(x).packed.stages
+    fused = run_fused(plan(x), x, backend="native")
+    assert calls == list(range(plan(x).packed.stages))
     monkeypatch.undo()
     ref = run_table(plan(x64), x64)
     if dtype == torch.float64:
@@ -473,3 +475,27 @@ def test_slot_stepper_times_refuse_a_step_past_the_table() -> None:
     assert torch.equal(stepper.times(1), time[:1, 0])
     with pytest.raises(IndexError, match="past its table"):
         stepper.times(2)
+
+
+@needs_native
+@pytest.mark.parametrize("solver, opts", [("unipc", {}), ("ipndm", {}), ("dpmpp_2m", {})])
+def test_bound_step_runs_every_stage_as_the_unbound_call(solver: str, opts: dict) -> None:
+    """``BoundStep`` (the fused loop's step, validated once) advances a batch stage after stage exactly as
+    ``ragged_step_native`` with the stage index expanded over the batch; it refuses a bad raw or stage."""
+    packed, table = _case(solver, opts, bsz=3, dtype=torch.float32)
+    start = _cpu_buffers(table, (2, 5), seed=4, dtype=torch.float32)
+    got = {k: None if v is None else v.clone() for k, v in start.items()}
+    want = {k: None if v is None else v.clone() for k, v in start.items()}
+    stages = torch.arange(packed.stages, dtype=torch.int32)
+    bound = native.BoundStep(got["y"], got["stash"], got["hist"], packed, stages)
+    for k in range(packed.stages):
+        raw = start["raw"] * (1 + 0.1 * k)
+        bound(raw, k)
+        native.ragged_step_native(want["y"], raw, want["stash"], want["hist"], packed, stages[k].expand(3))
+        for name in ("y", "stash", "hist"):
+            if want[name] is not None:
+                assert torch.equal(got[name], want[name]), (name, k)
+    with pytest.raises(ValueError, match="shaped and typed like the state"):
+        bound(start["raw"].double(), 0)
+    with pytest.raises(ValueError, match="stage"):
+        bound(start["raw"], packed.stages)
