@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 
+import indis
 from indis.engine.core.sampling import run_fused, run_table
 from indis.engine.core.solvers import SolverTable
 from indis.engine.serving.batcher import ContinuousBatcher, Request
@@ -499,3 +500,22 @@ def test_bound_step_runs_every_stage_as_the_unbound_call(solver: str, opts: dict
         bound(start["raw"].double(), 0)
     with pytest.raises(ValueError, match="stage"):
         bound(start["raw"], packed.stages)
+
+
+@needs_native
+def test_bound_step_keeps_the_graph_of_a_network_output_that_requires_grad() -> None:
+    """A model whose output requires grad without the loop seeing a parameter (a closure over a tensor that
+    requires grad) still gets its autograd graph through the fused loop's bound step, as on the torch
+    backend: nothing is dropped silently."""
+    w = torch.ones((), requires_grad=True)
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return w * x / (1 + sigma.view(-1, 1) ** 2)
+
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)) * 80
+    grid = torch.tensor([80.0, 10.0, 1.0, 0.0])
+    plan = indis.prepare(model, x, grid, "dpmpp_2m")
+    outs = {b: run_fused(plan, x, backend=b) for b in ("native", "torch")}
+    for out in outs.values():
+        assert out.requires_grad and out.grad_fn is not None
+    torch.testing.assert_close(outs["native"], outs["torch"], rtol=1e-5, atol=1e-4)
