@@ -295,24 +295,27 @@ class SlotStepper:
                                            torch.get_num_threads(), *self._counters, n_active)
 
     def take(self, slots: list[int]) -> tuple[Tensor, list[bool]]:
-        """Copies of the states of ``slots`` ``[len(slots), ...]`` and whether each is finite."""
-        if not self.native:
-            rows = self.y[slots]
-            return rows, torch.isfinite(rows.flatten(1)).all(1).tolist()
+        """Copies of the states of ``slots`` ``[len(slots), ...]`` and whether each is finite (C++ only: a
+        pool without it reads them itself, ``SlotPool.take``)."""
+        self._need_native("take")
         rows = self.y.new_empty((len(slots), *self._bucket_shapes[1][1:]))
         return rows, _native.take_rows(self._head, self._numel, self.y.shape[0], slots, rows.data_ptr(),
                                        self._float_bits)
 
     def times(self, b: int) -> Tensor:
         """Each of slots ``0..b-1``'s network time at its own stage, ``time[i, max(step[i], 0)]`` (a new
-        tensor; ``IndexError`` for a step past the table)."""
+        tensor; ``IndexError`` for a step past the table; C++ only: a pool without it gathers them itself,
+        ``SlotPool.bucket_inputs``)."""
+        self._need_native("times")
         if not 1 <= b <= self.y.shape[0]:
             raise ValueError(f"need 1 <= b <= {self.y.shape[0]}, got {b}")
-        if not self.native:
-            return self.time[:b].gather(1, self.step[:b].clamp(min=0).long()[:, None]).squeeze(1)
         sigma = self.time.new_empty(b)
         _native.slot_times(*self._times, sigma.data_ptr(), b, *self._times_sizes)
         return sigma
+
+    def _need_native(self, what: str) -> None:
+        if not self.native:
+            raise RuntimeError(f"SlotStepper.{what} is a C++ call; this stepper runs the torch twin")
 
 
 def pool_kernels(device: torch.device, backend: str, dtype: torch.dtype) -> str | None:

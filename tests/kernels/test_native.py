@@ -430,19 +430,19 @@ def test_slot_stepper_times_read_each_slots_stage_as_the_torch_gather(dtype: tor
     step = torch.tensor([0, 3, -1, 4, 2, -1], dtype=torch.int32)
     hist = torch.zeros(3, c, 4, dtype=dtype)
     counters = (step, torch.full((c,), stages), torch.zeros(c, dtype=torch.bool))
-    steppers = [native.SlotStepper(y, torch.zeros_like(y), hist, rows, time, *counters, use_native)
-                for use_native in (True, False)]
+    stepper = native.SlotStepper(y, torch.zeros_like(y), hist, rows, time, *counters, True)
     for b in (1, 4, c):
         want = time[torch.arange(b), step[:b].clamp(min=0).long()]
-        for stepper in steppers:
-            assert torch.equal(stepper.times(b), want)
+        assert torch.equal(stepper.times(b), want)
     with pytest.raises(ValueError, match="b <="):
-        steppers[0].times(c + 1)
+        stepper.times(c + 1)
+    with pytest.raises(RuntimeError, match="C\\+\\+ call"):
+        native.SlotStepper(y, torch.zeros_like(y), hist, rows, time, *counters, False).times(1)
 
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_slot_stepper_take_copies_rows_and_flags_the_non_finite_as_the_torch_twin(dtype: torch.dtype) -> None:
+def test_slot_stepper_take_copies_rows_and_flags_the_non_finite(dtype: torch.dtype) -> None:
     """``SlotStepper.take`` in C++: copies of the slots' states, in the order asked, that later steps do not
     touch, and whether each is finite (a NaN or an inf anywhere in a row makes it not)."""
     c = 6
@@ -451,18 +451,16 @@ def test_slot_stepper_take_copies_rows_and_flags_the_non_finite_as_the_torch_twi
     args = (torch.zeros_like(y), torch.zeros(3, c, 2, 3, dtype=dtype), torch.zeros(c, 5, 14, dtype=dtype),
             torch.zeros(c, 5, dtype=dtype), torch.zeros(c, dtype=torch.int32), torch.full((c,), 5),
             torch.zeros(c, dtype=torch.bool))
-    steppers = [native.SlotStepper(y, *args, use_native) for use_native in (True, False)]
+    stepper = native.SlotStepper(y, *args, True)
     slots = [4, 0, 1, 5]
-    for stepper in steppers:
-        rows, finite = stepper.take(slots)
-        torch.testing.assert_close(rows, y[slots], rtol=0, atol=0, equal_nan=True)
-        assert finite == [False, True, False, True]
-        kept, first = rows[1].clone(), y[0].clone()
-        y[0] = 7.0  # the copies do not follow the pool
-        assert torch.equal(rows[1], kept)
-        y[0] = first
+    rows, finite = stepper.take(slots)
+    torch.testing.assert_close(rows, y[slots], rtol=0, atol=0, equal_nan=True)
+    assert finite == [False, True, False, True]
+    kept = rows[1].clone()
+    y[0] = 7.0  # the copies do not follow the pool
+    assert torch.equal(rows[1], kept)
     with pytest.raises(ValueError, match="slots must lie"):
-        steppers[0].take([0, c])
+        stepper.take([0, c])
 
 
 @needs_native
