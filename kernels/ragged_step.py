@@ -16,7 +16,8 @@ pool whose slots sit at different stages of different grids. A sample whose ``st
 early stage never reads history slots nothing has written yet).
 
 :func:`ragged_step_torch` is the readable reference of the kernel; :func:`ragged_step` dispatches (Triton on
-CUDA, the optional C++ twin ``indis.kernels.native`` on CPU, the reference otherwise). The custom op
+CUDA, the optional C++ twin ``indis.kernels.native`` on CPU, the reference otherwise); :func:`bind_step` binds
+the step to a sampling loop's buffers, validated once per loop. The custom op
 ``torch.ops.indis.ragged_step`` (declared to write ``y``, ``stash``, ``hist``) carries it through
 ``torch.compile`` (fake kernel: shape checks) and autograd (the reference's graph when an input needs grad).
 Storage may be float32, float16 or bfloat16; arithmetic is always float32 (float64 storage: float64, torch
@@ -193,9 +194,9 @@ def launch_config(numel: int) -> tuple[int, int]:
     return block, (8 if block >= 2048 else 4)
 
 
-def ragged_step_triton(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
-                       step: Tensor, block: int | None = None, num_warps: int | None = None) -> None:
-    """The fused step as one Triton launch over ``(cdiv(numel, BLOCK), B)`` programs (in place)."""
+def _triton_launch(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                   step: Tensor, block: int | None, num_warps: int | None) -> tuple[tuple, tuple, dict]:
+    """Validate a Triton step's tensors: (its grid, the kernel's arguments in order, its meta-parameters)."""
     if triton is None:
         raise RuntimeError("the triton backend needs the `triton` package")
     _check(y, raw, stash, hist, table, step)
@@ -208,10 +209,49 @@ def ragged_step_triton(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tenso
     bsz, numel = y.shape[0], y[0].numel()
     default_block, default_warps = launch_config(numel)
     block, num_warps = block or default_block, num_warps or default_warps
-    _ragged_step_kernel[(triton.cdiv(numel, block), bsz)](
-        y, raw, y if stash is None else stash, y if hist is None else hist, table.rows, step, step.stride(0),
-        numel, 0 if hist is None else hist.stride(0), table.stages, HISTORY=table.history,
-        USES_STASH=table.uses_stash, BLOCK=block, num_warps=num_warps)
+    args = (y, raw, y if stash is None else stash, y if hist is None else hist, table.rows, step,
+            step.stride(0), numel, 0 if hist is None else hist.stride(0), table.stages)
+    meta = {"HISTORY": table.history, "USES_STASH": table.uses_stash, "BLOCK": block, "num_warps": num_warps}
+    return (triton.cdiv(numel, block), bsz), args, meta
+
+
+def ragged_step_triton(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                       step: Tensor, block: int | None = None, num_warps: int | None = None) -> None:
+    """The fused step as one Triton launch over ``(cdiv(numel, BLOCK), B)`` programs (in place)."""
+    grid, args, meta = _triton_launch(y, raw, stash, hist, table, step, block, num_warps)
+    _ragged_step_kernel[grid](*args, **meta)
+
+
+class TritonBoundStep:
+    """:func:`ragged_step_triton` over a sampling loop's fixed buffers (state ``y``, ``stash``, history
+    ``hist``, ``table``), validated once: ``step(raw, k)`` launches stage ``k`` of the loop's int ``stages``
+    tensor (its arange) for every sample, checking only the denoiser output ``raw`` per call -- the Triton
+    twin of ``native.BoundStep``. A ``raw`` that requires grad (with grad mode on) goes through
+    :func:`ragged_step`, which records the autograd graph. The buffers must not be reallocated while it is
+    used."""
+
+    def __init__(self, y: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                 stages: Tensor) -> None:
+        if stages.dim() != 1 or not stages.is_contiguous() or stages.device != y.device:
+            raise ValueError("stages must be a contiguous 1-d integer tensor on the state's device")
+        self.y, self.stash, self.hist, self.table, self.stages = y, stash, hist, table, stages
+        self._grid, args, self._meta = _triton_launch(y, y, stash, hist, table, stages[0].expand(y.shape[0]),
+                                                      None, None)
+        self._mid, self._tail = args[2:5], (0, *args[7:])  # step stride 0: one stage for every sample
+
+    def __call__(self, raw: Tensor, k: int) -> None:
+        y = self.y
+        if raw.shape != y.shape or raw.dtype != y.dtype or raw.device != y.device or not raw.is_contiguous():
+            raise ValueError(f"raw {tuple(raw.shape)} {raw.dtype} on {raw.device} must be a contiguous "
+                             f"tensor shaped and typed like the state {tuple(y.shape)} {y.dtype} on "
+                             f"{y.device}")
+        if not 0 <= k < self.stages.shape[0]:
+            raise ValueError(f"stage {k} is not in [0, {self.stages.shape[0]})")
+        if raw.requires_grad and torch.is_grad_enabled():
+            step = self.stages[k].expand(y.shape[0])
+            ragged_step(y, raw, self.stash, self.hist, self.table, step, "triton")
+            return
+        _ragged_step_kernel[self._grid](y, raw, *self._mid, self.stages[k], *self._tail, **self._meta)
 
 
 BACKENDS = ("triton", "native", "torch")
@@ -300,11 +340,14 @@ def bind_step(y: Tensor, stash: Tensor | None, hist: Tensor | None, table: Packe
               backend: str | None = None) -> Callable[[Tensor, int], None]:
     """A sampling loop's step over its fixed buffers: ``step(raw, k)`` advances every sample by stage ``k``
     of ``stages`` (the loop's int arange), as ``ragged_step(y, raw, stash, hist, table, stages[k].expand(B),
-    backend)``. The C++ step outside ``torch.compile`` and autograd is validated once
-    (``native.BoundStep``: each call checks only ``raw``); every other case calls :func:`ragged_step`."""
+    backend)``. The Triton and C++ steps outside ``torch.compile`` and autograd are validated once
+    (:class:`TritonBoundStep`, ``native.BoundStep``: each call checks only ``raw``); every other case calls
+    :func:`ragged_step`."""
     backend = backend_for(y.device, backend)
-    if (backend == "native" and fused(backend, y.dtype) and not torch.compiler.is_compiling()
+    if (backend in ("triton", "native") and fused(backend, y.dtype) and not torch.compiler.is_compiling()
             and not _needs_grad(y, stash, hist, table.rows)):
+        if backend == "triton":
+            return TritonBoundStep(y, stash, hist, table, stages)
         from indis.kernels.native import BoundStep
 
         return BoundStep(y, stash, hist, table, stages)

@@ -17,6 +17,7 @@ from indis.engine.studies.convergence import small_mixture
 from indis.kernels import native
 from indis.kernels.ragged_step import (
     PackedTable,
+    TritonBoundStep,
     backend_for,
     pack_table,
     ragged_step,
@@ -208,6 +209,62 @@ def test_kernel_on_the_leading_slots_of_a_pool(solver: str, opts: dict) -> None:
         torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outs[0][k][..., 4:, :] if k == "hist" else outs[0][k][4:],
                                    pool[k].float()[..., 4:, :] if k == "hist" else pool[k].float()[4:])
+
+
+@pytest.mark.parametrize(("solver", "opts"), [("unipc", {}), ("ipndm", {}), ("dpmpp_2m", {})])
+def test_bound_step_runs_every_stage_as_the_unbound_call(solver: str, opts: dict) -> None:
+    """``TritonBoundStep`` (the fused loop's step, validated once) advances a batch stage after stage exactly
+    as ``ragged_step_triton`` with the stage index expanded over the batch; it refuses a bad raw or stage."""
+    table, time = _table(solver, opts, bsz=3)
+    packed = pack_table(table, time, torch.float32)
+    start = {k: None if v is None else v.float() for k, v in _buffers(table, (2, 5), seed=4).items()}
+    got = {k: None if v is None else v.clone() for k, v in start.items()}
+    want = {k: None if v is None else v.clone() for k, v in start.items()}
+    stages = torch.arange(packed.stages, dtype=torch.int32, device=DEV)
+    bound = TritonBoundStep(got["y"], got["stash"], got["hist"], packed, stages)
+    for k in range(packed.stages):
+        raw = start["raw"] * (1 + 0.1 * k)
+        bound(raw, k)
+        ragged_step_triton(want["y"], raw, want["stash"], want["hist"], packed, stages[k].expand(3))
+        for name in ("y", "stash", "hist"):
+            if want[name] is not None:
+                assert torch.equal(got[name], want[name]), (name, k)
+    with pytest.raises(ValueError, match="shaped and typed like the state"):
+        bound(start["raw"].half(), 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        bound(start["raw"].transpose(1, 2).contiguous().transpose(1, 2), 0)
+    with pytest.raises(ValueError, match="stage"):
+        bound(start["raw"], packed.stages)
+    with pytest.raises(ValueError, match="history must be"):
+        TritonBoundStep(got["y"], got["stash"], None, packed, stages)  # each of these solvers keeps history
+
+
+def test_fused_triton_loop_steps_through_the_bound_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_fused on the triton backend calls the bound step once per stage, and keeps the autograd graph
+    of a network output that requires grad (a closure over a tensor that does), as the torch backend does."""
+    calls = []
+    bound_call = TritonBoundStep.__call__
+
+    def step(self, raw, k) -> None:
+        calls.append(k)
+        bound_call(self, raw, k)
+
+    monkeypatch.setattr(TritonBoundStep, "__call__", step)
+    w = torch.ones((), device=DEV, requires_grad=True)
+
+    def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return w * x / (1 + sigma.view(-1, 1) ** 2)
+
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)).to(DEV) * 80
+    plan = indis.prepare(model, x, torch.tensor([80.0, 10.0, 1.0, 0.0], device=DEV), "dpmpp_2m")
+    with torch.no_grad():
+        plain = run_fused(plan, x, backend="triton")
+    assert calls == list(range(plan.packed.stages))
+    outs = {b: run_fused(plan, x, backend=b) for b in ("triton", "torch")}
+    for out in outs.values():
+        assert out.requires_grad and out.grad_fn is not None
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(plain, outs["torch"].detach(), rtol=1e-5, atol=1e-4)
 
 
 def test_gradients_flow_through_the_reference_loop(monkeypatch: pytest.MonkeyPatch) -> None:
