@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -40,12 +41,49 @@ from indis.engine.core.sampling import (
 )
 from indis.engine.core.schedules import Schedule, as_grid
 
+T = TypeVar("T")
+
 
 def parameter_fingerprint(*objects: object) -> tuple:
     """The (id, data pointer) of every parameter and buffer of the ``nn.Module`` s among ``objects``: a CUDA
     graph reading them must be re-captured when it changes (a replaced storage)."""
     modules = [m for m in objects if isinstance(m, nn.Module)]
     return tuple((id(t), t.data_ptr()) for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
+def warm_up(body: Callable[[], object], runs: int, reset: Callable[[], None] | None = None) -> None:
+    """Run ``body`` ``runs`` times before a capture (Triton compiles, library handles are made), calling
+    ``reset`` after each run -- also one that fails -- so that every run starts from the same buffers: a body
+    that advances state (a batcher iteration) is never run past where it started."""
+    for _ in range(runs):
+        try:
+            body()
+        finally:
+            if reset is not None:
+                reset()
+
+
+def capture_graph(body: Callable[[], T], device: torch.device, warm: Callable[[], None],
+                  memory: tuple | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``warm()`` on a side stream, then one run of ``body`` captured as a CUDA graph (in the graph memory
+    pool ``memory``, or its own) and what that run returned. The capture runs on that side stream -- never
+    torch's process-wide default capture stream, which lives on whichever device captured first -- in
+    ``capture_error_mode="thread_local"`` (other threads' CUDA calls do not break it), and the caller's stream
+    is current again afterwards, also when the capture fails."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side), torch.no_grad():
+            warm()
+    finally:
+        current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # The outer context restores the caller's stream even when capture_end raises inside graph.__exit__.
+    with torch.cuda.stream(current), torch.no_grad():
+        with torch.cuda.graph(graph, pool=memory, stream=side, capture_error_mode="thread_local"):
+            out = body()
+    return graph, out
 
 
 @dataclass
@@ -112,9 +150,9 @@ class GraphSampler:
             entry = None
         if entry is None:
             entry = _Entry({k: v.clone() for k, v in inputs.items()}, flags, fingerprint)
-            self._cache[key] = entry
             if x.is_cuda:
-                self._capture(entry)
+                self._capture(entry)  # kept only once captured: a failed capture is tried again, never
+            self._cache[key] = entry  # replaced by a silent eager run
         else:
             for k, v in inputs.items():
                 entry.inputs[k].copy_(v)
@@ -232,14 +270,6 @@ class GraphSampler:
         return run(plan, x, cond, backend=self.backend, check_output=check_output)
 
     def _capture(self, entry: _Entry) -> None:
-        side = torch.cuda.Stream(device=entry.inputs["x"].device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(self.warmup):
-                self._body(entry)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            entry.output = self._body(entry)
-        entry.graph = graph
+        entry.graph, entry.output = capture_graph(lambda: self._body(entry), entry.inputs["x"].device,
+                                                  lambda: warm_up(lambda: self._body(entry), self.warmup))
         self.captured += 1

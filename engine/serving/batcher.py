@@ -116,7 +116,9 @@ class ContinuousBatcher:
     the triton backend; off CUDA nothing is captured and the same work runs eagerly).
     On CUDA, admission writes new slots through one pinned staging copy per iteration and a retirement's
     finiteness flags come back asynchronously: results are delivered at the next iteration, after its work
-    is queued, so the host never waits for the device's current work.
+    is queued, so the host never waits for the device's current work -- except to admit a request whose
+    schedule comes from a predictor on the device (``schedule="predictor"``), which is read back to the host
+    once, at admission, to be checked and turned into table rows.
     ``predictors``: ``{(nfe, solver): phi}`` with ``phi(x_T[B], cond) -> Schedule`` for
     ``schedule="predictor"`` (``predictor_cond``: the dotted path of the condition it reads, or a function of
     the condition tree; an NFE ``chooser`` reads it too, for requests with ``nfe="auto"``). ``policy``:

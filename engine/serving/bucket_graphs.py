@@ -8,14 +8,18 @@ condition inputs and guidance are the pool's own buffers, so a batcher has one c
 host keeps its own copies of the counters and reads nothing back.
 
 Capture runs the body on a side stream first (``warmup`` times: Triton compiles, library handles); that
-advances the slots' state, so the buffers the body writes are saved before and restored after (also when it
-fails). Capture uses ``capture_error_mode="thread_local"``, so another thread's CUDA calls (a client reading a
-result) do not break it; a failure raises with the bucket named (the iteration's requests fail; use
-``graphs=False`` for a model that cannot be captured). A replaced parameter of the denoiser -- when the model
-is an ``nn.Module`` or a ``Denoiser`` of one (``engine.core.graphs.parameter_fingerprint``) -- drops every
-graph; a plain function's modules are not visible, so after replacing what it reads call :meth:`invalidate`.
+advances the slots' state, so the buffers the body writes are saved before and restored after every run
+(also one that fails). Capture (``engine.core.graphs.capture_graph``) runs on a stream of its own with
+``capture_error_mode="thread_local"``, so another thread's CUDA calls (a client reading a result) do not break
+it; a failure raises with the bucket named (the iteration's requests fail; use ``graphs=False`` for a model
+that cannot be captured) and is remembered: that bucket fails at once, without capturing again, until
+:meth:`BucketGraphs.invalidate`. A replaced parameter of the denoiser -- when the model is an ``nn.Module``
+or a ``Denoiser`` of one (``engine.core.graphs.parameter_fingerprint``) -- drops every graph (and every
+remembered failure); a plain function's modules are not visible, so after replacing what it reads call
+:meth:`invalidate`.
+
 On a pool that is not on CUDA nothing is captured: the same body runs eagerly (which keeps this path testable
-without a GPU).
+without a GPU; :meth:`BucketGraphs.warm_up` runs on any device).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from indis.engine.core.families import Denoiser
-from indis.engine.core.graphs import parameter_fingerprint
+from indis.engine.core.graphs import capture_graph, parameter_fingerprint, warm_up
 from indis.engine.serving.pool import SlotPool
 
 
@@ -38,16 +42,20 @@ class BucketGraphs:
                              "triton backend); a CPU pool steps with its C++ or torch call")
         self.pool, self.den, self.warmup = pool, den, warmup
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.failed: dict[int, str] = {}  # buckets whose capture failed: why (until invalidate)
         self.captured = 0  # graphs captured so far (re-captures included)
         self._fingerprint = parameter_fingerprint(den.net)
         self._memory = None  # the graphs share one memory pool
 
     def invalidate(self) -> None:
-        """Drop every graph (the next replay of each bucket captures again)."""
+        """Drop every graph and every remembered capture failure (the next replay of each bucket captures
+        again)."""
         self.graphs.clear()
+        self.failed.clear()
 
     def replay(self, b: int) -> None:
-        """Run the iteration of slots ``0..b-1`` (capturing its graph first if needed)."""
+        """Run the iteration of slots ``0..b-1`` (capturing its graph first if needed). A bucket whose
+        capture failed raises again at once, without another capture, until :meth:`invalidate`."""
         pool = self.pool
         if pool.device.type != "cuda":
             pool.step_device(self.den, b)
@@ -56,37 +64,39 @@ class BucketGraphs:
         if fingerprint != self._fingerprint:  # a parameter's storage was replaced: stale graphs
             self.invalidate()
             self._fingerprint = fingerprint
+        if b in self.failed:
+            raise RuntimeError(self.failed[b])
         with torch.cuda.device(pool.device):
             graph = self.graphs.get(b)
             if graph is None:
                 graph = self.graphs[b] = self._capture(b)
             graph.replay()
 
-    def _capture(self, b: int) -> torch.cuda.CUDAGraph:
+    def warm_up(self, b: int) -> None:
+        """Run bucket ``b``'s iteration ``warmup`` times, as a capture does first (Triton compiles, library
+        handles are made), restoring the buffers it writes after each run: the pool is left as it was (a
+        slot at its last stage would otherwise step past its table on the second run). Runs on any
+        device."""
         pool = self.pool
         written = [pool.y[:b], pool.stash[:b], pool.hist[:, :b], pool.step[:b]]
         saved = [t.clone() for t in written]
-        current = torch.cuda.current_stream(pool.device)
-        try:
-            side = torch.cuda.Stream(device=pool.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side), torch.no_grad():
-                for _ in range(self.warmup):
-                    pool.step_device(self.den, b)
-            current.wait_stream(side)
-        finally:
+
+        def reset() -> None:
             for t, s in zip(written, saved, strict=True):
                 t.copy_(s)
+
+        warm_up(lambda: pool.step_device(self.den, b), self.warmup, reset)
+
+    def _capture(self, b: int) -> torch.cuda.CUDAGraph:
         if self._memory is None:
             self._memory = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        capture = torch.cuda.graph(graph, pool=self._memory, capture_error_mode="thread_local")
         try:
-            with capture, torch.no_grad():
-                pool.step_device(self.den, b)
+            graph, _ = capture_graph(lambda: self.pool.step_device(self.den, b), self.pool.device,
+                                     lambda: self.warm_up(b), self._memory)
         except Exception as e:
-            raise RuntimeError(f"capturing bucket {b}'s iteration as a CUDA graph failed "
-                               f"({type(e).__name__}: {e}); a model that cannot be captured is served with "
-                               "graphs=False") from e
+            self.failed[b] = (f"capturing bucket {b}'s iteration as a CUDA graph failed "
+                              f"({type(e).__name__}: {e}); a model that cannot be captured is served with "
+                              "graphs=False")
+            raise RuntimeError(self.failed[b]) from e
         self.captured += 1
         return graph

@@ -219,7 +219,8 @@ class SlotPool:
         elif self.host:
             sigma = torch.from_numpy(self.w["time"][self.slot_index[:b], np.maximum(self.w["step"][:b], 0)])
         else:
-            sigma = self.time[:b].gather(1, self.step[:b].clamp(min=0).long()[:, None]).squeeze(1)
+            stage = self.step[:b].clamp(0, self.max_stages - 1).long()  # idle / finished: any valid index
+            sigma = self.time[:b].gather(1, stage[:, None]).squeeze(1)
         if b not in self._views:  # the buffers are never reallocated: each bucket's views are made once
             self._views[b] = self.y[:b], {k: v[:b] for k, v in self.cond.items()}
         y, cond = self._views[b]

@@ -293,3 +293,22 @@ def test_cuda_graph_captures_guidance_with_text_conditions() -> None:
             out = sampler(x, cond=cond, uncond=uncond, guidance_scale=scale)
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert sampler.captured == 1 and sampler.graphs == 1
+
+
+@cuda_only
+def test_cuda_graph_capture_failure_raises_on_every_call_and_restores_the_stream() -> None:
+    """A denoiser that reads a value back (a host sync) cannot be captured: every call raises (a failed
+    capture is never kept and replaced by an eager run), and the caller's stream is current afterwards."""
+    model = small_mixture().cuda()
+
+    def syncing(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return model(x, sigma) * (sigma.max().item() > -1)
+
+    sampler = GraphSampler(syncing, "dpmpp_2m")
+    x, sched = _inputs(device="cuda")
+    stream = torch.cuda.current_stream()
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            sampler(x, sched)
+        assert torch.cuda.current_stream() == stream
+    assert sampler.graphs == 0 and sampler.captured == 0

@@ -62,6 +62,38 @@ def test_bucket_graphs_serve_as_the_plain_loop() -> None:
     assert graphed.graphs.captured == (len(graphed.graphs.graphs) if KERNEL_DEVICE.type == "cuda" else 0)
 
 
+def test_warm_up_starts_every_run_from_the_same_slots() -> None:
+    """The capture's warm-up runs a bucket's iteration twice; each run starts from the slots as they were
+    (a slot at its last stage of a table as long as the pool allows would otherwise step past it), and the
+    pool is left unchanged: the request then finishes exactly as without the warm-up."""
+    seen = []
+
+    def model(x, sigma, class_labels):
+        seen.append((x.clone(), sigma.clone()))
+        return _labelled(x, sigma, class_labels)
+
+    kw = dict(conditions={"class_labels": (-1, 10)}, capacity=2, max_stages=3, backend="triton",
+              device=KERNEL_DEVICE, dtype=torch.float32)
+    req = Request(seed=3, nfe=3, solver="ipndm", cond={"class_labels": 4})
+    want = ContinuousBatcher(model, (6,), **kw).run_all([req])[0]
+    b = ContinuousBatcher(model, (6,), graphs=True, **kw)
+    future = b.submit(req)
+    b.iterate(flush=True)
+    b.iterate(flush=True)  # the slot now sits at stage 2 of 3, its table's last
+    pool = b.pool
+    before = [t.clone() for t in (pool.y, pool.stash, pool.hist, pool.step)]
+    seen.clear()
+    b.graphs.warm_up(1)
+    assert len(seen) == b.graphs.warmup == 2
+    for t in (0, 1):
+        assert torch.equal(seen[0][t], seen[1][t])
+    for t, u in zip(before, (pool.y, pool.stash, pool.hist, pool.step), strict=True):
+        assert torch.equal(t, u)
+    while b.pending():
+        b.iterate(flush=True)
+    assert torch.equal(future.result(), want)
+
+
 class _LateEvent:
     """A stand-in for a CUDA event that has not passed until someone waits for it."""
 
@@ -207,3 +239,30 @@ def test_captured_buckets_serve_as_the_eager_loop_on_cuda() -> None:
     assert graphed.graphs.captured > captured
     for a, o in zip(eager[:4], again, strict=True):
         torch.testing.assert_close(o, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA device (runs in benchmarks/gpu_suite.sh)")
+def test_a_model_that_cannot_be_captured_fails_fast_on_cuda() -> None:
+    """A denoiser that reads a value back (a host sync) cannot be captured: its requests fail with the bucket
+    named, the caller's stream is current again, and the bucket is not captured again (no more warm-up
+    calls of the model) until invalidate()."""
+    calls = {"n": 0}
+
+    def syncing(x, sigma, class_labels):
+        calls["n"] += 1
+        return _labelled(x, sigma, class_labels) * (sigma.max().item() > -1)
+
+    b = ContinuousBatcher(syncing, (6,), conditions={"class_labels": (-1, 10)}, capacity=2, device="cuda",
+                          dtype=torch.float32, graphs=True)
+    stream = torch.cuda.current_stream()
+    with pytest.raises(RuntimeError, match="capturing bucket"):
+        b.run_all([Request(seed=0, nfe=3)])
+    assert torch.cuda.current_stream() == stream
+    assert b.graphs.failed and not b.graphs.graphs
+    n = calls["n"]
+    with pytest.raises(RuntimeError, match="capturing bucket"):
+        b.run_all([Request(seed=1, nfe=3)])
+    assert calls["n"] == n
+    b.graphs.invalidate()
+    assert not b.graphs.failed
