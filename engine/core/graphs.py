@@ -8,8 +8,9 @@ device tensors and the table build is free of host syncs when its structure is g
 
 Weights: a replay reads the parameters' memory, so in-place updates (``load_state_dict``, an optimiser step)
 are seen without re-capture. Replacing a parameter's storage (``module.weight = ...``, ``.to()``) would leave
-the graph reading freed memory: every call compares the parameters' (id, data pointer) fingerprint with the
-one captured and re-captures when it changed. :meth:`GraphSampler.invalidate` drops every graph explicitly.
+the graph reading freed memory: every call compares the parameters' data pointers with the ones captured
+(:class:`ParameterWatch`) and re-captures when one changed. :meth:`GraphSampler.invalidate` drops every graph
+explicitly.
 
 On a non-CUDA device nothing is captured: the same body runs eagerly (``captured`` stays 0), which keeps the
 code path testable without a GPU.
@@ -44,11 +45,47 @@ from indis.engine.core.schedules import Schedule, as_grid
 T = TypeVar("T")
 
 
-def parameter_fingerprint(*objects: object) -> tuple:
-    """The (id, data pointer) of every parameter and buffer of the ``nn.Module`` s among ``objects``: a CUDA
-    graph reading them must be re-captured when it changes (a replaced storage)."""
-    modules = [m for m in objects if isinstance(m, nn.Module)]
-    return tuple((id(t), t.data_ptr()) for m in modules for t in (*m.parameters(), *m.buffers()))
+_tree_generation = object()  # replaced whenever any module in the process registers a submodule
+
+
+def _tree_changed(*_: object) -> None:
+    global _tree_generation
+    _tree_generation = object()
+
+
+_tree_hook = None  # torch's global module-registration hook, installed by the first ParameterWatch
+
+
+class ParameterWatch:
+    """Whether the parameters and buffers of the ``nn.Module`` s among ``objects`` still live at the addresses
+    a CUDA graph captured: a replaced storage (``module.weight = ...``, ``.to()``, ``param.data = ...``) would
+    leave the graph reading freed memory. Each :meth:`moved` reads one data pointer per tensor from the
+    modules' own parameter and buffer dicts, kept between calls and collected again only after some
+    module registered a submodule (torch's global registration hook): no walk of the module tree per call."""
+
+    def __init__(self, *objects: object) -> None:
+        global _tree_hook
+        if _tree_hook is None:
+            _tree_hook = nn.modules.module.register_module_module_registration_hook(_tree_changed)
+        self.modules = [m for m in objects if isinstance(m, nn.Module)]
+        self._generation: object | None = None
+        self._dicts: list[dict] = []
+        self.addresses = self._addresses()
+
+    def _addresses(self) -> tuple[int, ...]:
+        if self._generation is not _tree_generation:
+            self._generation = _tree_generation
+            subs = [sub for m in self.modules for sub in m.modules()]
+            self._dicts = [d for sub in subs for d in (sub._parameters, sub._buffers)]
+        return tuple(t.data_ptr() for d in self._dicts for t in d.values() if t is not None)
+
+    def moved(self) -> bool:
+        """Whether any address changed since the last call (or since creation); remembers the new ones."""
+        now = self._addresses()
+        if now == self.addresses:
+            return False
+        self.addresses = now
+        return True
 
 
 def warm_up(body: Callable[[], object], runs: int, reset: Callable[[], None] | None = None) -> None:
@@ -90,7 +127,6 @@ def capture_graph(body: Callable[[], T], device: torch.device, warm: Callable[[]
 class _Entry:
     inputs: dict[str, Tensor]            # static buffers the graph reads
     flags: tuple[bool, bool]             # (final_zero, infinite_start) of the captured grid structure
-    fingerprint: tuple
     graph: torch.cuda.CUDAGraph | None = None
     output: Tensor | None = None
 
@@ -134,6 +170,7 @@ class GraphSampler:
         self.captured = 0            # number of graphs captured so far (re-captures included)
         self._bounds_checked: set[torch.dtype] = set()
         self._cache: dict[tuple, _Entry] = {}
+        self._watch = ParameterWatch(self.denoiser.net, self.predictor)
 
     # ------------------------------------------------------------------------------------------- public
     def __call__(self, x: Tensor, sigmas: Tensor | Schedule | None = None, *, cond: Cond | None = None,
@@ -143,13 +180,11 @@ class GraphSampler:
         inputs, flags = self._inputs(x, sigmas, cond, validate)
         inputs.update(self._guidance_inputs(x, cond, uncond, guidance_scale, validate))
         key = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items()), flags)
-        fingerprint = parameter_fingerprint(self.denoiser.net, self.predictor)
-        entry = self._cache.get(key)
-        if entry is not None and entry.fingerprint != fingerprint:
+        if self._watch.moved():
             self.invalidate()  # a parameter's storage was replaced: every graph reads stale memory
-            entry = None
+        entry = self._cache.get(key)
         if entry is None:
-            entry = _Entry({k: v.clone() for k, v in inputs.items()}, flags, fingerprint)
+            entry = _Entry({k: v.clone() for k, v in inputs.items()}, flags)
             if x.is_cuda:
                 self._capture(entry)  # kept only once captured: a failed capture is tried again, never
             self._cache[key] = entry  # replaced by a silent eager run

@@ -14,7 +14,7 @@ advances the slots' state, so the buffers the body writes are saved before and r
 it; a failure raises with the bucket named (the iteration's requests fail; use ``graphs=False`` for a model
 that cannot be captured) and is remembered: that bucket fails at once, without capturing again, until
 :meth:`BucketGraphs.invalidate`. A replaced parameter of the denoiser -- when the model is an ``nn.Module``
-or a ``Denoiser`` of one (``engine.core.graphs.parameter_fingerprint``) -- drops every graph (and every
+or a ``Denoiser`` of one (``engine.core.graphs.ParameterWatch``) -- drops every graph (and every
 remembered failure); a plain function's modules are not visible, so after replacing what it reads call
 :meth:`invalidate`.
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from indis.engine.core.families import Denoiser
-from indis.engine.core.graphs import capture_graph, parameter_fingerprint, warm_up
+from indis.engine.core.graphs import ParameterWatch, capture_graph, warm_up
 from indis.engine.serving.pool import SlotPool
 
 
@@ -44,7 +44,7 @@ class BucketGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.failed: dict[int, str] = {}  # buckets whose capture failed: why (until invalidate)
         self.captured = 0  # graphs captured so far (re-captures included)
-        self._fingerprint = parameter_fingerprint(den.net)
+        self._watch = ParameterWatch(den.net)
         self._memory = None  # the graphs share one memory pool
 
     def invalidate(self) -> None:
@@ -60,10 +60,8 @@ class BucketGraphs:
         if pool.device.type != "cuda":
             pool.step_device(self.den, b)
             return
-        fingerprint = parameter_fingerprint(self.den.net)
-        if fingerprint != self._fingerprint:  # a parameter's storage was replaced: stale graphs
+        if self._watch.moved():  # a parameter's storage was replaced: stale graphs
             self.invalidate()
-            self._fingerprint = fingerprint
         if b in self.failed:
             raise RuntimeError(self.failed[b])
         with torch.cuda.device(pool.device):

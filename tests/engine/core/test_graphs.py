@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 import indis
-from indis.engine.core.graphs import GraphSampler
+from indis.engine.core.graphs import GraphSampler, ParameterWatch
 from indis.engine.core.sampling import make_plan, prepare, run_fused, run_table
 from indis.engine.core.solvers import build_table
 from indis.engine.studies.convergence import small_mixture
@@ -312,3 +312,25 @@ def test_cuda_graph_capture_failure_raises_on_every_call_and_restores_the_stream
             sampler(x, sched)
         assert torch.cuda.current_stream() == stream
     assert sampler.graphs == 0 and sampler.captured == 0
+
+
+def test_parameter_watch_sees_every_way_a_storage_moves() -> None:
+    """``ParameterWatch.moved`` is False while the parameters stay where they are (also after in-place
+    updates) and True once after each way a storage can move: a replaced parameter or buffer, ``.data``
+    assigned, a dtype conversion, a new submodule holding parameters; a function has nothing to watch."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    watch = ParameterWatch(net, None)
+    assert not watch.moved() and not watch.moved()
+    with torch.no_grad():
+        net[0].weight.mul_(2)
+    net.load_state_dict(net.state_dict())
+    assert not watch.moved()
+    moves = [lambda: setattr(net[0], "weight", torch.nn.Parameter(net[0].weight.detach().clone())),
+             lambda: setattr(net[1], "running_mean", net[1].running_mean.clone()),
+             lambda: setattr(net[0].bias, "data", net[0].bias.detach().clone()),
+             lambda: net.double(),
+             lambda: net.append(torch.nn.Linear(3, 3))]
+    for move in moves:
+        move()
+        assert watch.moved() and not watch.moved()
+    assert not ParameterWatch(lambda x: x).moved()
