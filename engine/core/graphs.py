@@ -8,9 +8,11 @@ device tensors and the table build is free of host syncs when its structure is g
 
 Weights: a replay reads the parameters' memory, so in-place updates (``load_state_dict``, an optimiser step)
 are seen without re-capture. Replacing a parameter's storage (``module.weight = ...``, ``.to()``) would leave
-the graph reading freed memory: every call compares the parameters' data pointers with the ones captured
-(:class:`ParameterWatch`) and re-captures when one changed. :meth:`GraphSampler.invalidate` drops every graph
-explicitly.
+the graph reading freed memory: every call compares the parameters' data pointers and the module tree with
+those of the capture (:class:`ParameterWatch`) and re-captures when they changed. A capture that fails
+(:class:`CaptureError`: the model does something a graph cannot hold, such as a host sync) is remembered per
+key and raised again at once, without another capture, until :meth:`GraphSampler.invalidate` (which also
+drops every graph).
 
 On a non-CUDA device nothing is captured: the same body runs eagerly (``captured`` stays 0), which keeps the
 code path testable without a GPU.
@@ -21,7 +23,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from itertools import chain
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -45,47 +48,45 @@ from indis.engine.core.schedules import Schedule, as_grid
 T = TypeVar("T")
 
 
-_tree_generation = object()  # replaced whenever any module in the process registers a submodule
+class _Collected(NamedTuple):
+    roots: tuple[int, ...]          # ids of the root modules
+    children: list[dict]            # every submodule's _modules
+    tensors: list[dict]             # every submodule's _parameters and _buffers
+    tree: tuple[int, ...]           # ids of every submodule's children, in order
 
 
-def _tree_changed(*_: object) -> None:
-    global _tree_generation
-    _tree_generation = object()
-
-
-_tree_hook = None  # torch's global module-registration hook, installed by the first ParameterWatch
+def _ids(dicts: list[dict]) -> tuple[int, ...]:
+    return tuple(map(id, chain.from_iterable(map(dict.values, dicts))))
 
 
 class ParameterWatch:
-    """Whether the parameters and buffers of the ``nn.Module`` s among ``objects`` still live at the addresses
-    a CUDA graph captured: a replaced storage (``module.weight = ...``, ``.to()``, ``param.data = ...``) would
-    leave the graph reading freed memory. Each :meth:`moved` reads one data pointer per tensor from the
-    modules' own parameter and buffer dicts, kept between calls and collected again only after some
-    module registered a submodule (torch's global registration hook): no walk of the module tree per call."""
+    """What a CUDA graph of the ``nn.Module`` s among some root objects reads, as a comparable
+    :meth:`signature`: the roots, every submodule's children and every parameter's and buffer's data pointer.
+    It changes when a storage moves (``module.weight = ...``, ``.to()``, ``param.data = ...``) or the module
+    tree changes (a child set, inserted or deleted, a root replaced), either of which would leave a captured
+    graph reading freed or stale memory. The submodules are collected again only when their children changed,
+    so a call reads each module's three dicts instead of walking the tree. Safe to call from several threads
+    (each call works on one snapshot of the collection)."""
 
-    def __init__(self, *objects: object) -> None:
-        global _tree_hook
-        if _tree_hook is None:
-            _tree_hook = nn.modules.module.register_module_module_registration_hook(_tree_changed)
-        self.modules = [m for m in objects if isinstance(m, nn.Module)]
-        self._generation: object | None = None
-        self._dicts: list[dict] = []
-        self.addresses = self._addresses()
+    def __init__(self) -> None:
+        self._collected: _Collected | None = None
 
-    def _addresses(self) -> tuple[int, ...]:
-        if self._generation is not _tree_generation:
-            self._generation = _tree_generation
-            subs = [sub for m in self.modules for sub in m.modules()]
-            self._dicts = [d for sub in subs for d in (sub._parameters, sub._buffers)]
-        return tuple(t.data_ptr() for d in self._dicts for t in d.values() if t is not None)
+    def signature(self, *objects: object) -> tuple:
+        """The signature of the modules among ``objects`` (other objects hold nothing to watch)."""
+        roots = tuple(id(m) for m in objects if isinstance(m, nn.Module))
+        got = self._collected
+        if got is None or got.roots != roots or _ids(got.children) != got.tree:
+            modules = {id(sub): sub for m in objects if isinstance(m, nn.Module) for sub in m.modules()}
+            children = [m._modules for m in modules.values()]
+            tensors = [d for m in modules.values() for d in (m._parameters, m._buffers)]
+            got = self._collected = _Collected(roots, children, tensors, _ids(children))
+        data_ptr = Tensor.data_ptr
+        pointers = [data_ptr(t) for t in chain.from_iterable(map(dict.values, got.tensors)) if t is not None]
+        return got.roots, got.tree, tuple(pointers)
 
-    def moved(self) -> bool:
-        """Whether any address changed since the last call (or since creation); remembers the new ones."""
-        now = self._addresses()
-        if now == self.addresses:
-            return False
-        self.addresses = now
-        return True
+
+class CaptureError(RuntimeError):
+    """A CUDA graph capture failed (the body did something a graph cannot hold, e.g. a host sync)."""
 
 
 def warm_up(body: Callable[[], object], runs: int, reset: Callable[[], None] | None = None) -> None:
@@ -101,14 +102,18 @@ def warm_up(body: Callable[[], object], runs: int, reset: Callable[[], None] | N
 
 
 def capture_graph(body: Callable[[], T], device: torch.device, warm: Callable[[], None],
-                  memory: tuple | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
-    """``warm()`` on a side stream, then one run of ``body`` captured as a CUDA graph (in the graph memory
-    pool ``memory``, or its own) and what that run returned. The capture runs on that side stream -- never
-    torch's process-wide default capture stream, which lives on whichever device captured first -- in
-    ``capture_error_mode="thread_local"`` (other threads' CUDA calls do not break it), and the caller's stream
-    is current again afterwards, also when the capture fails."""
+                  memory: tuple | None = None, stream: torch.cuda.Stream | None = None
+                  ) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``warm()`` on ``stream`` (a new one if None), then one run of ``body`` captured there as a CUDA graph
+    (in the graph memory pool ``memory``, or its own) and what that run returned. An error of ``warm()``
+    propagates as it is; one of the capture raises :class:`CaptureError` from it. Graphs sharing a memory
+    pool should share a stream (the pool's blocks are reused per stream). Capture never uses torch's
+    process-wide default capture stream (created on whichever device captured first), runs in
+    ``capture_error_mode="thread_local"`` (CUDA calls of other threads that torch would refuse during a
+    global capture do not break it), and the caller's stream is current again afterwards, also when the
+    capture fails."""
     current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device=device)
+    side = stream or torch.cuda.Stream(device=device)
     side.wait_stream(current)
     try:
         with torch.cuda.stream(side), torch.no_grad():
@@ -116,10 +121,13 @@ def capture_graph(body: Callable[[], T], device: torch.device, warm: Callable[[]
     finally:
         current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    # The outer context restores the caller's stream even when capture_end raises inside graph.__exit__.
-    with torch.cuda.stream(current), torch.no_grad():
-        with torch.cuda.graph(graph, pool=memory, stream=side, capture_error_mode="thread_local"):
-            out = body()
+    try:
+        # The outer context restores the caller's stream even when capture_end raises in graph.__exit__.
+        with torch.cuda.stream(current), torch.no_grad():
+            with torch.cuda.graph(graph, pool=memory, stream=side, capture_error_mode="thread_local"):
+                out = body()
+    except Exception as e:
+        raise CaptureError(f"CUDA graph capture failed ({type(e).__name__}: {e})") from e
     return graph, out
 
 
@@ -127,6 +135,7 @@ def capture_graph(body: Callable[[], T], device: torch.device, warm: Callable[[]
 class _Entry:
     inputs: dict[str, Tensor]            # static buffers the graph reads
     flags: tuple[bool, bool]             # (final_zero, infinite_start) of the captured grid structure
+    signature: tuple                     # ParameterWatch.signature of the models when captured
     graph: torch.cuda.CUDAGraph | None = None
     output: Tensor | None = None
 
@@ -170,7 +179,8 @@ class GraphSampler:
         self.captured = 0            # number of graphs captured so far (re-captures included)
         self._bounds_checked: set[torch.dtype] = set()
         self._cache: dict[tuple, _Entry] = {}
-        self._watch = ParameterWatch(self.denoiser.net, self.predictor)
+        self.failed: dict[tuple, str] = {}  # keys whose capture failed: why (until invalidate)
+        self._watch = ParameterWatch()
 
     # ------------------------------------------------------------------------------------------- public
     def __call__(self, x: Tensor, sigmas: Tensor | Schedule | None = None, *, cond: Cond | None = None,
@@ -180,14 +190,18 @@ class GraphSampler:
         inputs, flags = self._inputs(x, sigmas, cond, validate)
         inputs.update(self._guidance_inputs(x, cond, uncond, guidance_scale, validate))
         key = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items()), flags)
-        if self._watch.moved():
-            self.invalidate()  # a parameter's storage was replaced: every graph reads stale memory
+        signature = self._watch.signature(self.denoiser, self.predictor)
         entry = self._cache.get(key)
+        if entry is not None and entry.signature != signature:
+            self.invalidate()  # a parameter's storage moved or the modules changed: every graph is stale
+            entry = None
+        if key in self.failed:
+            raise CaptureError(self.failed[key])
         if entry is None:
-            entry = _Entry({k: v.clone() for k, v in inputs.items()}, flags)
+            entry = _Entry({k: v.clone() for k, v in inputs.items()}, flags, signature)
             if x.is_cuda:
-                self._capture(entry)  # kept only once captured: a failed capture is tried again, never
-            self._cache[key] = entry  # replaced by a silent eager run
+                self._capture(key, entry)
+            self._cache[key] = entry  # kept only once captured: never replaced by a silent eager run
         else:
             for k, v in inputs.items():
                 entry.inputs[k].copy_(v)
@@ -201,8 +215,10 @@ class GraphSampler:
         return entry.output.clone() if self.clone_output else entry.output
 
     def invalidate(self) -> None:
-        """Drop every captured graph (the next call per key captures again)."""
+        """Drop every captured graph and every remembered capture failure (the next call per key captures
+        again)."""
         self._cache.clear()
+        self.failed.clear()
 
     @property
     def graphs(self) -> int:
@@ -304,7 +320,14 @@ class GraphSampler:
             plan = make_plan(den, table, x)
         return run(plan, x, cond, backend=self.backend, check_output=check_output)
 
-    def _capture(self, entry: _Entry) -> None:
-        entry.graph, entry.output = capture_graph(lambda: self._body(entry), entry.inputs["x"].device,
-                                                  lambda: warm_up(lambda: self._body(entry), self.warmup))
+    def _capture(self, key: tuple, entry: _Entry) -> None:
+        try:
+            entry.graph, entry.output = capture_graph(lambda: self._body(entry), entry.inputs["x"].device,
+                                                      lambda: warm_up(lambda: self._body(entry), self.warmup))
+        except CaptureError as e:
+            if not isinstance(e.__cause__, torch.OutOfMemoryError):  # out of memory may pass: try again
+                self.failed[key] = (f"{e}; a model that cannot be captured runs eagerly with indis.sample "
+                                    "(or graphs=False in the pipeline runner)")
+                raise CaptureError(self.failed[key]) from e.__cause__
+            raise
         self.captured += 1

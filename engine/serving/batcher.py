@@ -117,8 +117,8 @@ class ContinuousBatcher:
     On CUDA, admission writes new slots through one pinned staging copy per iteration and a retirement's
     finiteness flags come back asynchronously: results are delivered at the next iteration, after its work
     is queued, so the host never waits for the device's current work -- except to admit a request whose
-    schedule comes from a predictor on the device (``schedule="predictor"``), which is read back to the host
-    once, at admission, to be checked and turned into table rows.
+    schedule (``schedule="predictor"``) or NFE (``nfe="auto"``) a network on the device chooses: that choice
+    is read back to the host once, at admission (a schedule to be checked and turned into table rows).
     ``predictors``: ``{(nfe, solver): phi}`` with ``phi(x_T[B], cond) -> Schedule`` for
     ``schedule="predictor"`` (``predictor_cond``: the dotted path of the condition it reads, or a function of
     the condition tree; an NFE ``chooser`` reads it too, for requests with ``nfe="auto"``). ``policy``:

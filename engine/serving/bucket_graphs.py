@@ -11,12 +11,13 @@ Capture runs the body on a side stream first (``warmup`` times: Triton compiles,
 advances the slots' state, so the buffers the body writes are saved before and restored after every run
 (also one that fails). Capture (``engine.core.graphs.capture_graph``) runs on a stream of its own with
 ``capture_error_mode="thread_local"``, so another thread's CUDA calls (a client reading a result) do not break
-it; a failure raises with the bucket named (the iteration's requests fail; use ``graphs=False`` for a model
-that cannot be captured) and is remembered: that bucket fails at once, without capturing again, until
-:meth:`BucketGraphs.invalidate`. A replaced parameter of the denoiser -- when the model is an ``nn.Module``
-or a ``Denoiser`` of one (``engine.core.graphs.ParameterWatch``) -- drops every graph (and every
-remembered failure); a plain function's modules are not visible, so after replacing what it reads call
-:meth:`invalidate`.
+it; a failed capture raises ``CaptureError`` with the bucket named (the iteration's requests fail; use
+``graphs=False`` for a model that cannot be captured) and, unless it ran out of memory, is remembered: that
+bucket fails at once, without capturing again, until :meth:`BucketGraphs.invalidate` (an error of the warm-up
+fails the iteration as an eager one would, and is not remembered). A moved parameter storage or a changed
+module tree of the denoiser -- when the model is an ``nn.Module`` or a ``Denoiser`` of one
+(``engine.core.graphs.ParameterWatch``) -- drops every graph (and every remembered failure); a plain
+function's modules are not visible, so after replacing what it reads call :meth:`invalidate`.
 
 On a pool that is not on CUDA nothing is captured: the same body runs eagerly (which keeps this path testable
 without a GPU; :meth:`BucketGraphs.warm_up` runs on any device).
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from indis.engine.core.families import Denoiser
-from indis.engine.core.graphs import ParameterWatch, capture_graph, warm_up
+from indis.engine.core.graphs import CaptureError, ParameterWatch, capture_graph, warm_up
 from indis.engine.serving.pool import SlotPool
 
 
@@ -44,8 +45,10 @@ class BucketGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.failed: dict[int, str] = {}  # buckets whose capture failed: why (until invalidate)
         self.captured = 0  # graphs captured so far (re-captures included)
-        self._watch = ParameterWatch(den.net)
-        self._memory = None  # the graphs share one memory pool
+        self._watch = ParameterWatch()
+        self._signature = self._watch.signature(den)
+        self._memory = None  # the graphs share one memory pool, and so one capture stream
+        self._stream: torch.cuda.Stream | None = None
 
     def invalidate(self) -> None:
         """Drop every graph and every remembered capture failure (the next replay of each bucket captures
@@ -60,10 +63,12 @@ class BucketGraphs:
         if pool.device.type != "cuda":
             pool.step_device(self.den, b)
             return
-        if self._watch.moved():  # a parameter's storage was replaced: stale graphs
+        signature = self._watch.signature(self.den)
+        if signature != self._signature:  # a parameter's storage moved or the model changed: stale graphs
             self.invalidate()
+            self._signature = signature
         if b in self.failed:
-            raise RuntimeError(self.failed[b])
+            raise CaptureError(self.failed[b])
         with torch.cuda.device(pool.device):
             graph = self.graphs.get(b)
             if graph is None:
@@ -88,13 +93,15 @@ class BucketGraphs:
     def _capture(self, b: int) -> torch.cuda.CUDAGraph:
         if self._memory is None:
             self._memory = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device=self.pool.device)
         try:
             graph, _ = capture_graph(lambda: self.pool.step_device(self.den, b), self.pool.device,
-                                     lambda: self.warm_up(b), self._memory)
-        except Exception as e:
-            self.failed[b] = (f"capturing bucket {b}'s iteration as a CUDA graph failed "
-                              f"({type(e).__name__}: {e}); a model that cannot be captured is served with "
-                              "graphs=False")
-            raise RuntimeError(self.failed[b]) from e
+                                     lambda: self.warm_up(b), self._memory, self._stream)
+        except CaptureError as e:  # (a warm-up error propagates as the eager iteration's would)
+            message = (f"capturing bucket {b}'s iteration as a CUDA graph failed ({e.__cause__!r}); a model "
+                       "that cannot be captured is served with graphs=False")
+            if not isinstance(e.__cause__, torch.OutOfMemoryError):  # out of memory may pass: try again
+                self.failed[b] = message
+            raise CaptureError(message) from e.__cause__
         self.captured += 1
         return graph

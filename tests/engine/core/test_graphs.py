@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 import indis
-from indis.engine.core.graphs import GraphSampler, ParameterWatch
+from indis.engine.core.graphs import CaptureError, GraphSampler, ParameterWatch
 from indis.engine.core.sampling import make_plan, prepare, run_fused, run_table
 from indis.engine.core.solvers import build_table
 from indis.engine.studies.convergence import small_mixture
@@ -296,41 +296,65 @@ def test_cuda_graph_captures_guidance_with_text_conditions() -> None:
 
 
 @cuda_only
-def test_cuda_graph_capture_failure_raises_on_every_call_and_restores_the_stream() -> None:
-    """A denoiser that reads a value back (a host sync) cannot be captured: every call raises (a failed
-    capture is never kept and replaced by an eager run), and the caller's stream is current afterwards."""
+def test_cuda_graph_capture_failure_is_remembered_and_restores_the_stream() -> None:
+    """A denoiser that reads a value back (a host sync) cannot be captured: the call raises CaptureError (a
+    failed capture is never kept and replaced by an eager run), the caller's stream is current afterwards,
+    and the next call with that key raises at once, without running the model again, until invalidate()."""
     model = small_mixture().cuda()
+    calls = {"n": 0}
 
     def syncing(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
         return model(x, sigma) * (sigma.max().item() > -1)
 
     sampler = GraphSampler(syncing, "dpmpp_2m")
     x, sched = _inputs(device="cuda")
     stream = torch.cuda.current_stream()
-    for _ in range(2):
-        with pytest.raises(RuntimeError):
-            sampler(x, sched)
-        assert torch.cuda.current_stream() == stream
-    assert sampler.graphs == 0 and sampler.captured == 0
+    with pytest.raises(CaptureError, match="cannot be captured"):
+        sampler(x, sched)
+    assert torch.cuda.current_stream() == stream and calls["n"] > 0
+    n = calls["n"]
+    with pytest.raises(CaptureError, match="cannot be captured"):
+        sampler(x, sched)
+    assert calls["n"] == n and torch.cuda.current_stream() == stream
+    assert sampler.graphs == 0 and sampler.captured == 0 and len(sampler.failed) == 1
+    sampler.invalidate()
+    assert not sampler.failed
 
 
-def test_parameter_watch_sees_every_way_a_storage_moves() -> None:
-    """``ParameterWatch.moved`` is False while the parameters stay where they are (also after in-place
-    updates) and True once after each way a storage can move: a replaced parameter or buffer, ``.data``
-    assigned, a dtype conversion, a new submodule holding parameters; a function has nothing to watch."""
+def test_parameter_watch_sees_every_way_a_storage_or_the_tree_changes() -> None:
+    """``ParameterWatch.signature`` stays the same while the parameters stay where they are (also after
+    in-place updates) and changes with each way a storage can move or the module tree change: a replaced
+    parameter or buffer, ``.data`` assigned, a dtype conversion, a child appended, inserted, deleted or
+    written into ``_modules`` directly, the network of a Denoiser replaced; a function has nothing to
+    watch."""
     net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
-    watch = ParameterWatch(net, None)
-    assert not watch.moved() and not watch.moved()
+    den = indis.Denoiser(net)
+    watch = ParameterWatch()
+    last = [watch.signature(den, None)]
+
+    def moved() -> bool:
+        now = watch.signature(den, None)
+        changed, last[0] = now != last[0], now
+        return changed
+
+    assert not moved() and not moved()
     with torch.no_grad():
         net[0].weight.mul_(2)
     net.load_state_dict(net.state_dict())
-    assert not watch.moved()
-    moves = [lambda: setattr(net[0], "weight", torch.nn.Parameter(net[0].weight.detach().clone())),
-             lambda: setattr(net[1], "running_mean", net[1].running_mean.clone()),
-             lambda: setattr(net[0].bias, "data", net[0].bias.detach().clone()),
-             lambda: net.double(),
-             lambda: net.append(torch.nn.Linear(3, 3))]
-    for move in moves:
-        move()
-        assert watch.moved() and not watch.moved()
-    assert not ParameterWatch(lambda x: x).moved()
+    assert not moved()
+    changes = [lambda: setattr(net[0], "weight", torch.nn.Parameter(net[0].weight.detach().clone())),
+               lambda: setattr(net[1], "running_mean", net[1].running_mean.clone()),
+               lambda: setattr(net[0].bias, "data", net[0].bias.detach().clone()),
+               lambda: net.double(),
+               lambda: net.append(torch.nn.Linear(3, 3)),
+               lambda: net.insert(0, torch.nn.Identity()),
+               lambda: net.__delitem__(0),
+               lambda: net._modules.__setitem__("2", torch.nn.Linear(3, 3)),
+               lambda: setattr(den, "net", torch.nn.Linear(3, 3))]
+    for i, change in enumerate(changes):
+        change()
+        assert moved() and not moved(), i
+    assert watch.signature(den) != watch.signature(den, torch.nn.Linear(2, 2))
+    plain = ParameterWatch()
+    assert plain.signature(lambda x: x) == plain.signature(lambda x: x)
