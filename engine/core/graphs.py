@@ -50,23 +50,22 @@ T = TypeVar("T")
 
 class _Collected(NamedTuple):
     roots: tuple[int, ...]          # ids of the root modules
-    children: list[dict]            # every submodule's _modules
-    tensors: list[dict]             # every submodule's _parameters and _buffers
+    modules: list[nn.Module]        # every submodule, held: no id of theirs is reused while collected
     tree: tuple[int, ...]           # ids of every submodule's children, in order
 
 
-def _ids(dicts: list[dict]) -> tuple[int, ...]:
-    return tuple(map(id, chain.from_iterable(map(dict.values, dicts))))
+def _tree(modules: list[nn.Module]) -> tuple[int, ...]:
+    return tuple(map(id, chain.from_iterable(m._modules.values() for m in modules)))
 
 
 class ParameterWatch:
     """What a CUDA graph of the ``nn.Module`` s among some root objects reads, as a comparable
     :meth:`signature`: the roots, every submodule's children and every parameter's and buffer's data pointer.
     It changes when a storage moves (``module.weight = ...``, ``.to()``, ``param.data = ...``) or the module
-    tree changes (a child set, inserted or deleted, a root replaced), either of which would leave a captured
-    graph reading freed or stale memory. The submodules are collected again only when their children changed,
-    so a call reads each module's three dicts instead of walking the tree. Safe to call from several threads
-    (each call works on one snapshot of the collection)."""
+    tree changes (a child set, replaced, inserted or deleted, a root replaced), either of which would leave a
+    captured graph reading freed or stale memory. The submodules are held and collected again only when
+    their children changed, so a call reads each module's three dicts instead of walking the tree. Safe to
+    call from several threads (each call works on one snapshot of the collection)."""
 
     def __init__(self) -> None:
         self._collected: _Collected | None = None
@@ -75,14 +74,13 @@ class ParameterWatch:
         """The signature of the modules among ``objects`` (other objects hold nothing to watch)."""
         roots = tuple(id(m) for m in objects if isinstance(m, nn.Module))
         got = self._collected
-        if got is None or got.roots != roots or _ids(got.children) != got.tree:
-            modules = {id(sub): sub for m in objects if isinstance(m, nn.Module) for sub in m.modules()}
-            children = [m._modules for m in modules.values()]
-            tensors = [d for m in modules.values() for d in (m._parameters, m._buffers)]
-            got = self._collected = _Collected(roots, children, tensors, _ids(children))
+        if got is None or got.roots != roots or _tree(got.modules) != got.tree:
+            modules = list({id(sub): sub for m in objects if isinstance(m, nn.Module)
+                            for sub in m.modules()}.values())
+            got = self._collected = _Collected(roots, modules, _tree(modules))
         data_ptr = Tensor.data_ptr
-        pointers = [data_ptr(t) for t in chain.from_iterable(map(dict.values, got.tensors)) if t is not None]
-        return got.roots, got.tree, tuple(pointers)
+        tensors = chain.from_iterable(d.values() for m in got.modules for d in (m._parameters, m._buffers))
+        return got.roots, got.tree, tuple([data_ptr(t) for t in tensors if t is not None])
 
 
 class CaptureError(RuntimeError):
@@ -106,12 +104,13 @@ def capture_graph(body: Callable[[], T], device: torch.device, warm: Callable[[]
                   ) -> tuple[torch.cuda.CUDAGraph, T]:
     """``warm()`` on ``stream`` (a new one if None), then one run of ``body`` captured there as a CUDA graph
     (in the graph memory pool ``memory``, or its own) and what that run returned. An error of ``warm()``
-    propagates as it is; one of the capture raises :class:`CaptureError` from it. Graphs sharing a memory
-    pool should share a stream (the pool's blocks are reused per stream). Capture never uses torch's
-    process-wide default capture stream (created on whichever device captured first), runs in
-    ``capture_error_mode="thread_local"`` (CUDA calls of other threads that torch would refuse during a
-    global capture do not break it), and the caller's stream is current again afterwards, also when the
-    capture fails."""
+    propagates as it is; one of the capture raises :class:`CaptureError` from the body's own error (else
+    torch's). Graphs sharing a memory pool should share a stream (the pool's blocks are reused per stream);
+    after a failed capture use a new pool (some torch versions leave the failed one recording). Capture
+    never uses torch's process-wide default capture stream (created on whichever device captured first),
+    runs in ``capture_error_mode="thread_local"`` (CUDA calls of other threads that torch would refuse
+    during a global capture do not break it), and the caller's stream is current again afterwards, also
+    when the capture fails."""
     current = torch.cuda.current_stream(device)
     side = stream or torch.cuda.Stream(device=device)
     side.wait_stream(current)
@@ -121,13 +120,19 @@ def capture_graph(body: Callable[[], T], device: torch.device, warm: Callable[[]
     finally:
         current.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    failed: Exception | None = None  # the body's own error (torch's capture_end raises its own after it)
     try:
         # The outer context restores the caller's stream even when capture_end raises in graph.__exit__.
         with torch.cuda.stream(current), torch.no_grad():
             with torch.cuda.graph(graph, pool=memory, stream=side, capture_error_mode="thread_local"):
-                out = body()
+                try:
+                    out = body()
+                except Exception as e:
+                    failed = e
+                    raise
     except Exception as e:
-        raise CaptureError(f"CUDA graph capture failed ({type(e).__name__}: {e})") from e
+        cause = failed or e
+        raise CaptureError(f"CUDA graph capture failed ({type(cause).__name__}: {cause})") from cause
     return graph, out
 
 
@@ -179,7 +184,7 @@ class GraphSampler:
         self.captured = 0            # number of graphs captured so far (re-captures included)
         self._bounds_checked: set[torch.dtype] = set()
         self._cache: dict[tuple, _Entry] = {}
-        self.failed: dict[tuple, str] = {}  # keys whose capture failed: why (until invalidate)
+        self.failed: dict[tuple, tuple[tuple, str]] = {}  # keys whose capture failed: (signature, why)
         self._watch = ParameterWatch()
 
     # ------------------------------------------------------------------------------------------- public
@@ -195,8 +200,11 @@ class GraphSampler:
         if entry is not None and entry.signature != signature:
             self.invalidate()  # a parameter's storage moved or the modules changed: every graph is stale
             entry = None
-        if key in self.failed:
-            raise CaptureError(self.failed[key])
+        failure = self.failed.get(key)
+        if failure is not None and failure[0] != signature:
+            self.invalidate()  # the model changed since: capture again
+        elif failure is not None:
+            raise CaptureError(failure[1])
         if entry is None:
             entry = _Entry({k: v.clone() for k, v in inputs.items()}, flags, signature)
             if x.is_cuda:
@@ -324,10 +332,15 @@ class GraphSampler:
         try:
             entry.graph, entry.output = capture_graph(lambda: self._body(entry), entry.inputs["x"].device,
                                                       lambda: warm_up(lambda: self._body(entry), self.warmup))
+            if self._watch.signature(self.denoiser, self.predictor) != entry.signature:
+                entry.graph = entry.output = None
+                raise CaptureError("the model moved its parameters or changed its modules while it ran (e.g. "
+                                   "CPU offload hooks): the graph would read memory it does not own")
         except CaptureError as e:
             if not isinstance(e.__cause__, torch.OutOfMemoryError):  # out of memory may pass: try again
-                self.failed[key] = (f"{e}; a model that cannot be captured runs eagerly with indis.sample "
-                                    "(or graphs=False in the pipeline runner)")
-                raise CaptureError(self.failed[key]) from e.__cause__
+                why = (f"{e}; a model that cannot be captured runs eagerly with indis.sample (or "
+                       "graphs=False in the pipeline runner)")
+                self.failed[key] = (entry.signature, why)
+                raise CaptureError(self.failed[key][1]) from e.__cause__
             raise
         self.captured += 1

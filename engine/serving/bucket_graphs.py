@@ -97,11 +97,16 @@ class BucketGraphs:
         try:
             graph, _ = capture_graph(lambda: self.pool.step_device(self.den, b), self.pool.device,
                                      lambda: self.warm_up(b), self._memory, self._stream)
+            if self._watch.signature(self.den) != self._signature:
+                raise CaptureError("the model moved its parameters or changed its modules while it ran (e.g. "
+                                   "CPU offload hooks): the graph would read memory it does not own")
         except CaptureError as e:  # (a warm-up error propagates as the eager iteration's would)
-            message = (f"capturing bucket {b}'s iteration as a CUDA graph failed ({e.__cause__!r}); a model "
-                       "that cannot be captured is served with graphs=False")
-            if not isinstance(e.__cause__, torch.OutOfMemoryError):  # out of memory may pass: try again
+            self._memory = None  # later captures use a new pool: a failed one may still be recording
+            cause = e.__cause__ or e
+            message = (f"capturing bucket {b}'s iteration as a CUDA graph failed ({type(cause).__name__}: "
+                       f"{cause}); a model that cannot be captured is served with graphs=False")
+            if not isinstance(cause, torch.OutOfMemoryError):  # out of memory may pass: try again
                 self.failed[b] = message
-            raise CaptureError(message) from e.__cause__
+            raise CaptureError(message) from cause
         self.captured += 1
         return graph

@@ -325,9 +325,9 @@ def test_cuda_graph_capture_failure_is_remembered_and_restores_the_stream() -> N
 def test_parameter_watch_sees_every_way_a_storage_or_the_tree_changes() -> None:
     """``ParameterWatch.signature`` stays the same while the parameters stay where they are (also after
     in-place updates) and changes with each way a storage can move or the module tree change: a replaced
-    parameter or buffer, ``.data`` assigned, a dtype conversion, a child appended, inserted, deleted or
-    written into ``_modules`` directly, the network of a Denoiser replaced; a function has nothing to
-    watch."""
+    parameter or buffer, ``.data`` assigned, a dtype conversion, a child appended, inserted, deleted, written
+    into ``_modules`` directly or removed and replaced in its slot, a module's dicts replaced, the network of
+    a Denoiser replaced; a function has nothing to watch."""
     net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     den = indis.Denoiser(net)
     watch = ParameterWatch()
@@ -351,6 +351,11 @@ def test_parameter_watch_sees_every_way_a_storage_or_the_tree_changes() -> None:
                lambda: net.insert(0, torch.nn.Identity()),
                lambda: net.__delitem__(0),
                lambda: net._modules.__setitem__("2", torch.nn.Linear(3, 3)),
+               lambda: setattr(net, "_modules", {"0": torch.nn.Linear(3, 3)}),
+               lambda: setattr(net[0], "_parameters", {"weight": torch.nn.Parameter(torch.ones(3, 3))}),
+               lambda: setattr(net, "extra", torch.nn.Linear(3, 3)),
+               lambda: setattr(net, "extra", None),            # a child removed, then a new one in its slot
+               lambda: setattr(net, "extra", torch.nn.Linear(3, 3)),
                lambda: setattr(den, "net", torch.nn.Linear(3, 3))]
     for i, change in enumerate(changes):
         change()
