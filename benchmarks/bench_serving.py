@@ -19,9 +19,11 @@ ratio line the median of the per-repeat (paired) ratios with their range and the
 repeat's numbers are in the JSON.
 
 ``--graphs`` (CUDA) adds a third row, the continuous policy with each bucket's iteration captured as a CUDA
-graph (``ContinuousBatcher(graphs=True)``); its denoiser cannot be timed apart inside a graph, so its
-"host ms / iteration" is the whole iteration. On CUDA every policy delivers a result one iteration after
-its retirement (no host sync in the loop), so a result is ready when its future is done.
+graph (``ContinuousBatcher(graphs=True)``). On CUDA no row times its denoiser apart (that would take a host
+sync around every call and slow the eager rows, which the graph row would not pay), so there "host ms /
+iteration" is the whole iteration's wall time and "denoiser ms / iteration" is not measured (-). On CUDA
+every policy delivers a result one iteration after its retirement (no host sync in the loop), so a result
+is ready when its future is done.
 
 Run:  python benchmarks/bench_serving.py [--requests 1024] [--capacity 32] [--nfe 3,5,7 ...]
       [--rate inf,300,600] [--device cuda --graphs]
@@ -43,20 +45,20 @@ from indis.engine.testbeds.digits import load_backbone
 
 
 class Timed:
-    """Wraps the denoiser and accumulates its wall time (so host time per iteration can be separated)."""
+    """Wraps a CPU denoiser and accumulates its wall time (so host time per iteration can be separated)."""
 
-    def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
-        self.net, self.seconds, self.cuda = net, 0.0, device.type == "cuda"
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.net, self.seconds = net, 0.0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        if self.cuda:
-            torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = self.net(x, sigma)
-        if self.cuda:
-            torch.cuda.synchronize()
         self.seconds += time.perf_counter() - t0
         return out
+
+
+def fmt_ms(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.2f}"
 
 
 def parse_mix(spec: str) -> tuple[list[int], list[float]]:
@@ -86,7 +88,7 @@ def serve(name: str, requests: list[Request], arrivals: list[float], capacity: i
           buckets: tuple[int, ...] | None, device: torch.device) -> dict:
     policy, graphs = POLICIES[name]
     net = load_backbone("unet").to(device)
-    model = None if graphs else Timed(net, device)  # a graph cannot synchronize inside: not timed apart
+    model = Timed(net) if device.type == "cpu" else None  # on CUDA timing it apart would need syncs
     batcher = ContinuousBatcher(model or net, (1, 8, 8), capacity=capacity, policy=policy, buckets=buckets,
                                 device=device, graphs=graphs)
     batcher.run_all(requests[:capacity])  # warm-up (allocator, first calls, the graphs' capture)
@@ -124,7 +126,8 @@ def serve(name: str, requests: list[Request], arrivals: list[float], capacity: i
             "p99_ms": q(0.99), "iterations": st["iterations"], "rows_per_useful_row":
             st["padded_steps"] / st["slot_steps"], "host_ms_per_iteration":
             (loop_s - denoiser_s) / st["iterations"] * 1e3, "denoiser_ms_per_iteration":
-            denoiser_s / st["iterations"] * 1e3, "results": [f.result().cpu() for f in futures]}
+            None if model is None else denoiser_s / st["iterations"] * 1e3,
+            "results": [f.result().cpu() for f in futures]}
 
 
 # The NFE shares the allocator on x_T chose at an average budget of 4 NFE on the digits UNet
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             for p, r in runs.items():
                 print(f"| {label} | {p} | {r['samples_per_s']:.0f} | {r['p50_ms']:.0f} / {r['p95_ms']:.0f} / "
                       f"{r['p99_ms']:.0f} | {r['rows_per_useful_row']:.2f} | {r['iterations']} | "
-                      f"{r['host_ms_per_iteration']:.2f} | {r['denoiser_ms_per_iteration']:.2f} |",
+                      f"{r['host_ms_per_iteration']:.2f} | {fmt_ms(r['denoiser_ms_per_iteration'])} |",
                       flush=True)
             static = runs["static"].pop("results")
             entry: dict = {}

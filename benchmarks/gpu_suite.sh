@@ -7,12 +7,16 @@
 # Uses the machine's python3 (torch with CUDA, triton, pytest). Small wheels it lacks (nvtx; diffusers and
 # importlib_metadata for the diffusers comparison) are installed from ./.whl if that folder exists (see
 # benchmarks/README.md). Results go to $INDIS_RESULTS, else $OUT (the device tool's output folder), else
-# benchmarks/results/gpu. Each stage has its own time limit; a failing stage is recorded and the suite goes on.
-# INDIS_SUITE_STAGES="tests kernel e2e host serving export nvtx" (the default) selects stages; INDIS_SUITE_TESTS
-# the test paths of the tests stage.
+# benchmarks/results/gpu, rewritten after every stage (a suite stopped from outside keeps what it measured).
+# Each stage has its own time limit, capped so that the whole suite ends by INDIS_SUITE_DEADLINE seconds
+# (default 540: the device tool stops a command at 600); a stage that would start too late is recorded as
+# skipped; a failing stage is recorded and the suite goes on.
+# INDIS_SUITE_STAGES="tests kernel e2e host serving export nvtx" (the default) selects stages and their order
+# (run the stages an issue needs first); INDIS_SUITE_TESTS the test paths of the tests stage.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
+DEADLINE="${INDIS_SUITE_DEADLINE:-540}"
 DEST="${INDIS_RESULTS:-${OUT:-benchmarks/results/gpu}}"
 mkdir -p "$DEST"
 WORK="$(mktemp -d)"
@@ -36,15 +40,61 @@ echo "gpu_suite: $GPU -> $DEST/$STAMP.{json,md}"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.draw --format=csv \
   > "$WORK/nvidia-smi.txt" 2>&1 || true
 
-stage() {  # stage NAME LIMIT_S CMD...: run with a time limit, keep its log and exit status
+summarize() {  # (re)write $DEST/$STAMP.{json,md} from the stages run so far (a killed suite keeps them)
+  "$PY" - "$WORK" "$DEST" "$STAMP" "$GPU" <<'EOF'
+import json, pathlib, platform, sys
+work, dest, stamp, gpu = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+import torch, triton
+out = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+       "python": platform.python_version(), "stages": {}}
+md = [f"# GPU suite {stamp}", "", f"- GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {triton.__version__}, Python {platform.python_version()}", ""]
+smi = (work / "nvidia-smi.txt")
+if smi.exists():
+    md += ["```", smi.read_text().strip(), "```", ""]
+for name in ("tests", "kernel", "e2e", "host", "serving", "export", "nvtx"):
+    rc_file = work / f"{name}.rc"
+    if not rc_file.exists():
+        continue
+    rc, secs = rc_file.read_text().split()
+    entry = {"exit": rc, "seconds": int(secs)}
+    data = work / f"{name}.json"
+    if data.exists():
+        try:
+            entry["results"] = json.loads(data.read_text())
+        except ValueError as e:  # a stage stopped while it wrote
+            entry["results_error"] = f"{data.name} is not valid JSON: {e}"
+    log = (work / f"{name}.log").read_text() if (work / f"{name}.log").exists() else ""
+    if name == "tests":
+        entry["summary"] = [l for l in log.splitlines() if " passed" in l or " failed" in l or "error" in l][-3:]
+        entry["log_tail"] = log.splitlines()[-60:]
+    out["stages"][name] = entry
+    md += [f"## {name} (exit {rc}, {secs} s)", "", "```" if name == "tests" else ""]
+    body = log.splitlines()
+    if name == "tests":
+        body = body[-40:]
+    md += body + (["```"] if name == "tests" else []) + [""]
+(dest / f"{stamp}.json").write_text(json.dumps(out, indent=2))
+(dest / f"{stamp}.md").write_text("\n".join(md))
+print(f"wrote {dest / stamp}.json and .md")
+EOF
+}
+
+stage() {  # stage NAME LIMIT_S CMD...: run with a time limit (capped by the deadline), keep its log and status
   local name="$1" limit="$2"; shift 2
-  local t0=$SECONDS
+  local t0=$SECONDS left=$(( DEADLINE - SECONDS - 20 ))  # 20 s kept for the last summary
+  if [ "$left" -lt 30 ]; then
+    echo "skipped: the suite's deadline (${DEADLINE}s) is reached" | tee "$WORK/$name.log"
+    echo "skipped 0" > "$WORK/$name.rc"; return
+  fi
+  if [ "$limit" -gt "$left" ]; then limit=$left; fi
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   echo "$rc $((SECONDS - t0))" > "$WORK/$name.rc"
   tail -n 40 "$WORK/$name.log"
   echo "== $name: exit $rc in $((SECONDS - t0)) s"
+  summarize
 }
 
 STAGES="${INDIS_SUITE_STAGES:-tests kernel e2e host serving export nvtx}"
@@ -74,38 +124,5 @@ for name in $STAGES; do
   esac
 done
 
-"$PY" - "$WORK" "$DEST" "$STAMP" "$GPU" <<'EOF'
-import json, pathlib, platform, sys
-work, dest, stamp, gpu = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
-import torch, triton
-out = {"gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-       "python": platform.python_version(), "stages": {}}
-md = [f"# GPU suite {stamp}", "", f"- GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
-      f"triton {triton.__version__}, Python {platform.python_version()}", ""]
-smi = (work / "nvidia-smi.txt")
-if smi.exists():
-    md += ["```", smi.read_text().strip(), "```", ""]
-for name in ("tests", "kernel", "e2e", "host", "serving", "export", "nvtx"):
-    rc_file = work / f"{name}.rc"
-    if not rc_file.exists():
-        continue
-    rc, secs = rc_file.read_text().split()
-    entry = {"exit": rc, "seconds": int(secs)}
-    data = work / f"{name}.json"
-    if data.exists():
-        entry["results"] = json.loads(data.read_text())
-    log = (work / f"{name}.log").read_text() if (work / f"{name}.log").exists() else ""
-    if name == "tests":
-        entry["summary"] = [l for l in log.splitlines() if " passed" in l or " failed" in l or "error" in l][-3:]
-        entry["log_tail"] = log.splitlines()[-60:]
-    out["stages"][name] = entry
-    md += [f"## {name} (exit {rc}, {secs} s)", "", "```" if name == "tests" else ""]
-    body = log.splitlines()
-    if name == "tests":
-        body = body[-40:]
-    md += body + (["```"] if name == "tests" else []) + [""]
-(dest / f"{stamp}.json").write_text(json.dumps(out, indent=2))
-(dest / f"{stamp}.md").write_text("\n".join(md))
-print(f"wrote {dest / stamp}.json and .md")
-EOF
+summarize
 rm -rf "$WORK"

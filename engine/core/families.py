@@ -74,10 +74,13 @@ class NoiseFamily:
 
     def key(self) -> tuple | None:
         """What identifies this family's maps by value -- its class and parameters (a tensor parameter by a
-        digest of its bytes) -- for caches keyed by value; None when a parameter is not a plain number,
-        string, tuple of them or tensor (then it cannot be keyed, and is not cached)."""
+        digest of its bytes; attributes named ``_...`` are caches derived from them and left out) -- for
+        caches keyed by value; None when a parameter is not a plain number, string, tuple of them or tensor
+        (then it cannot be keyed, and is not cached)."""
         items = []
         for name, v in sorted(vars(self).items()):
+            if name.startswith("_"):
+                continue
             if isinstance(v, Tensor):
                 v = (v.dtype, tuple(v.shape), hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes())
                      .hexdigest())
@@ -175,6 +178,7 @@ class VPDiscrete(_VPScale):
         self.alphas_cumprod = ac
         self.log_sigmas = 0.5 * torch.log((1 - ac) / ac)
         self.sigma_range = (float(self.log_sigmas[0].exp()), float(self.log_sigmas[-1].exp()))
+        self._on_device: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def from_config(cls, num_train_timesteps: int = 1000, beta_start: float = 0.0001,
@@ -196,22 +200,34 @@ class VPDiscrete(_VPScale):
         # diffusers builds betas and accumulates in float32; do the same so its tables match bit for bit.
         return cls(torch.cumprod(1.0 - betas.float(), dim=0).double())
 
-    def _interp(self, x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    def _knots(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(the integer timesteps, log sigma at each) on ``like``'s device in its dtype, converted once per
+        device and dtype: a conversion per call would be a host-to-device copy, which a CUDA graph capture
+        refuses."""
+        key = (like.device, like.dtype)
+        knots = self._on_device.get(key)
+        if knots is None:
+            steps = torch.arange(self.log_sigmas.numel(), dtype=torch.float64)
+            knots = self._on_device[key] = (steps.to(like.device, like.dtype),
+                                            self.log_sigmas.to(like.device, like.dtype))
+        return knots
+
+    @staticmethod
+    def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
         """Piecewise-linear ``fp(x)`` over ascending ``xp`` (extended linearly past the ends). The segment is
         found by counting the knots at or below x -- a comparison and a sum, which ONNX exports (opset 19 has
         no searchsorted) -- equal to ``searchsorted(xp, x, right=True)``."""
-        xp, fp = xp.to(x.device, x.dtype), fp.to(x.device, x.dtype)
         idx = torch.clamp((xp <= x.unsqueeze(-1)).sum(-1) - 1, 0, xp.numel() - 2)
         w = (x - xp[idx]) / (xp[idx + 1] - xp[idx])
         return fp[idx] + w * (fp[idx + 1] - fp[idx])
 
     def sigma(self, t: Tensor) -> Tensor:
-        grid = torch.arange(self.log_sigmas.numel(), dtype=torch.float64)
-        return torch.exp(self._interp(t, grid, self.log_sigmas))
+        steps, log_sigmas = self._knots(t)
+        return torch.exp(self._interp(t, steps, log_sigmas))
 
     def t(self, sigma: Tensor) -> Tensor:
-        grid = torch.arange(self.log_sigmas.numel(), dtype=torch.float64)
-        return self._interp(torch.log(sigma), self.log_sigmas, grid)
+        steps, log_sigmas = self._knots(sigma)
+        return self._interp(torch.log(sigma), log_sigmas, steps)
 
     def __repr__(self) -> str:
         return f"VPDiscrete(T={self.alphas_cumprod.numel()})"

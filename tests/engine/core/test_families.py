@@ -95,3 +95,29 @@ def test_vp_discrete_time_map_counts_knots_like_searchsorted() -> None:
     sigma = torch.exp(torch.linspace(-4, 3, 50, dtype=torch.float64))
     torch.testing.assert_close(fam.t(sigma), reference(torch.log(sigma), fam.log_sigmas, knots), rtol=0,
                                atol=0)
+
+
+def test_vp_discrete_converts_its_knots_once_per_device_and_dtype() -> None:
+    """VPDiscrete's maps convert their knots once per device and dtype and then only compute: on CUDA a
+    conversion per call would be a host-to-device copy, which a graph capture refuses. The family's value
+    key ignores that cache (a plan cache keyed by the family still hits)."""
+    from torch.overrides import TorchFunctionMode
+
+    class Conversions(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.count += func in (torch.Tensor.to, torch.Tensor.double, torch.Tensor.float)
+            return func(*args, **(kwargs or {}))
+
+    fam = VPDiscrete.from_config()
+    key = fam.key()
+    for dtype in (torch.float64, torch.float32):
+        sigma = torch.tensor([0.5, 3.0], dtype=dtype)
+        first = fam.t(sigma)
+        with Conversions() as seen:
+            again, back = fam.t(sigma), fam.sigma(first)
+        assert seen.count == 0 and torch.equal(again, first) and back.dtype == dtype
+    assert key is not None and fam.key() == key
