@@ -355,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         results[bsz] = {b.name: {"us": b.median_us(), "per": b.per, "group": b.group,
                                  "min_us": min(b.samples) / 1e3 / b.per} for b in benches}
         notes += [f"B={bsz}: {n}" for n in sanity(bsz, args.steps, device)]
+        r = {n: v["us"] for n, v in results[bsz].items()}  # the headline ratios as soon as they exist
+        dpm = r["diffusers DPM++(2M) step()"] / r["indis.sample dpmpp_2m end-to-end (shared grid)"]
+        uni = r["diffusers UniPC(bh2) step()"] / r["indis.sample unipc end-to-end (shared grid)"]
+        print(f"- B={bsz} measured: diffusers loop / indis.sample end to end (shared grid): DPM++(2M) "
+              f"{dpm:.2f}x, UniPC {uni:.2f}x", flush=True)  # (a run stopped later keeps them in its log)
 
     names = list(results[batches[0]])
     loop_names = [n for n in names if results[batches[0]][n]["group"] == "loop"]
