@@ -153,7 +153,8 @@ class GraphSampler:
     path of a ``cond`` input (e.g. ``"class_labels"``, ``"added_cond_kwargs.text_embeds"``) or a function of
     ``cond`` (e.g. ``lambda c: c["encoder_hidden_states"].mean(1)``, captured with the rest). Without a
     predictor each call passes ``sigmas`` (``[N+1]``, ``[B, N+1]`` or a :class:`Schedule`). ``warmup``:
-    eager runs on a side stream before capture (compiles Triton kernels, creates library handles).
+    eager runs on a side stream before capture, at least 1 (compiles Triton kernels, creates library handles,
+    fills per-device caches such as a discrete VP family's knots: none of these can happen inside a capture).
     ``clone_output``: return a copy (the graph's output buffer is overwritten by the next replay).
     ``check_output``: raise ``FloatingPointError`` naming the samples whose output holds NaN or inf (eagerly
     also the stage where it first appears; a captured graph is checked after its replay).
@@ -173,6 +174,8 @@ class GraphSampler:
                  check_output: bool = False, guidance_rescale: float = 0.0, guidance_batched: bool = True,
                  **solver_opts) -> None:
         check_solver(solver, solver_opts)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup={warmup!r} must be an int >= 1 (a capture needs an eager run first)")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale={guidance_rescale!r} must lie in [0, 1]")
         self.guidance_rescale, self.guidance_batched = float(guidance_rescale), guidance_batched

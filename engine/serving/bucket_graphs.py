@@ -41,6 +41,8 @@ class BucketGraphs:
         if pool.stepper is not None:
             raise ValueError("graphs=True needs a pool that steps on the device (a CUDA device, or the "
                              "triton backend); a CPU pool steps with its C++ or torch call")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup={warmup!r} must be an int >= 1 (a capture needs an eager run first)")
         self.pool, self.den, self.warmup = pool, den, warmup
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.failed: dict[int, str] = {}  # buckets whose capture failed: why (until invalidate)

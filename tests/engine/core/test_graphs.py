@@ -125,6 +125,9 @@ def test_graph_sampler_rejects_bad_inputs() -> None:
         sampler(x, sched.grid.flip(-1))
     with pytest.raises(ValueError, match="cond"):
         sampler(x, sched, cond={"class_labels": torch.zeros(2)})
+    for warmup in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="warmup"):
+            GraphSampler(small_mixture(), "euler", warmup=warmup)
 
 
 def test_graph_sampler_applies_the_checks_of_sample() -> None:

@@ -44,9 +44,13 @@ def test_staged_copy_returns_every_piece_as_it_was() -> None:
     assert staged_copy([], torch.device("cpu")) == []
 
 
-def test_bucket_graphs_refuse_a_pool_that_steps_on_the_host() -> None:
+def test_bucket_graphs_refuse_a_pool_that_steps_on_the_host_or_no_warm_up() -> None:
     with pytest.raises(ValueError, match="steps on the device"):
         _batcher(backend="torch", graphs=True)
+    pool = _batcher(backend="triton", device=KERNEL_DEVICE).pool
+    for warmup in (0, 2.0, False):
+        with pytest.raises(ValueError, match="warmup"):
+            BucketGraphs(pool, MODEL, warmup=warmup)
 
 
 def test_bucket_graphs_serve_as_the_plain_loop() -> None:
