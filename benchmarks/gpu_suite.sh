@@ -17,6 +17,10 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 DEADLINE="${INDIS_SUITE_DEADLINE:-540}"
+case "$DEADLINE" in
+  ''|*[!0-9]*) echo "gpu_suite: INDIS_SUITE_DEADLINE=$DEADLINE is not a whole number of seconds" >&2; exit 2 ;;
+esac
+DEADLINE=$((10#$DEADLINE))
 DEST="${INDIS_RESULTS:-${OUT:-benchmarks/results/gpu}}"
 mkdir -p "$DEST"
 WORK="$(mktemp -d)"
@@ -74,22 +78,24 @@ for name in ("tests", "kernel", "e2e", "host", "serving", "export", "nvtx"):
     if name == "tests":
         body = body[-40:]
     md += body + (["```"] if name == "tests" else []) + [""]
-(dest / f"{stamp}.json").write_text(json.dumps(out, indent=2))
-(dest / f"{stamp}.md").write_text("\n".join(md))
+for suffix, text in ((".json", json.dumps(out, indent=2)), (".md", "\n".join(md))):
+    tmp = dest / f".{stamp}{suffix}.tmp"  # written whole, then renamed: a stop mid-write keeps the last
+    tmp.write_text(text)
+    tmp.replace(dest / f"{stamp}{suffix}")
 print(f"wrote {dest / stamp}.json and .md")
 EOF
 }
 
 stage() {  # stage NAME LIMIT_S CMD...: run with a time limit (capped by the deadline), keep its log and status
   local name="$1" limit="$2"; shift 2
-  local t0=$SECONDS left=$(( DEADLINE - SECONDS - 20 ))  # 20 s kept for the last summary
+  local t0=$SECONDS left=$(( DEADLINE - SECONDS - 30 ))  # 30 s kept for a killed stage and the summary
   if [ "$left" -lt 30 ]; then
     echo "skipped: the suite's deadline (${DEADLINE}s) is reached" | tee "$WORK/$name.log"
     echo "skipped 0" > "$WORK/$name.rc"; return
   fi
   if [ "$limit" -gt "$left" ]; then limit=$left; fi
   echo "== $name (limit ${limit}s)"
-  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   echo "$rc $((SECONDS - t0))" > "$WORK/$name.rc"
   tail -n 40 "$WORK/$name.log"

@@ -200,16 +200,25 @@ class VPDiscrete(_VPScale):
         # diffusers builds betas and accumulates in float32; do the same so its tables match bit for bit.
         return cls(torch.cumprod(1.0 - betas.float(), dim=0).double())
 
+    def __getstate__(self) -> dict:
+        """Pickled without the per-device cache (its tensors may live on a device the reader lacks)."""
+        return {k: v for k, v in vars(self).items() if k != "_on_device"}
+
+    def __setstate__(self, state: dict) -> None:
+        vars(self).update(state)
+        self._on_device = {}
+
     def _knots(self, like: Tensor) -> tuple[Tensor, Tensor]:
         """(the integer timesteps, log sigma at each) on ``like``'s device in its dtype, converted once per
         device and dtype: a conversion per call would be a host-to-device copy, which a CUDA graph capture
-        refuses."""
+        refuses. Only real tensors are kept: an export or compiler trace (fake tensors) converts anew."""
         key = (like.device, like.dtype)
         knots = self._on_device.get(key)
         if knots is None:
             steps = torch.arange(self.log_sigmas.numel(), dtype=torch.float64)
-            knots = self._on_device[key] = (steps.to(like.device, like.dtype),
-                                            self.log_sigmas.to(like.device, like.dtype))
+            knots = (steps.to(like.device, like.dtype), self.log_sigmas.to(like.device, like.dtype))
+            if type(like) is Tensor and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+                self._on_device[key] = knots
         return knots
 
     @staticmethod

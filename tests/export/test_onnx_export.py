@@ -306,3 +306,23 @@ def test_an_sd3_shaped_transformer_exports_with_text_and_pooled_inputs(tmp_path)
         print(f"SD3-shaped transformer batch {b}, seq {seq}: max abs error {abs_err:.2e}, "
               f"relative {rel_err:.2e}")
         assert rel_err <= 1e-4
+
+
+def test_a_discrete_vp_denoiser_exports_and_still_runs_eagerly(tmp_path) -> None:
+    """A discrete-VP denoiser (diffusers' timestep input) exports and verifies with an empty knot cache, and
+    afterwards still computes real tensors: the export's fake tensors are never kept in the family's
+    per-device cache."""
+    from indis.engine.core.families import Denoiser, VPDiscrete
+
+    class Net(torch.nn.Module):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return x * torch.cos(t / 1000).view(-1, 1)
+
+    den = Denoiser(Net(), VPDiscrete.from_config(), "eps", "t")
+    x, sigma = torch.randn(3, 4), torch.tensor([0.5, 2.0, 9.0])
+    want = Denoiser(Net(), VPDiscrete.from_config(), "eps", "t")(x, sigma)
+    result = export_onnx(denoiser_spec(den, (4,), check=False), tmp_path / "vp.onnx")
+    assert result.max_abs_error < 1e-4
+    got = den(x, sigma)
+    assert type(got) is torch.Tensor
+    torch.testing.assert_close(got, want)

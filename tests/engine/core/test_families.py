@@ -121,3 +121,7 @@ def test_vp_discrete_converts_its_knots_once_per_device_and_dtype() -> None:
             again, back = fam.t(sigma), fam.sigma(first)
         assert seen.count == 0 and torch.equal(again, first) and back.dtype == dtype
     assert key is not None and fam.key() == key
+    import pickle
+
+    back = pickle.loads(pickle.dumps(fam))  # without the cache, which fills again on use
+    assert not back._on_device and torch.equal(back.t(sigma), fam.t(sigma)) and back.key() == key
