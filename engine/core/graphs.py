@@ -332,9 +332,13 @@ class GraphSampler:
         return run(plan, x, cond, backend=self.backend, check_output=check_output)
 
     def _capture(self, key: tuple, entry: _Entry) -> None:
+        def warm() -> None:  # the signature the graph holds is the one after the warm-up (which may
+            warm_up(lambda: self._body(entry), self.warmup)  # register a model's lazy buffers)
+            entry.signature = self._watch.signature(self.denoiser, self.predictor)
+
         try:
             entry.graph, entry.output = capture_graph(lambda: self._body(entry), entry.inputs["x"].device,
-                                                      lambda: warm_up(lambda: self._body(entry), self.warmup))
+                                                      warm)
             if self._watch.signature(self.denoiser, self.predictor) != entry.signature:
                 entry.graph = entry.output = None
                 raise CaptureError("the model moved its parameters or changed its modules while it ran (e.g. "

@@ -96,9 +96,16 @@ class BucketGraphs:
         if self._memory is None:
             self._memory = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(device=self.pool.device)
+        def warm() -> None:
+            self.warm_up(b)
+            signature = self._watch.signature(self.den)  # a warm-up may register a model's lazy buffers:
+            if signature != self._signature:              # the graphs captured before may read moved memory
+                self.graphs.clear()
+                self._signature = signature
+
         try:
-            graph, _ = capture_graph(lambda: self.pool.step_device(self.den, b), self.pool.device,
-                                     lambda: self.warm_up(b), self._memory, self._stream)
+            graph, _ = capture_graph(lambda: self.pool.step_device(self.den, b), self.pool.device, warm,
+                                     self._memory, self._stream)
             if self._watch.signature(self.den) != self._signature:
                 raise CaptureError("the model moved its parameters or changed its modules while it ran (e.g. "
                                    "CPU offload hooks): the graph would read memory it does not own")

@@ -366,3 +366,24 @@ def test_parameter_watch_sees_every_way_a_storage_or_the_tree_changes() -> None:
     assert watch.signature(den) != watch.signature(den, torch.nn.Linear(2, 2))
     plain = ParameterWatch()
     assert plain.signature(lambda x: x) == plain.signature(lambda x: x)
+
+
+@cuda_only
+def test_cuda_graph_captures_a_model_that_registers_a_buffer_on_its_first_call() -> None:
+    """A model that registers a buffer lazily (a cache made on the first forward, as rotary embeddings do) is
+    captured on the first call: the graph's reference signature is taken after the warm-up."""
+    mixture = small_mixture().cuda()
+
+    class Lazy(torch.nn.Module):
+        def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            if not hasattr(self, "cache"):
+                self.register_buffer("cache", torch.ones(1, device=x.device))
+            return mixture(x, sigma) * self.cache
+
+    model = Lazy()
+    sampler = GraphSampler(model, "dpmpp_2m")
+    x, sched = _inputs(device="cuda")
+    out = sampler(x, sched)
+    assert sampler.captured == 1 and not sampler.failed
+    torch.testing.assert_close(sampler(x, sched), out)
+    assert sampler.captured == 1
