@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from indis.kernels.ragged_step import PackedTable, _check, fused, ragged_step, ragged_step_torch
+from indis.kernels.ragged_step import PackedTable, _BoundStep, _check, fused, ragged_step_torch
 
 API_VERSION = 5  # must equal indis_native.API_VERSION (the argument lists of its functions)
 NATIVE_DTYPES = (torch.float32, torch.float64)
@@ -103,34 +103,21 @@ def ragged_step_native(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tenso
     _native.ragged_step(*args)
 
 
-class BoundStep:
-    """:func:`ragged_step_native` over a sampling loop's fixed buffers (state ``y``, ``stash``, history
-    ``hist``, ``table``), validated once: ``step(raw, k)`` advances every sample by stage ``k`` of the loop's
-    int ``stages`` tensor (its arange), checking only the denoiser output ``raw`` per call (``threads``:
-    fixed here, ``torch.get_num_threads()`` if None). A ``raw`` that requires grad (with grad mode on) goes
-    through :func:`~indis.kernels.ragged_step.ragged_step` instead, which records the autograd graph. The
-    buffers are kept and must not be reallocated while it is used."""
+class BoundStep(_BoundStep):
+    """:func:`ragged_step_native` bound to a sampling loop's buffers (see
+    :class:`~indis.kernels.ragged_step._BoundStep`; ``threads``: fixed here, ``torch.get_num_threads()`` if
+    None)."""
+
+    backend = "native"
 
     def __init__(self, y: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
                  stages: Tensor, threads: int | None = None) -> None:
-        if stages.dim() != 1 or not stages.is_contiguous():
-            raise ValueError("stages must be a contiguous 1-d integer tensor")
-        self.y, self.stash, self.hist, self.table, self.stages = y, stash, hist, table, stages
+        super().__init__(y, stash, hist, table, stages)
         self._rows, args = _native_args(y, y, stash, hist, table, stages[0].expand(y.shape[0]), threads)
         self._head, self._mid, self._tail = args[0], args[2:5], args[6:]
         self._step_bytes = stages.element_size()
 
-    def __call__(self, raw: Tensor, k: int) -> None:
-        y = self.y
-        if raw.shape != y.shape or raw.dtype != y.dtype or not raw.is_cpu or not raw.is_contiguous():
-            raise ValueError(f"raw {tuple(raw.shape)} {raw.dtype} on {raw.device} must be a contiguous CPU "
-                             f"tensor shaped and typed like the state {tuple(y.shape)} {y.dtype}")
-        if not 0 <= k < self.stages.shape[0]:
-            raise ValueError(f"stage {k} is not in [0, {self.stages.shape[0]})")
-        if raw.requires_grad and torch.is_grad_enabled():
-            step = self.stages[k].expand(y.shape[0])
-            ragged_step(y, raw, self.stash, self.hist, self.table, step, "native")
-            return
+    def _launch(self, raw: Tensor, k: int) -> None:
         step = self.stages.data_ptr() + k * self._step_bytes  # stages[k] for every sample (stride 0)
         _native.ragged_step(self._head, raw.data_ptr(), *self._mid, step, *self._tail)
 

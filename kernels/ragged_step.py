@@ -222,22 +222,20 @@ def ragged_step_triton(y: Tensor, raw: Tensor, stash: Tensor | None, hist: Tenso
     _ragged_step_kernel[grid](*args, **meta)
 
 
-class TritonBoundStep:
-    """:func:`ragged_step_triton` over a sampling loop's fixed buffers (state ``y``, ``stash``, history
-    ``hist``, ``table``), validated once: ``step(raw, k)`` launches stage ``k`` of the loop's int ``stages``
-    tensor (its arange) for every sample, checking only the denoiser output ``raw`` per call -- the Triton
-    twin of ``native.BoundStep``. A ``raw`` that requires grad (with grad mode on) goes through
-    :func:`ragged_step`, which records the autograd graph. The buffers must not be reallocated while it is
-    used."""
+class _BoundStep:
+    """A sampling loop's fused step over its fixed buffers (state ``y``, ``stash``, history ``hist``,
+    ``table``), validated once: ``step(raw, k)`` advances every sample by stage ``k`` of the loop's int
+    ``stages`` tensor (its arange), checking only the denoiser output ``raw`` per call. A ``raw`` that
+    requires grad (with grad mode on) goes through :func:`ragged_step`, which records the autograd graph. The
+    buffers must not be reallocated while it is used. Subclasses set ``backend`` and launch in ``_launch``."""
+
+    backend: str
 
     def __init__(self, y: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
                  stages: Tensor) -> None:
         if stages.dim() != 1 or not stages.is_contiguous() or stages.device != y.device:
             raise ValueError("stages must be a contiguous 1-d integer tensor on the state's device")
         self.y, self.stash, self.hist, self.table, self.stages = y, stash, hist, table, stages
-        self._grid, args, self._meta = _triton_launch(y, y, stash, hist, table, stages[0].expand(y.shape[0]),
-                                                      None, None)
-        self._mid, self._tail = args[2:5], (0, *args[7:])  # step stride 0: one stage for every sample
 
     def __call__(self, raw: Tensor, k: int) -> None:
         y = self.y
@@ -249,9 +247,29 @@ class TritonBoundStep:
             raise ValueError(f"stage {k} is not in [0, {self.stages.shape[0]})")
         if raw.requires_grad and torch.is_grad_enabled():
             step = self.stages[k].expand(y.shape[0])
-            ragged_step(y, raw, self.stash, self.hist, self.table, step, "triton")
+            ragged_step(y, raw, self.stash, self.hist, self.table, step, self.backend)
             return
-        _ragged_step_kernel[self._grid](y, raw, *self._mid, self.stages[k], *self._tail, **self._meta)
+        self._launch(raw, k)
+
+    def _launch(self, raw: Tensor, k: int) -> None:
+        raise NotImplementedError
+
+
+class TritonBoundStep(_BoundStep):
+    """:func:`ragged_step_triton` bound to a sampling loop's buffers (see :class:`_BoundStep`); the Triton
+    twin of ``native.BoundStep``."""
+
+    backend = "triton"
+
+    def __init__(self, y: Tensor, stash: Tensor | None, hist: Tensor | None, table: PackedTable,
+                 stages: Tensor) -> None:
+        super().__init__(y, stash, hist, table, stages)
+        self._grid, args, self._meta = _triton_launch(y, y, stash, hist, table, stages[0].expand(y.shape[0]),
+                                                      None, None)
+        self._mid, self._tail = args[2:5], (0, *args[7:])  # step stride 0: one stage for every sample
+
+    def _launch(self, raw: Tensor, k: int) -> None:
+        _ragged_step_kernel[self._grid](self.y, raw, *self._mid, self.stages[k], *self._tail, **self._meta)
 
 
 BACKENDS = ("triton", "native", "torch")
